@@ -1,0 +1,94 @@
+"""The byzflower ClientApp: a SuperNode computing the messages of the workers it hosts.
+
+Message types:
+- ``query.discover``: reply with the node's partition and hosted workers.
+- ``train`` with ``config["phase"] == "honest"``: the honest workers' messages at the model.
+- ``query.cleanup``: delete this run's worker state from the node's disk.
+Replies with worker messages carry ``content["rows"]`` (ArrayRecord, one (k, d) array) and
+``content["workers"]["ids"]``; the ServerApp's harness turns them into one reply per worker.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from byzflower.config import resolve
+from byzflower.node import NodeWorkers
+from byzflower.node_state import remove_run_state
+
+app = ClientApp()
+
+_NODES: dict[tuple[int, int, int], NodeWorkers] = {}
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    try:
+        return int(cfg["partition-id"]), int(cfg["num-partitions"])
+    except KeyError as exc:
+        raise ValueError(
+            f'node config lacks {exc}: start the SuperNode with --node-config "partition-id=P num-partitions=K"'
+        ) from None
+
+
+def node_for(context: Context) -> NodeWorkers:
+    """The node's worker host, built once per process and run."""
+    pid, k = _partition(context)
+    key = (context.run_id, pid, k)
+    if key not in _NODES:
+        _NODES.clear()  # one run at a time per process
+        _NODES[key] = NodeWorkers(resolve(context.run_config), pid, k, context.run_id)
+    return _NODES[key]
+
+
+def _flat(arrays: ArrayRecord, names: list[str]) -> torch.Tensor:
+    if list(arrays.keys()) != names:
+        raise ValueError(f"model arrays {list(arrays.keys())} do not match this node's model {names}")
+    return torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays.to_numpy_ndarrays()]))
+
+
+def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor) -> Message:
+    content = RecordDict(
+        {
+            "rows": ArrayRecord({"rows": Array(rows.detach().cpu().numpy().astype(np.float32, copy=False))}),
+            "workers": ConfigRecord({"ids": [int(w) for w in workers]}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.query("discover")
+def discover(msg: Message, context: Context) -> Message:
+    pid, k = _partition(context)
+    node = node_for(context)
+    reply = ConfigRecord(
+        {
+            "partition-id": pid,
+            "num-partitions": k,
+            "honest": [int(w) for w in node.honest],
+            "byzantine": [int(w) for w in node.byzantine],
+        }
+    )
+    return Message(RecordDict({"node": reply}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    node = node_for(context)
+    config = msg.content["config"]
+    phase = config.get("phase")
+    if phase != "honest":
+        raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")
+    x = _flat(msg.content["arrays"], node.grads.names)
+    rows = node.honest_messages(x, int(config["server-round"]))
+    return rows_reply(msg, node.honest, rows)
+
+
+@app.query("cleanup")
+def cleanup(msg: Message, context: Context) -> Message:
+    removed = remove_run_state(context.run_id)
+    _NODES.clear()
+    return Message(RecordDict({"cleanup": ConfigRecord({"removed": removed})}), reply_to=msg)

@@ -1,0 +1,232 @@
+"""Every run-config key: type, default, meaning and validation, in one place.
+
+``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors the defaults here (a test checks it), the
+README's table is generated from ``KEYS`` (``byzflower config --markdown``), and both engines
+validate through ``resolve``: every problem is reported at once, before any work starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """One or more run-config values are invalid."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None  # inclusive
+    positive: bool = False  # > 0
+    planned: tuple[str, ...] = ()  # choices named in the roadmap but not built yet
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+
+OPTIMIZERS = ("sgd", "batch-sgd", "saga", "svrg", "sarah")
+# The paper's step sizes and batch sizes (see the notebook's configs).
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.1, "batch-size": 5},
+    "batch-sgd": {"lr": 0.5, "batch-size": 50},
+    "saga": {"lr": 0.1, "batch-size": 1},
+    "svrg": {"lr": 0.1, "batch-size": 1},
+    "sarah": {"lr": 0.1, "batch-size": 1},
+}
+AGGREGATORS = ("mean",)
+PLANNED_AGGREGATORS = ("gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
+ATTACKS = ("none",)
+PLANNED_ATTACKS = ("gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
+PLANNED_OPTIMIZERS = ("saga", "svrg", "sarah")
+
+_KEYS = [
+    # -- the experiment --------------------------------------------------------------------
+    Key("num-server-rounds", 300, "Aggregation iterations (one model step each).", positive=True),
+    Key("eval-every", 50, "Iterations between evaluations (the last iteration is always evaluated).", positive=True),
+    Key("seed", 1, "Seed of everything: data split, sampling, model init, attacks.", minimum=0),
+    Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0),
+    Key(
+        "num-byzantine",
+        20,
+        "Byzantine workers B (the paper: 20). With attack='none' they are left out (W = H).",
+        minimum=0,
+    ),
+    Key("attack", "none", "What Byzantine workers send.", choices=ATTACKS, planned=PLANNED_ATTACKS),
+    # -- honest workers ----------------------------------------------------------------------
+    Key(
+        "optimizer",
+        "sgd",
+        "Honest gradient estimator.",
+        choices=tuple(o for o in OPTIMIZERS if o not in PLANNED_OPTIMIZERS),
+        planned=PLANNED_OPTIMIZERS,
+    ),
+    Key(
+        "batch-size",
+        0,
+        "Samples per worker per iteration; 0 = the optimizer's default (sgd 5, batch-sgd 50).",
+        minimum=0,
+    ),
+    Key("lr", 0.0, "Step size gamma; 0 = the optimizer's default (sgd 0.1, batch-sgd 0.5).", minimum=0),
+    Key("weight-decay", 0.0, "lambda: adds lambda * x to every honest gradient.", minimum=0),
+    # -- server ------------------------------------------------------------------------------
+    Key("aggregator", "mean", "Aggregation rule.", choices=AGGREGATORS, planned=PLANNED_AGGREGATORS),
+    # -- model and data ----------------------------------------------------------------------
+    Key("model", "mlp", "mlp: the paper's 784-50-10 tanh network; cnn: a small conv net.", choices=("mlp", "cnn")),
+    Key("dataset", "mnist", "Data set.", choices=("mnist", "fashion-mnist")),
+    Key(
+        "partitioner",
+        "iid",
+        "How the training set is split over the honest workers (flwr-datasets partitioners).",
+        choices=("iid", "dirichlet", "pathological"),
+    ),
+    Key("dirichlet-alpha", 0.5, "Concentration of partitioner='dirichlet' (smaller = more skewed).", positive=True),
+    Key("pathological-classes", 2, "Classes per worker with partitioner='pathological'.", positive=True),
+    Key(
+        "eval-train-samples",
+        0,
+        "Training samples (a fixed seeded subset) for the train loss/accuracy; 0 = the whole set.",
+        minimum=0,
+    ),
+    Key(
+        "device",
+        "auto",
+        "Where workers and server compute: auto (a GPU when Flower/Ray gives one), cpu, cuda.",
+        choices=("auto", "cpu", "cuda"),
+    ),
+    # -- files -------------------------------------------------------------------------------
+    Key("data-dir", "", "Data cache folder; '' = $BYZFLOWER_DATA_DIR or ~/.cache/byzflower."),
+    Key("results-dir", "", "Where run folders go; '' = $BYZFLOWER_RESULTS_DIR or ~/byzflower-results."),
+    Key("run-name", "", "Name of the run folder; '' = <time>-<optimizer>-<aggregator>-<attack>-s<seed>."),
+]
+KEYS: dict[str, Key] = {k.name: k for k in _KEYS}
+DEFAULTS: dict[str, Any] = {k.name: k.default for k in _KEYS}
+
+
+def _check_value(key: Key, value: Any) -> str | None:
+    kind = key.kind
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        shown = {int: "an integer", float: "a number", str: "a quoted string", bool: "true or false"}[kind]
+        return f"{key.name}={value!r} must be {shown}"
+    if key.choices or key.planned:
+        if value in key.planned and value not in key.choices:
+            return (
+                f"{key.name}={value!r} is not available yet in this version of byzflower; "
+                f"available: {', '.join(key.choices)}"
+            )
+        if value not in key.choices:
+            return f"{key.name}={value!r} is not valid; choose one of: {', '.join(key.choices)}"
+    if key.positive and not value > 0:
+        return f"{key.name}={value!r} must be > 0"
+    if key.minimum is not None and value < key.minimum:
+        return f"{key.name}={value!r} must be >= {key.minimum:g}"
+    return None
+
+
+class RunConfig(Mapping[str, Any]):
+    """Validated run config: a read-only mapping of every key, plus resolved values."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    # Resolved values ----------------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return float(self["lr"]) or OPTIMIZER_DEFAULTS[self["optimizer"]]["lr"]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self["batch-size"]) or OPTIMIZER_DEFAULTS[self["optimizer"]]["batch-size"]
+
+    @property
+    def num_byzantine(self) -> int:
+        """Byzantine workers that take part (none when attack='none')."""
+        return 0 if self["attack"] == "none" else int(self["num-byzantine"])
+
+    @property
+    def num_workers(self) -> int:
+        return int(self["num-honest"]) + self.num_byzantine
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with the optimizer-dependent defaults filled in (what the run used)."""
+        out = self.to_dict()
+        out["lr"], out["batch-size"] = self.lr, self.batch_size
+        return out
+
+
+Check = Callable[[RunConfig], list[str]]
+_CROSS_CHECKS: list[Check] = []
+
+
+def cross_check(fn: Check) -> Check:
+    """Register a check that looks at several keys at once."""
+    _CROSS_CHECKS.append(fn)
+    return fn
+
+
+@cross_check
+def _workers(cfg: RunConfig) -> list[str]:
+    if cfg["num-honest"] < 1:
+        return [f"num-honest={cfg['num-honest']} must be >= 1: honest workers are the ones that learn"]
+    return []
+
+
+@cross_check
+def _classes(cfg: RunConfig) -> list[str]:
+    if cfg["partitioner"] == "pathological" and cfg["pathological-classes"] > 10:
+        return [f"pathological-classes={cfg['pathological-classes']} must be <= 10 (the data has 10 classes)"]
+    return []
+
+
+def resolve(run_config: Mapping[str, Any]) -> RunConfig:
+    """Defaults overlaid with ``run_config``, validated; raises ConfigError listing every problem."""
+    unknown = sorted(set(run_config) - set(KEYS))
+    problems = [f"unknown key {k!r}; valid keys: {', '.join(KEYS)}" for k in unknown]
+    values = {**DEFAULTS, **{k: v for k, v in run_config.items() if k in KEYS}}
+    for name, key in KEYS.items():
+        if (p := _check_value(key, values[name])) is not None:
+            problems.append(p)
+    if not problems:
+        values = {k: float(v) if KEYS[k].kind is float else v for k, v in values.items()}
+        cfg = RunConfig(values)
+        for check in _CROSS_CHECKS:
+            problems.extend(check(cfg))
+        if not problems:
+            return cfg
+    raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+def markdown_table() -> str:
+    """The README's table of keys."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for k in KEYS.values():
+        default = f"'{k.default}'" if isinstance(k.default, str) else str(k.default).lower()
+        extra = f" One of: {', '.join(k.choices)}." if len(k.choices) > 1 and k.name not in ("device",) else ""
+        rows.append(f"| `{k.name}` | `{default}` | {k.help}{extra} |")
+    return "\n".join(rows)

@@ -1,0 +1,171 @@
+"""Server-side bookkeeping shared by every engine: evaluation, per-iteration diagnostics, records."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from byzflower.config import RunConfig
+from byzflower.data import ImageData
+from byzflower.results import RunDirectory, default_results_dir, run_name
+from clients.gradients import ModelGradients
+from clients.rng import derive_seed
+
+Log = Callable[[str], None]
+
+
+class Evaluator:
+    """Loss and accuracy on the whole test set and on the training set (or a fixed sample of it)."""
+
+    def __init__(self, cfg: RunConfig, data: ImageData, grads: ModelGradients, device: torch.device) -> None:
+        self.grads = grads
+        self.test = (data.inputs(data.test_images).to(device), torch.from_numpy(data.test_labels).to(device))
+        n = int(cfg["eval-train-samples"])
+        idx = np.arange(len(data.train_labels))
+        if 0 < n < len(idx):
+            rng = np.random.default_rng(derive_seed(int(cfg["seed"]), "eval-train") % 2**32)
+            idx = np.sort(rng.choice(idx, size=n, replace=False))
+        self.train = (
+            data.inputs(data.train_images[idx]).to(device),
+            torch.from_numpy(data.train_labels[idx]).to(device),
+        )
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        x = x.to(self.test[0].device)
+        test_loss, test_acc = self.grads.evaluate(x, *self.test)
+        train_loss, train_acc = self.grads.evaluate(x, *self.train)
+        return {
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+        }
+
+
+class Recorder:
+    """Collects what each iteration shows and writes one record per evaluation.
+
+    Records hold: iteration, elapsed seconds, iterations/s over the interval, test/train loss
+    and accuracy, the variance of the honest messages at that iteration and averaged over the
+    interval, the distance from the aggregate to the honest mean, dropped/failed counts over
+    the interval, the rule's latest diagnostics, the attack and the Byzantine worker ids.
+    """
+
+    def __init__(self, cfg: RunConfig, evaluator: Evaluator, log: Log, run: RunDirectory | None = None) -> None:
+        self.cfg = cfg
+        self.evaluator = evaluator
+        self.log = log
+        if run is None:
+            root = cfg["results-dir"] or default_results_dir()
+            run = RunDirectory.create(root, cfg["run-name"] or run_name(cfg.resolved()), cfg.resolved())
+        self.run = run
+        self.started = time.perf_counter()
+        self._interval_start = self.started
+        self._eval_seconds = 0.0
+        self._last_eval_iteration = 0
+        self._reset_interval()
+        self.last_record: dict[str, Any] | None = None
+        self.byzantine_ids: list[int] = []
+
+    def _reset_interval(self) -> None:
+        self._variances: list[float] = []
+        self._counts: dict[str, float] = {}
+        self._latest: dict[str, Any] = {}
+
+    def observe(
+        self,
+        iteration: int,
+        honest: torch.Tensor | None,
+        aggregate: torch.Tensor | None,
+        counts: dict[str, float],
+        rule_info: dict[str, float],
+    ) -> None:
+        """Note one iteration: the honest messages (H, d), the aggregate (d,), strategy counts."""
+        for k, v in counts.items():
+            self._counts[k] = self._counts.get(k, 0) + v
+        latest: dict[str, Any] = {f"rule_{k.replace('-', '_')}": v for k, v in rule_info.items()}
+        if honest is not None and honest.shape[0] > 0:
+            mean = honest.mean(dim=0)
+            variance = float((honest - mean).pow(2).sum(dim=1).mean())
+            self._variances.append(variance)
+            latest["honest_variance"] = variance
+            latest["honest_mean_norm"] = float(mean.norm())
+            if aggregate is not None:
+                latest["aggregate_distance"] = float((aggregate.to(mean.device) - mean).norm())
+        self._latest = latest
+
+    def due(self, iteration: int) -> bool:
+        return (
+            iteration == 0
+            or iteration % int(self.cfg["eval-every"]) == 0
+            or iteration == int(self.cfg["num-server-rounds"])
+        )
+
+    def evaluate(self, iteration: int, x: torch.Tensor) -> dict[str, Any]:
+        now = time.perf_counter()
+        steps = iteration - self._last_eval_iteration
+        busy = now - self._interval_start
+        t0 = time.perf_counter()
+        metrics = self.evaluator(x)
+        self._eval_seconds += time.perf_counter() - t0
+        record: dict[str, Any] = {
+            "iteration": iteration,
+            "elapsed_s": round(now - self.started, 3),
+            "iters_per_s": steps / busy if steps and busy > 0 else None,
+            **metrics,
+            "honest_variance": self._latest.get("honest_variance"),
+            "honest_variance_interval_mean": float(np.mean(self._variances)) if self._variances else None,
+            "honest_mean_norm": self._latest.get("honest_mean_norm"),
+            "aggregate_distance": self._latest.get("aggregate_distance"),
+            "attack": self.cfg["attack"],
+            "byzantine_ids": list(self.byzantine_ids),
+            **{k: v for k, v in self._latest.items() if k.startswith("rule_")},
+            **{k.replace("-", "_"): v for k, v in self._counts.items()},
+        }
+        self.run.append(record)
+        self.last_record = record
+        self.log(_line(record, int(self.cfg["num-server-rounds"])))
+        self._last_eval_iteration = iteration
+        self._interval_start = time.perf_counter()
+        self._reset_interval()
+        return record
+
+    def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
+        records = self.run.records()
+        final = records[-1] if records else {}
+        best = max((r.get("test_accuracy") or 0.0 for r in records), default=None)
+        summary = {
+            "status": status,
+            "error": error,
+            "iterations": final.get("iteration", 0),
+            "wall_s": round(time.perf_counter() - self.started, 3),
+            "evaluation_s": round(self._eval_seconds, 3),
+            "final": final,
+            "best_test_accuracy": best,
+            "config": self.cfg.resolved(),
+        }
+        self.run.finish(summary)
+        return summary
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _line(r: dict[str, Any], total: int) -> str:
+    dropped = sum(v for k, v in r.items() if k.startswith("dropped_") and isinstance(v, int | float))
+    parts = [
+        f"iter {r['iteration']:>{len(str(total))}}/{total}",
+        f"test acc {_fmt(r['test_accuracy'], '.4f')} loss {_fmt(r['test_loss'], '.4f')}",
+        f"train acc {_fmt(r['train_accuracy'], '.4f')} loss {_fmt(r['train_loss'], '.4f')}",
+        f"var {_fmt(r['honest_variance'], '.3e')}",
+        f"{_fmt(r['iters_per_s'], '.2f')} it/s",
+    ]
+    if dropped:
+        parts.append(f"dropped {int(dropped)}")
+    return " | ".join(parts)

@@ -1,0 +1,80 @@
+"""Build the pieces of an experiment from a validated run config (shared by all engines)."""
+
+from __future__ import annotations
+
+import torch
+
+from byzflower.config import RunConfig
+from byzflower.data import ImageData, load_dataset, partition
+from byzflower.layout import Layout
+from byzflower.models import build_model
+from clients.estimators import SAGA, SARAH, SGD, SVRG, Allocator, Estimator
+from clients.gradients import ModelGradients
+from clients.workers import WorkerData
+
+
+def device_of(cfg: RunConfig) -> torch.device:
+    """cfg['device'] resolved: 'auto' is CUDA when this process sees a GPU."""
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but this process sees no GPU (use device='auto' or 'cpu')")
+    if cfg["device"] == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def layout_of(cfg: RunConfig) -> Layout:
+    return Layout.last(int(cfg["num-honest"]), cfg.num_byzantine)
+
+
+def dataset_of(cfg: RunConfig) -> ImageData:
+    return load_dataset(cfg["dataset"], cfg["data-dir"])
+
+
+def partitions_of(cfg: RunConfig) -> tuple:
+    """The honest workers' training-sample indices, one array per honest rank."""
+    return partition(
+        cfg["dataset"],
+        cfg["data-dir"],
+        int(cfg["num-honest"]),
+        cfg["partitioner"],
+        int(cfg["seed"]),
+        float(cfg["dirichlet-alpha"]),
+        int(cfg["pathological-classes"]),
+    )
+
+
+def gradients_of(cfg: RunConfig, data: ImageData, device: torch.device) -> ModelGradients:
+    model = build_model(cfg["model"], int(cfg["seed"]), data.input_shape, data.spec.classes).to(device)
+    return ModelGradients(model, data.input_shape)
+
+
+def worker_data(cfg: RunConfig, data: ImageData, workers: list[int], device: torch.device) -> WorkerData:
+    """The training samples of ``workers`` (honest ids), on ``device``."""
+    layout = layout_of(cfg)
+    parts = partitions_of(cfg)
+    pieces = []
+    for w in workers:
+        idx = parts[layout.honest_rank(w)]
+        pieces.append((data.inputs(data.train_images[idx]), torch.from_numpy(data.train_labels[idx])))
+    return WorkerData.from_parts(workers, pieces).to(device)
+
+
+def make_estimator(
+    cfg: RunConfig, grads: ModelGradients, data: WorkerData, allocate: Allocator | None = None
+) -> Estimator:
+    common = dict(
+        batch_size=cfg.batch_size,
+        weight_decay=float(cfg["weight-decay"]),
+        seed=int(cfg["seed"]),
+        allocate=allocate,
+    )
+    optimizer = cfg["optimizer"]
+    if optimizer in ("sgd", "batch-sgd"):
+        return SGD(grads, data, **common)
+    if optimizer == "saga":
+        return SAGA(grads, data, **common)
+    if optimizer == "svrg":
+        return SVRG(grads, data, snapshot_interval=int(cfg["snapshot-interval"]), **common)
+    if optimizer == "sarah":
+        return SARAH(grads, data, restart_interval=int(cfg["sarah-interval"]), restart=cfg["sarah-restart"], **common)
+    raise ValueError(f"optimizer={optimizer!r} is not available")

@@ -1,0 +1,259 @@
+"""Run the Flower app through a real SuperLink that we start, watch and stop by PID.
+
+``flwr run .`` would start a detached local SuperLink that outlives the command; here the
+SuperLink (simulation mode) gets free ports and a private FLWR_HOME, runs with runtime
+dependency installation off (so no per-run ``uv sync`` pulls another torch), and is stopped,
+with everything it spawned, when the block ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as the TOML that ``--run-config`` expects."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def toml_assignments(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class RunOutcome:
+    returncode: int
+    run_id: int | None
+    status: str | None  # e.g. "finished:completed", "finished:failed"
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and bool(self.status) and self.status.endswith("completed")
+
+
+class LocalSuperLink:
+    """A simulation-mode SuperLink on a free port; use as a context manager."""
+
+    def __init__(self, home: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+        self._tmp = None if home else tempfile.TemporaryDirectory(prefix="byzflower-flwr-")
+        self.home = Path(home or self._tmp.name)
+        self.port = _free_port()
+        self.name = "byzflower"
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            # the SuperLink spawns flower-superexec / flwr-simulation by name
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            **(env or {}),
+        }
+        self.process: subprocess.Popen | None = None
+        self.pids: set[int] = set()
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        log = open(self.home / "superlink.log", "ab")
+        self.process = subprocess.Popen(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.home / "state.db"),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.pids.add(self.process.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with {self.process.returncode}; see {self.home}/superlink.log"
+                )
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not become ready in {timeout:.0f} s")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the SuperLink and everything it started; SIGKILL what is left after ``grace``."""
+        if self.process is None:
+            return
+        pids = [self.process.pid, *descendants(self.process.pid)]
+        self.pids.update(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            if self.process.poll() is None:
+                time.sleep(0.2)
+            else:
+                time.sleep(0.1)
+        for pid in pids + descendants(self.process.pid):
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def flwr(self, *args: str, timeout: float | None = None, stream_to=None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.env,
+            capture_output=stream_to is None,
+            text=True,
+            timeout=timeout,
+            stdout=stream_to,
+            stderr=subprocess.STDOUT if stream_to is not None else None,
+        )
+
+    def run(
+        self,
+        app_dir: str | Path,
+        run_config: dict[str, Any] | None = None,
+        federation_config: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        echo: bool = False,
+    ) -> RunOutcome:
+        """``flwr run APP --stream`` against this SuperLink; returns the run's real status."""
+        args = ["run", str(app_dir), self.name, "--stream"]
+        if run_config:
+            args += ["--run-config", toml_assignments(run_config)]
+        if federation_config:
+            args += ["--federation-config", toml_assignments(federation_config)]
+        proc = subprocess.Popen(
+            [_bin("flwr"), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = []
+        try:
+            assert proc.stdout is not None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for line in proc.stdout:
+                lines.append(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    break
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        output = "".join(lines)
+        match = re.search(r"run\s+(\d+)", output, re.IGNORECASE)
+        run_id = int(match.group(1)) if match else None
+        return RunOutcome(proc.returncode, run_id, self.status(run_id) if run_id else None, output)
+
+    def status(self, run_id: int) -> str | None:
+        proc = self.flwr("ls", self.name, "--run-id", str(run_id), "--format", "json", timeout=60)
+        try:
+            data = json.loads(proc.stdout)
+            runs = data.get("runs", [])
+            return runs[0].get("status") if runs else None
+        except (ValueError, AttributeError, IndexError):
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,218 @@
+"""The simulation harness: a Grid wrapper between a stock Strategy loop and the SuperNodes.
+
+It plays the parts of an experiment that no real server would: it knows which workers are
+Byzantine, measures the honest messages (for the variance metric and for omniscient attacks),
+and hands the Strategy one reply per worker in a seeded order that reveals no role. The
+Strategy itself stays a plain Flower Strategy driving ``grid.send_and_receive``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from byzflower.layout import Layout
+from clients.rng import derive_seed
+
+
+class HarnessError(RuntimeError):
+    """The SuperNodes do not match the run (missing partitions, inconsistent node configs)."""
+
+
+@dataclass
+class RoundRecord:
+    """What the harness saw in one iteration (kept for the results, never shown to the Strategy)."""
+
+    iteration: int
+    honest: torch.Tensor  # (H', d) honest messages received, worker order
+    honest_ids: list[int]
+    byzantine_ids: list[int]
+    order: list[int]  # worker ids in the order the Strategy received them
+    missing: list[int] = field(default_factory=list)  # workers whose node failed
+
+    @property
+    def honest_mean(self) -> torch.Tensor:
+        return self.honest.mean(dim=0)
+
+    @property
+    def honest_variance(self) -> float:
+        """mean_i ||m_i - mean(m_h)||^2 over the honest messages."""
+        if self.honest.shape[0] == 0:
+            return float("nan")
+        return float((self.honest - self.honest_mean).pow(2).sum(dim=1).mean())
+
+
+def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Push and wait for the replies, polling fast at first (Flower's own loop sleeps 0.1-3 s)."""
+    ids = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.002
+    while ids and (deadline is None or time.monotonic() < deadline):
+        got = list(grid.pull_messages(ids))
+        replies.extend(got)
+        ids.difference_update(m.metadata.reply_to_message_id for m in got)
+        if ids:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+    return replies
+
+
+class Harness(Grid):
+    """Wraps ``grid``; ``discover()`` must be called once before the first round."""
+
+    def __init__(self, grid: Grid, layout: Layout, seed: int, timeout: float | None = 3600.0) -> None:
+        self.grid = grid
+        self.layout = layout
+        self.seed = int(seed)
+        self.timeout = timeout
+        self.nodes: dict[int, tuple[list[int], list[int]]] = {}  # node id -> (honest, byzantine)
+        self.last_round: RoundRecord | None = None
+
+    # -- Grid pass-through ------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes) if self.nodes else self.grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # -- set-up -----------------------------------------------------------------------------
+    def discover(self, wait: float = 120.0) -> None:
+        """Ask every node which partition it is; check they cover the workers exactly."""
+        deadline = time.monotonic() + wait
+        node_ids = list(self.grid.get_node_ids())
+        while not node_ids and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = list(self.grid.get_node_ids())
+        if not node_ids:
+            raise HarnessError(f"no SuperNode connected within {wait:.0f} s")
+        query = [
+            Message(
+                RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover"
+            )
+            for n in node_ids
+        ]
+        replies = _poll(self.grid, query, self.timeout)
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            raise HarnessError(f"{len(failed)} node(s) failed to start: {failed[0].error.reason}")
+        if len(replies) != len(node_ids):
+            raise HarnessError(f"only {len(replies)} of {len(node_ids)} nodes answered")
+        infos = {r.metadata.src_node_id: r.content["node"] for r in replies}
+        ks = {int(i["num-partitions"]) for i in infos.values()}
+        if len(ks) != 1:
+            raise HarnessError(f"nodes disagree on num-partitions: {sorted(ks)}")
+        (k,) = ks
+        pids = sorted(int(i["partition-id"]) for i in infos.values())
+        if pids != list(range(k)):
+            missing = sorted(set(range(k)) - set(pids))
+            dup = sorted({p for p in pids if pids.count(p) > 1})
+            raise HarnessError(f"nodes must have partition-id 0..{k - 1} once each; missing {missing}, repeated {dup}")
+        self.nodes = {
+            nid: ([int(w) for w in i["honest"]], [int(w) for w in i["byzantine"]]) for nid, i in infos.items()
+        }
+        hosted = sorted(w for h, b in self.nodes.values() for w in h + b)
+        if hosted != list(range(self.layout.num_workers)):
+            raise HarnessError(f"nodes host workers {hosted}, expected 0..{self.layout.num_workers - 1}")
+
+    # -- rounds -----------------------------------------------------------------------------
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        timeout = self.timeout if timeout is None else timeout
+        if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
+            return _poll(self.grid, messages, timeout)
+        config = messages[0].content["config"]
+        iteration = int(config["server-round"])
+        template = messages[0].content["arrays"]
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        phase1 = []
+        for nid, msg in by_node.items():
+            if self.nodes.get(nid, ([], []))[0]:
+                msg.content["config"] = ConfigRecord({**config, "phase": "honest"})
+                phase1.append(msg)
+        replies = _poll(self.grid, phase1, timeout)
+
+        rows: dict[int, np.ndarray] = {}
+        passthrough: list[Message] = []
+        answered = set()
+        for reply in replies:
+            answered.add(reply.metadata.src_node_id)
+            got = _split(reply)
+            if got is None:
+                passthrough.append(reply)  # the Strategy counts it as an error / malformed reply
+            else:
+                rows.update(got)
+        missing = [w for nid, (h, _) in self.nodes.items() if nid not in answered for w in h]
+        honest_ids = [w for w in self.layout.honest_ids if w in rows]
+        honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, 0)
+
+        order = [
+            int(w)
+            for w in torch.randperm(
+                self.layout.num_workers,
+                generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", iteration)),
+            )
+        ]
+        reply_to = {w: by_node[nid] for nid, (h, b) in self.nodes.items() if nid in by_node for w in h + b}
+        keys = list(template.keys())
+        shapes = [tuple(template[k].shape) for k in keys]
+        out = [
+            Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=reply_to[w])
+            for w in order
+            if w in rows
+        ]
+        self.last_round = RoundRecord(
+            iteration, honest, honest_ids, list(self.layout.byzantine_ids), [w for w in order if w in rows], missing
+        )
+        return out + passthrough
+
+
+def _split(reply: Message) -> dict[int, np.ndarray] | None:
+    """worker id -> message row of a node's reply, or None when the reply is unusable."""
+    if reply.has_error():
+        return None
+    try:
+        ids = [int(w) for w in reply.content["workers"]["ids"]]
+        block = reply.content["rows"]["rows"].numpy()
+    except Exception:
+        return None
+    if block.ndim != 2 or block.shape[0] != len(ids):
+        return None
+    return {w: block[i] for i, w in enumerate(ids)}
+
+
+def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
+    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects)."""
+    record, offset = ArrayRecord(), 0
+    for key, shape in zip(keys, shapes, strict=True):
+        n = int(np.prod(shape, dtype=np.int64))
+        part = row[offset : offset + n]
+        record[key] = Array(part.reshape(shape) if part.size == n else part)
+        offset += n
+    return record

@@ -1,0 +1,83 @@
+"""Run folders: resolved config, metrics appended as they happen, a summary, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def default_results_dir() -> Path:
+    """$BYZFLOWER_RESULTS_DIR, else ~/byzflower-results."""
+    env = os.environ.get("BYZFLOWER_RESULTS_DIR")
+    return Path(env).expanduser() if env else Path.home() / "byzflower-results"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/Inf become null (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_name(config: dict[str, Any]) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{config['optimizer']}-{config['aggregator']}-{config['attack']}-s{config['seed']}"
+
+
+class RunDirectory:
+    """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``*.png``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, config: dict[str, Any]) -> RunDirectory:
+        root = Path(root).expanduser().resolve()
+        path = root / name
+        suffix = 1
+        while path.exists():  # never overwrite an earlier run
+            suffix += 1
+            path = root / f"{name}-{suffix}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        run.write_json("config.json", config)
+        return run
+
+    def write_json(self, filename: str, data: dict[str, Any]) -> None:
+        tmp = self.path / f".{filename}.tmp"
+        tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.path / filename)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one evaluation record to metrics.jsonl and flush it to disk at once."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def records(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def summary(self) -> dict[str, Any] | None:
+        path = self.path / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.write_json("summary.json", summary)
+        from byzflower.plots import plot_run
+
+        plot_run(self)

@@ -1,0 +1,254 @@
+"""Loss gradients of any torch model at a flat parameter vector, per sample and per worker.
+
+A per-sample gradient of an ``nn.Linear`` layer is the outer product of the layer's output
+gradient and its input, so it is kept as those two factors (``SampleGrads``): exact, and a
+fraction of the dense size. Parameters of other layers get dense per-sample rows through
+``torch.func``. The model must treat samples independently (no BatchNorm in training mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy on logits (the model outputs logits, no softmax)."""
+    return nn.functional.cross_entropy(logits, target, reduction=reduction)
+
+
+@dataclass
+class _Factored:
+    module: str  # dotted path of the nn.Linear
+    weight: str  # parameter names
+    bias: str | None
+    in_features: int
+    out_features: int
+    weight_offset: int
+    bias_offset: int
+
+
+@dataclass
+class SampleGrads:
+    """Per-sample gradients of n samples in factored form.
+
+    ``inputs[l]``: (n, in_l) inputs of factored layer l; ``deltas[l]``: (n, out_l) loss
+    gradients at its output; ``dense``: (n, d_dense) gradients of the other parameters (or
+    None when every parameter is factored). Sample s's gradient of layer l's weight is
+    ``outer(deltas[l][s], inputs[l][s])`` and of its bias ``deltas[l][s]``.
+    """
+
+    inputs: list[torch.Tensor]
+    deltas: list[torch.Tensor]
+    dense: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> SampleGrads:
+        """The rows ``index`` (a (m,) int64 tensor)."""
+        return SampleGrads(
+            [a[index] for a in self.inputs],
+            [g[index] for g in self.deltas],
+            None if self.dense is None else self.dense[index],
+        )
+
+
+class ModelGradients:
+    """Gradients of ``loss(model(X), y)`` at flat points x of shape (d,).
+
+    Parameters are flattened in ``model.named_parameters()`` order, each row-major, so a
+    Linear weight's (out, in) gradient is one contiguous block of the flat vector.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], loss: LossFn = cross_entropy) -> None:
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.loss = loss
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("the model has no parameters")
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        numels = [p.numel() for _, p in named]
+        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+        self.dim = sum(numels)
+        self.dtype = named[0][1].dtype
+        offset_of = dict(zip(self.names, self.offsets, strict=True))
+
+        self._factored: list[_Factored] = []
+        for path, module in model.named_modules():
+            if type(module) is nn.Linear:
+                prefix = f"{path}." if path else ""
+                bias = f"{prefix}bias" if module.bias is not None else None
+                self._factored.append(
+                    _Factored(
+                        path,
+                        f"{prefix}weight",
+                        bias,
+                        module.in_features,
+                        module.out_features,
+                        offset_of[f"{prefix}weight"],
+                        offset_of[bias] if bias else -1,
+                    )
+                )
+        self._recording = False
+        self._records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._hooks = [
+            model.get_submodule(f.module).register_forward_hook(self._make_hook(f.module)) for f in self._factored
+        ]
+        self._probe()
+        factored_names = {f.weight for f in self._factored} | {f.bias for f in self._factored if f.bias}
+        self.dense_names = [n for n in self.names if n not in factored_names]
+        dense_cols = [torch.arange(offset_of[n], offset_of[n] + numels[self.names.index(n)]) for n in self.dense_names]
+        self.dense_index = torch.cat(dense_cols) if dense_cols else torch.zeros(0, dtype=torch.long)
+        self.dense_dim = int(self.dense_index.numel())
+
+    # -- layout -------------------------------------------------------------------------------
+    def flatten(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A (d,) vector from a name -> tensor mapping."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of the flat vector x, shaped like the model's parameters."""
+        return {n: x[o : o + _numel(s)].view(s) for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)}
+
+    def initial_point(self) -> torch.Tensor:
+        """The model's current parameters as a flat vector."""
+        return self.flatten({n: p.detach() for n, p in self.model.named_parameters()})
+
+    @property
+    def input_is_data(self) -> list[bool]:
+        """Per factored layer: True when its input is the (flattened) model input itself."""
+        return list(self._input_is_data)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _make_hook(self, path: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._recording:
+                self._records.setdefault(path, []).append((args[0], output))
+
+        return hook
+
+    def _probe(self) -> None:
+        """Find Linear layers whose per-sample gradient is really an outer product."""
+        device = next(self.model.parameters()).device
+        x = torch.zeros(2, *self.input_shape, dtype=self.dtype, device=device)
+        self._records = {}
+        self._recording = True
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            self._recording = False
+        keep, input_is_data = [], []
+        for f in self._factored:
+            calls = self._records.get(f.module, [])
+            # A layer used twice, or applied to more than (batch, features), has a per-sample
+            # gradient that is a sum of outer products: it stays dense.
+            if len(calls) == 1 and calls[0][0].dim() == 2:
+                keep.append(f)
+                inp = calls[0][0]
+                input_is_data.append(inp.data_ptr() == x.data_ptr() and inp.numel() == x.numel())
+        self._records = {}
+        self._factored = keep
+        self._input_is_data = input_is_data
+
+    # -- gradients ----------------------------------------------------------------------------
+    def sample_grads(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> SampleGrads:
+        """Per-sample gradients of the loss of each of n samples at x.
+
+        Args:
+            x: (d,) parameters.
+            inputs: (n, *input_shape) samples.
+            targets: (n,) targets.
+        """
+        leaf = x.detach().requires_grad_(self.dense_dim < self.dim)
+        params = self.unflatten(leaf)
+        self._records = {}
+        self._recording = bool(self._factored)
+        try:
+            with torch.enable_grad():
+                out = functional_call(self.model, params, (inputs,))
+                losses = self.loss(out, targets, reduction="sum")
+                records = [self._records[f.module][0] for f in self._factored]
+                self._recording = False
+                outputs = [o for _, o in records]
+                deltas = list(torch.autograd.grad(losses, outputs)) if outputs else []
+        finally:
+            self._recording = False
+            self._records = {}
+        acts = [a.detach() for a, _ in records]
+        dense = self._dense_sample_grads(x, inputs, targets) if self.dense_dim else None
+        return SampleGrads(acts, [g.detach() for g in deltas], dense)
+
+    def _dense_sample_grads(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        params = {n: t.detach() for n, t in self.unflatten(x).items()}
+        dense = {n: params.pop(n) for n in self.dense_names}
+
+        def one(dense_params: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            out = functional_call(self.model, {**params, **dense_params}, (xi.unsqueeze(0),))
+            return self.loss(out, yi.unsqueeze(0), reduction="sum")
+
+        rows = vmap(grad(one), in_dims=(None, 0, 0))(dense, inputs, targets)
+        return torch.cat([rows[n].reshape(inputs.shape[0], -1) for n in self.dense_names], dim=1)
+
+    def combine(self, grads: SampleGrads, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sums of per-sample gradients within groups.
+
+        Args:
+            grads: per-sample gradients of c * b samples, group-major.
+            weights: (c, b) weight of each sample.
+            out: optional (c, d) tensor to write into.
+
+        Returns:
+            (c, d): row i is sum_j weights[i, j] * gradient of sample (i, j).
+        """
+        c, b = weights.shape
+        if out is None:
+            out = torch.empty(c, self.dim, dtype=self.dtype, device=weights.device)
+        w = weights.to(self.dtype).unsqueeze(-1)
+        for f, a, g in zip(self._factored, grads.inputs, grads.deltas, strict=True):
+            gw = g.reshape(c, b, -1) * w
+            size = f.out_features * f.in_features
+            out[:, f.weight_offset : f.weight_offset + size] = torch.bmm(
+                gw.transpose(1, 2), a.reshape(c, b, -1)
+            ).reshape(c, size)
+            if f.bias:
+                out[:, f.bias_offset : f.bias_offset + f.out_features] = gw.sum(dim=1)
+        if grads.dense is not None:
+            out[:, self.dense_index] = (grads.dense.reshape(c, b, -1) * w).sum(dim=1)
+        return out
+
+    def mean_grad(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(d,) gradient of the mean loss over the n samples, by plain autograd."""
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = functional_call(self.model, self.unflatten(leaf), (inputs,))
+            (g,) = torch.autograd.grad(self.loss(out, targets), leaf)
+        return g
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 10_000
+    ) -> tuple[float, float]:
+        """(mean loss, accuracy) of the model at x on the given samples."""
+        params = self.unflatten(x)
+        total_loss, correct = 0.0, 0
+        for s in range(0, inputs.shape[0], batch):
+            out = functional_call(self.model, params, (inputs[s : s + batch],))
+            y = targets[s : s + batch]
+            total_loss += float(self.loss(out, y, reduction="sum"))
+            correct += int((out.argmax(dim=1) == y).sum())
+        n = max(int(inputs.shape[0]), 1)
+        return total_loss / n, correct / n
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,113 @@
+"""The local data of a group of workers, and the fixed-shape chunks their gradients are computed in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+# Workers are processed in blocks of CHUNK consecutive worker ids (padded at the edges), so a
+# worker's gradient is always computed by the same kernels at the same position, whichever
+# group, node or engine holds it: numbers are then bit-identical across groupings.
+CHUNK = 10
+# Full local gradients run over a worker's samples in blocks of this many (the same reason).
+SAMPLE_BLOCK = 512
+
+
+@dataclass
+class WorkerData:
+    """Samples of k workers, concatenated.
+
+    Attributes:
+        worker_ids: (k,) int64 global worker ids, increasing.
+        inputs: (N, *input_shape) all samples of the group, worker by worker.
+        targets: (N,) int64 labels.
+        offsets: (k + 1,) int64, worker i owns rows offsets[i]:offsets[i+1].
+    """
+
+    worker_ids: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        k = int(self.worker_ids.numel())
+        if self.offsets.numel() != k + 1:
+            raise ValueError(f"offsets must have {k + 1} entries, got {self.offsets.numel()}")
+        if k and bool((self.sizes < 1).any()):
+            empty = self.worker_ids[self.sizes < 1].tolist()
+            raise ValueError(f"workers {empty} have no samples")
+        if k > 1 and bool((self.worker_ids[1:] <= self.worker_ids[:-1]).any()):
+            raise ValueError("worker_ids must be strictly increasing")
+
+    @classmethod
+    def from_parts(cls, worker_ids: list[int], parts: list[tuple[torch.Tensor, torch.Tensor]]) -> WorkerData:
+        """Build from one (inputs, targets) pair per worker."""
+        sizes = [int(y.shape[0]) for _, y in parts]
+        offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+        return cls(
+            torch.tensor(worker_ids, dtype=torch.int64),
+            torch.cat([x for x, _ in parts]),
+            torch.cat([y for _, y in parts]),
+            offsets,
+        )
+
+    @property
+    def num_workers(self) -> int:
+        return int(self.worker_ids.numel())
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """(k,) number of samples of each worker."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def to(self, device: torch.device | str) -> WorkerData:
+        return WorkerData(
+            self.worker_ids.to(device), self.inputs.to(device), self.targets.to(device), self.offsets.to(device)
+        )
+
+    def worker(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the group's i-th worker."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.inputs[s:e], self.targets[s:e]
+
+    def with_targets(self, targets: torch.Tensor) -> WorkerData:
+        """The same samples with other labels (e.g. flipped by a data-poisoning attack)."""
+        return WorkerData(self.worker_ids, self.inputs, targets, self.offsets)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One block of CHUNK consecutive worker ids.
+
+    Attributes:
+        rows: (CHUNK,) group rows to compute (edge slots repeat a row of the chunk).
+        valid: (CHUNK,) bool, True where the slot is one of the group's workers.
+        targets: group rows the valid slots map to, in order.
+    """
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+
+
+def chunks(worker_ids: torch.Tensor) -> Iterator[Chunk]:
+    """The aligned chunks covering ``worker_ids`` (increasing global ids)."""
+    ids = worker_ids.tolist()
+    if not ids:
+        return
+    row_of = {w: i for i, w in enumerate(ids)}
+    for block in sorted({w // CHUNK for w in ids}):
+        slots = range(block * CHUNK, (block + 1) * CHUNK)
+        present = [row_of[w] for w in slots if w in row_of]
+        rows = [row_of.get(w, present[0]) for w in slots]
+        yield Chunk(
+            torch.tensor(rows, dtype=torch.int64),
+            torch.tensor([w in row_of for w in slots]),
+            torch.tensor(present, dtype=torch.int64),
+        )

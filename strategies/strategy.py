@@ -1,0 +1,151 @@
+"""``RobustSGD``: a Flower Strategy that aggregates gradients with a robust rule and steps the model.
+
+Protocol (Flower Message API): the strategy sends each node the model as ``content["arrays"]``
+(an ArrayRecord) and ``content["config"]`` (with ``server-round``); a reply carries its gradient
+as ``content["gradient"]``, an ArrayRecord with the same keys and shapes as the model. Replies
+are screened (errors, missing or mis-shaped gradients, NaN/Inf are dropped and counted), the
+rest are stacked into an (n, d) tensor, aggregated by the rule, and the model takes the step
+x <- x - lr * g. The math lives in ``strategies.aggregators``; this class only orchestrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import ERROR, INFO
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from strategies.aggregators import AggregationError, Rule, make_rule
+
+DROP_REASONS = ("error", "malformed", "nonfinite")
+
+
+class RobustSGD(Strategy):
+    """Byzantine-robust federated SGD: gradients in, ``x <- x - lr * rule(gradients)`` out.
+
+    Args:
+        rule: an aggregation rule object, or its name (built with default parameters).
+        lr: step size gamma (> 0).
+        device: where aggregation runs.
+    """
+
+    def __init__(self, rule: Rule | str = "mean", lr: float = 0.1, device: str | torch.device = "cpu") -> None:
+        if isinstance(rule, str):
+            rule = make_rule(rule)
+        if not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a Rule or a rule name, got {type(rule).__name__}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.rule = rule
+        self.lr = float(lr)
+        self.device = torch.device(device)
+        self._keys: list[str] = []
+        self._shapes: list[tuple[int, ...]] = []
+        self._point: torch.Tensor | None = None
+        self.last_metrics: MetricRecord | None = None
+        self.last_aggregate: torch.Tensor | None = None
+
+    # -- model <-> flat vector ---------------------------------------------------------------
+    def _load(self, arrays: ArrayRecord) -> None:
+        ndarrays = arrays.to_numpy_ndarrays()
+        self._keys = list(arrays.keys())
+        self._shapes = [tuple(a.shape) for a in ndarrays]
+        flat = np.concatenate([a.reshape(-1) for a in ndarrays]).astype(np.float32, copy=False)
+        self._point = torch.from_numpy(flat).to(self.device)
+
+    def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
+        flat = x.detach().cpu().numpy()
+        out, offset = {}, 0
+        for key, shape in zip(self._keys, self._shapes, strict=True):
+            n = int(np.prod(shape, dtype=np.int64))
+            out[key] = Array(flat[offset : offset + n].reshape(shape))
+            offset += n
+        return ArrayRecord(out)
+
+    def gradient_of(self, reply: Message) -> tuple[np.ndarray | None, str]:
+        """The reply's flat gradient, or (None, reason) when it must be dropped."""
+        if reply.has_error():
+            return None, "error"
+        try:
+            record = reply.content.array_records.get("gradient")
+            if record is None or list(record.keys()) != self._keys:
+                return None, "malformed"
+            parts = record.to_numpy_ndarrays()
+            if [tuple(p.shape) for p in parts] != self._shapes or not all(
+                np.issubdtype(p.dtype, np.floating) for p in parts
+            ):
+                return None, "malformed"
+            flat = np.concatenate([p.reshape(-1) for p in parts]).astype(np.float32, copy=False)
+        except Exception:  # undecodable bytes and the like: a bad message, not a server failure
+            return None, "malformed"
+        if not np.isfinite(flat).all():
+            return None, "nonfinite"
+        return flat, "ok"
+
+    # -- Strategy -------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._load(arrays)
+        config = ConfigRecord({**config, "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": config})
+        return [
+            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in grid.get_node_ids()
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid: list[np.ndarray] = []
+        counts = dict.fromkeys(DROP_REASONS, 0)
+        for reply in replies:
+            flat, reason = self.gradient_of(reply)
+            if flat is None:
+                counts[reason] += 1
+            else:
+                valid.append(flat)
+        metrics = {"received": len(valid) + sum(counts.values()), "aggregated": len(valid)}
+        metrics.update({f"dropped-{k}": v for k, v in counts.items()})
+        if len(valid) < self.rule.min_messages():
+            log(
+                ERROR,
+                "round %s failed: %s needs at least %s valid messages, got %s (%s); the model is unchanged",
+                server_round,
+                self.rule.name,
+                self.rule.min_messages(),
+                len(valid),
+                ", ".join(f"{k}={v}" for k, v in metrics.items()),
+            )
+            self.last_metrics = MetricRecord({**metrics, "failed": 1})
+            self.last_aggregate = None
+            return None, self.last_metrics
+        messages = torch.from_numpy(np.stack(valid)).to(self.device)
+        try:
+            result = self.rule(messages)
+        except AggregationError as exc:
+            log(ERROR, "round %s failed: %s; the model is unchanged", server_round, exc)
+            self.last_metrics = MetricRecord({**metrics, "failed": 1})
+            self.last_aggregate = None
+            return None, self.last_metrics
+        assert self._point is not None
+        self._point = self._point - self.lr * result.vector
+        self.last_aggregate = result.vector
+        self.last_metrics = MetricRecord({**metrics, "failed": 0, **{f"rule-{k}": v for k, v in result.info.items()}})
+        return self._to_arrays(self._point), self.last_metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # evaluation is centralised (see ``start``'s ``evaluate_fn``)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "\t├── Aggregation rule: %r", self.rule)
+        log(INFO, "\t└── Step size: %s", self.lr)

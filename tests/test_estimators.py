@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from byzflower.models import build_model
+from clients.estimators import SGD
+from clients.gradients import ModelGradients
+from clients.rng import _MASK64, derive_seed, uniform_ints
+from clients.workers import CHUNK, WorkerData, chunks
+
+
+def _splitmix_ref(z):
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def test_uniform_ints_match_a_plain_python_splitmix():
+    seed, counter, count = 7, 3, 4
+    streams = torch.tensor([0, 5, 123456789])
+    high = torch.tensor([10, 1000, 3])
+    got = uniform_ints(seed, streams, counter, count, high)
+    base = derive_seed(seed, "uniform-ints", counter)
+    mix1 = 0xBF58476D1CE4E5B9
+    for i, s in enumerate(streams.tolist()):
+        z0 = _splitmix_ref(base ^ ((s * mix1) & _MASK64))
+        for j in range(count):
+            z = _splitmix_ref((z0 + j * 0x9E3779B97F4A7C15) & _MASK64)
+            assert got[i, j] == ((z >> 11) * high[i].item()) >> 53
+
+
+def test_uniform_ints_are_in_range_and_uniform():
+    draws = uniform_ints(1, torch.arange(200), 9, 500, torch.full((200,), 7))
+    assert draws.min() == 0 and draws.max() == 6
+    freq = torch.bincount(draws.reshape(-1), minlength=7).double() / draws.numel()
+    assert (freq - 1 / 7).abs().max() < 0.005  # 100,000 draws
+    assert not torch.equal(draws, uniform_ints(1, torch.arange(200), 10, 500, torch.full((200,), 7)))
+
+
+def _group(G, parts, ids):
+    return WorkerData.from_parts(ids, [parts[i] for i in ids])
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    G = ModelGradients(build_model("mlp", 1), (1, 28, 28))
+    parts = [(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in torch.randint(15, 40, (23,)).tolist()]
+    return G, parts
+
+
+def test_sgd_message_is_the_mean_gradient_of_the_sampled_batch_plus_weight_decay(setting):
+    G, parts = setting
+    est = SGD(G, _group(G, parts, list(range(23))), batch_size=4, weight_decay=0.01, seed=2)
+    x = G.initial_point()
+    msgs = est.step(x, iteration=5)
+    rows = est.sample_rows(5)
+    for i in (0, 7, 22):
+        ref = G.mean_grad(x, est.data.inputs[rows[i]], est.data.targets[rows[i]]) + 0.01 * x
+        assert torch.allclose(msgs[i], ref, atol=1e-6)
+    # rows are the worker's own samples
+    assert bool(((rows >= est.data.offsets[:-1, None]) & (rows < est.data.offsets[1:, None])).all())
+
+
+def test_messages_do_not_depend_on_how_workers_are_grouped(setting):
+    """K = 1, K = 2 and one group of all workers give bit-identical messages."""
+    G, parts = setting
+    x = G.initial_point()
+    full = SGD(G, _group(G, parts, list(range(23))), batch_size=3, seed=4)
+    halves = [SGD(G, _group(G, parts, ids), batch_size=3, seed=4) for ids in (range(0, 11), range(11, 23))]
+    singles = [SGD(G, _group(G, parts, [i]), batch_size=3, seed=4) for i in range(23)]
+    for t in (1, 2, 3):
+        m = full.step(x, t)
+        assert torch.equal(m, torch.cat([h.step(x, t) for h in halves]))
+        assert torch.equal(m, torch.cat([s.step(x, t) for s in singles]))
+        x = x - 0.1 * m.mean(0)
+
+
+def test_chunks_are_aligned_on_worker_ids():
+    got = list(chunks(torch.tensor([8, 9, 10, 11, 25])))
+    assert [c.valid.sum().item() for c in got] == [2, 2, 1]
+    assert got[0].rows.tolist()[8:] == [0, 1] and got[0].targets.tolist() == [0, 1]
+    assert all(len(c.rows) == CHUNK for c in got)
+
+
+def test_bad_estimator_arguments(setting):
+    G, parts = setting
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        SGD(G, _group(G, parts, [0]), batch_size=0)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        SGD(G, _group(G, parts, [0]), batch_size=1, weight_decay=-1)

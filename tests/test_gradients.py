@@ -1,0 +1,66 @@
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from byzflower.models import build_model
+from clients.gradients import ModelGradients
+
+
+def _reference_per_sample(model, x, inputs, targets):
+    """Per-sample gradients by torch.func on the whole model, flattened in parameter order."""
+    G = ModelGradients(model, inputs.shape[1:])
+    params = G.unflatten(x)
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    rows = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    return torch.cat([rows[n].reshape(len(inputs), -1) for n in G.names], dim=1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_factored_per_sample_gradients_are_exact(name):
+    torch.manual_seed(0)
+    model = build_model(name, seed=5).double()
+    G = ModelGradients(model, (1, 28, 28))
+    x = G.initial_point()
+    inputs, targets = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (6,))
+    ref = _reference_per_sample(model, x, inputs, targets)
+    sg = G.sample_grads(x, inputs, targets)
+    eye = torch.eye(6, dtype=torch.float64)  # one group per sample, weight 1: the rows themselves
+    rows = G.combine(sg, eye.diagonal()[:, None].expand(6, 1).contiguous())
+    assert torch.allclose(rows, ref, atol=1e-12, rtol=1e-10)
+    # group sums with weights, and the plain autograd mean gradient
+    w = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    got = G.combine(sg, w)
+    assert torch.allclose(got[0], 0.5 * ref[0] + 0.25 * ref[1] + 0.25 * ref[2], atol=1e-12)
+    assert torch.allclose(got[1], ref[3] - ref[5], atol=1e-12)
+    assert torch.allclose(G.mean_grad(x, inputs, targets), ref.mean(0), atol=1e-12)
+
+
+def test_mlp_layers_are_factored_and_the_first_input_is_the_data():
+    G = ModelGradients(build_model("mlp", 1), (1, 28, 28))
+    assert G.dim == 39_760 and G.dense_dim == 0  # the paper's network, all nn.Linear
+    assert G.input_is_data == [True, False]
+    C = ModelGradients(build_model("cnn", 1), (1, 28, 28))
+    assert 0 < C.dense_dim < C.dim  # conv parameters fall back to dense rows
+
+
+def test_flatten_roundtrip_and_evaluate():
+    model = build_model("mlp", 2)
+    G = ModelGradients(model, (1, 28, 28))
+    x = G.initial_point()
+    assert torch.equal(G.flatten(G.unflatten(x)), x)
+    inputs, targets = torch.randn(30, 1, 28, 28), torch.randint(0, 10, (30,))
+    loss, acc = G.evaluate(x, inputs, targets, batch=7)
+    with torch.no_grad():
+        out = model(inputs)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(out, targets)), rel=1e-5)
+    assert acc == pytest.approx(float((out.argmax(1) == targets).float().mean()))
+
+
+def test_models_are_seeded():
+    a, b, c = (ModelGradients(build_model("mlp", s), (1, 28, 28)).initial_point() for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="choose one of: mlp, cnn"):
+        build_model("resnet", 1)

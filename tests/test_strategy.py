@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app.error import Error
+
+from strategies.aggregators import Mean
+from strategies.strategy import RobustSGD
+
+KEYS = {"w": (2, 3), "b": (2,)}
+
+
+def _model(value=1.0):
+    return ArrayRecord({k: Array(np.full(s, value, dtype=np.float32)) for k, s in KEYS.items()})
+
+
+class _Grid:
+    """Just enough of a Grid for configure_train: the node ids."""
+
+    def get_node_ids(self):
+        return [11, 12]
+
+
+def _reply(instruction, record=None, error=None):
+    if error is not None:
+        return Message(error, reply_to=instruction)
+    return Message(RecordDict({} if record is None else {"gradient": record}), reply_to=instruction)
+
+
+def _gradient(values):
+    flat = np.asarray(values, dtype=np.float32)
+    return ArrayRecord({"w": Array(flat[:6].reshape(2, 3)), "b": Array(flat[6:])})
+
+
+@pytest.fixture
+def round_one(task_identity):
+    strategy = RobustSGD(Mean(), lr=0.5)
+    messages = list(strategy.configure_train(1, _model(1.0), ConfigRecord({"phase": "x"}), _Grid()))
+    return strategy, messages
+
+
+def test_configure_train_sends_the_model_to_every_node(round_one):
+    _, messages = round_one
+    assert [m.metadata.dst_node_id for m in messages] == [11, 12]
+    assert all(m.metadata.message_type == MessageType.TRAIN for m in messages)
+    assert messages[0].content["config"]["server-round"] == 1
+    assert np.all(messages[0].content["arrays"]["w"].numpy() == 1.0)
+
+
+def test_aggregate_steps_the_model_against_the_mean_gradient(round_one):
+    strategy, (m, _) = round_one
+    g1, g2 = np.arange(8, dtype=np.float32), np.full(8, 2.0, dtype=np.float32)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(g1)), _reply(m, _gradient(g2))])
+    flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
+    np.testing.assert_allclose(flat, 1.0 - 0.5 * (g1 + g2) / 2)
+    assert list(arrays.keys()) == ["w", "b"] and arrays["w"].shape == (2, 3)
+    assert metrics["aggregated"] == 2 and metrics["dropped-malformed"] == 0 and metrics["failed"] == 0
+
+
+def test_malformed_nan_inf_and_error_replies_are_dropped_and_counted(round_one):
+    strategy, (m, _) = round_one
+    good = np.ones(8, dtype=np.float32)
+    nan, inf = good.copy(), good.copy()
+    nan[3], inf[7] = np.nan, -np.inf
+    wrong_shape = ArrayRecord({"w": Array(np.ones((3, 2), dtype=np.float32)), "b": Array(np.ones(2, dtype=np.float32))})
+    wrong_keys = ArrayRecord(
+        {"w": Array(np.ones((2, 3), dtype=np.float32)), "bias": Array(np.ones(2, dtype=np.float32))}
+    )
+    ints = ArrayRecord({"w": Array(np.ones((2, 3), dtype=np.int64)), "b": Array(np.ones(2, dtype=np.int64))})
+    corrupt = _gradient(good)
+    corrupt["b"] = Array(dtype="float32", shape=(2,), stype="numpy.ndarray", data=b"garbage")
+    replies = [
+        _reply(m, _gradient(good)),
+        _reply(m, _gradient(nan)),
+        _reply(m, _gradient(inf)),
+        _reply(m, wrong_shape),
+        _reply(m, wrong_keys),
+        _reply(m, ints),
+        _reply(m, corrupt),
+        _reply(m, None),  # no gradient at all
+        _reply(m, error=Error(code=0, reason="node down")),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["received"] == 9 and metrics["aggregated"] == 1
+    assert metrics["dropped-nonfinite"] == 2 and metrics["dropped-malformed"] == 5 and metrics["dropped-error"] == 1
+    flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
+    assert np.isfinite(flat).all()
+    np.testing.assert_allclose(flat, 1.0 - 0.5 * good)
+
+
+def test_a_round_without_valid_messages_fails_and_keeps_the_model(round_one):
+    strategy, (m, _) = round_one
+    bad = np.full(8, np.nan, dtype=np.float32)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(bad))])
+    assert arrays is None and metrics["failed"] == 1 and metrics["dropped-nonfinite"] == 1
+
+
+def test_strategy_validates_its_parameters():
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        RobustSGD("mean", lr=0.0)
+    with pytest.raises(ValueError, match="choose one of"):
+        RobustSGD("no-such-rule")
+    with pytest.raises(TypeError, match="rule must be a Rule"):
+        RobustSGD(torch.mean)
