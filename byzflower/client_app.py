@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from byzflower.config import resolve
 from byzflower.node import NodeWorkers
 from byzflower.node_state import remove_run_state
+from strategies.npy import decode
+from strategies.strategy import _array
 
 app = ClientApp()
 
@@ -39,7 +41,8 @@ def node_for(context: Context) -> NodeWorkers:
     pid, k = _partition(context)
     key = (context.run_id, pid, k)
     if key not in _NODES:
-        _NODES.clear()  # one run at a time per process
+        for stale in [k_ for k_ in _NODES if k_[0] != context.run_id]:
+            del _NODES[stale]  # a process serves one run at a time
         _NODES[key] = NodeWorkers(resolve(context.run_config), pid, k, context.run_id)
     return _NODES[key]
 
@@ -47,13 +50,13 @@ def node_for(context: Context) -> NodeWorkers:
 def _flat(arrays: ArrayRecord, names: list[str]) -> torch.Tensor:
     if list(arrays.keys()) != names:
         raise ValueError(f"model arrays {list(arrays.keys())} do not match this node's model {names}")
-    return torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays.to_numpy_ndarrays()]))
+    return torch.from_numpy(np.concatenate([decode(a).reshape(-1) for a in arrays.values()]))
 
 
 def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor) -> Message:
     content = RecordDict(
         {
-            "rows": ArrayRecord({"rows": Array(rows.detach().cpu().numpy().astype(np.float32, copy=False))}),
+            "rows": ArrayRecord({"rows": _array(rows.detach().cpu().numpy().astype(np.float32, copy=False))}),
             "workers": ConfigRecord({"ids": [int(w) for w in workers]}),
         }
     )

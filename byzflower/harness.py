@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from byzflower.layout import Layout
 from clients.rng import derive_seed
+from strategies.npy import decode
+from strategies.strategy import _array
 
 
 class HarnessError(RuntimeError):
@@ -199,7 +201,7 @@ def _split(reply: Message) -> dict[int, np.ndarray] | None:
         return None
     try:
         ids = [int(w) for w in reply.content["workers"]["ids"]]
-        block = reply.content["rows"]["rows"].numpy()
+        block = decode(reply.content["rows"]["rows"])
     except Exception:
         return None
     if block.ndim != 2 or block.shape[0] != len(ids):
@@ -208,11 +210,13 @@ def _split(reply: Message) -> dict[int, np.ndarray] | None:
 
 
 def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
-    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects)."""
+    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects); a row of the
+    wrong length stays one flat array, which the strategy drops as malformed."""
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    if row.size != sum(sizes):
+        return ArrayRecord({"flat": _array(row)})
     record, offset = ArrayRecord(), 0
-    for key, shape in zip(keys, shapes, strict=True):
-        n = int(np.prod(shape, dtype=np.int64))
-        part = row[offset : offset + n]
-        record[key] = Array(part.reshape(shape) if part.size == n else part)
+    for key, shape, n in zip(keys, shapes, sizes, strict=True):
+        record[key] = _array(row[offset : offset + n].reshape(shape))
         offset += n
     return record

@@ -21,8 +21,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from strategies.aggregators import AggregationError, Rule, make_rule
+from strategies.npy import NUMPY_STYPE, decode, npy_bytes
 
 DROP_REASONS = ("error", "malformed", "nonfinite")
+
+
+def _array(a: np.ndarray) -> Array:
+    """A Flower Array of ``a`` (what ``Array(a)`` builds, without np.save's overhead)."""
+    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype=NUMPY_STYPE, data=npy_bytes(a))
 
 
 class RobustSGD(Strategy):
@@ -52,9 +58,10 @@ class RobustSGD(Strategy):
 
     # -- model <-> flat vector ---------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
-        ndarrays = arrays.to_numpy_ndarrays()
+        ndarrays = [decode(a) for a in arrays.values()]
         self._keys = list(arrays.keys())
         self._shapes = [tuple(a.shape) for a in ndarrays]
+        self._dim = sum(a.size for a in ndarrays)
         flat = np.concatenate([a.reshape(-1) for a in ndarrays]).astype(np.float32, copy=False)
         self._point = torch.from_numpy(flat).to(self.device)
 
@@ -63,24 +70,28 @@ class RobustSGD(Strategy):
         out, offset = {}, 0
         for key, shape in zip(self._keys, self._shapes, strict=True):
             n = int(np.prod(shape, dtype=np.int64))
-            out[key] = Array(flat[offset : offset + n].reshape(shape))
+            out[key] = _array(flat[offset : offset + n].reshape(shape))
             offset += n
         return ArrayRecord(out)
 
-    def gradient_of(self, reply: Message) -> tuple[np.ndarray | None, str]:
-        """The reply's flat gradient, or (None, reason) when it must be dropped."""
+    def gradient_of(self, reply: Message, out: np.ndarray | None = None) -> tuple[np.ndarray | None, str]:
+        """The reply's flat gradient (written into ``out`` if given), or (None, reason) to drop it."""
         if reply.has_error():
             return None, "error"
         try:
             record = reply.content.array_records.get("gradient")
             if record is None or list(record.keys()) != self._keys:
                 return None, "malformed"
-            parts = record.to_numpy_ndarrays()
+            parts = [decode(record[k]) for k in self._keys]
             if [tuple(p.shape) for p in parts] != self._shapes or not all(
                 np.issubdtype(p.dtype, np.floating) for p in parts
             ):
                 return None, "malformed"
-            flat = np.concatenate([p.reshape(-1) for p in parts]).astype(np.float32, copy=False)
+            flat = np.empty(self._dim, dtype=np.float32) if out is None else out
+            offset = 0
+            for p in parts:
+                flat[offset : offset + p.size] = p.reshape(-1)
+                offset += p.size
         except Exception:  # undecodable bytes and the like: a bad message, not a server failure
             return None, "malformed"
         if not np.isfinite(flat).all():
@@ -101,30 +112,32 @@ class RobustSGD(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid: list[np.ndarray] = []
+        replies = list(replies)
+        buffer = np.empty((len(replies), self._dim), dtype=np.float32)
+        n = 0
         counts = dict.fromkeys(DROP_REASONS, 0)
         for reply in replies:
-            flat, reason = self.gradient_of(reply)
+            flat, reason = self.gradient_of(reply, buffer[n])
             if flat is None:
                 counts[reason] += 1
             else:
-                valid.append(flat)
-        metrics = {"received": len(valid) + sum(counts.values()), "aggregated": len(valid)}
+                n += 1
+        metrics = {"received": len(replies), "aggregated": n}
         metrics.update({f"dropped-{k}": v for k, v in counts.items()})
-        if len(valid) < self.rule.min_messages():
+        if n < self.rule.min_messages():
             log(
                 ERROR,
                 "round %s failed: %s needs at least %s valid messages, got %s (%s); the model is unchanged",
                 server_round,
                 self.rule.name,
                 self.rule.min_messages(),
-                len(valid),
+                n,
                 ", ".join(f"{k}={v}" for k, v in metrics.items()),
             )
             self.last_metrics = MetricRecord({**metrics, "failed": 1})
             self.last_aggregate = None
             return None, self.last_metrics
-        messages = torch.from_numpy(np.stack(valid)).to(self.device)
+        messages = torch.from_numpy(buffer[:n]).to(self.device)
         try:
             result = self.rule(messages)
         except AggregationError as exc:
