@@ -41,6 +41,12 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.sync:
+        from byzflower.config import sync_files
+
+        for path in sync_files(Path(args.sync)):
+            print(f"updated {path}")
+        return 0
     if args.markdown:
         print(markdown_table())
     else:
@@ -88,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print every run-config key and its default")
     config.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
+    config.add_argument("--sync", metavar="DIR", help="(developers) rewrite DIR's pyproject table and README table")
     config.set_defaults(func=_cmd_config)
 
     run = sub.add_parser("run", help="run one experiment through Flower's simulation engine")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -40,8 +41,7 @@ OPTIMIZER_DEFAULTS = {
     "svrg": {"lr": 0.1, "batch-size": 1},
     "sarah": {"lr": 0.1, "batch-size": 1},
 }
-AGGREGATORS = ("mean",)
-PLANNED_AGGREGATORS = ("gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
+AGGREGATORS = ("mean", "gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
 ATTACKS = ("none",)
 PLANNED_ATTACKS = ("gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
 PLANNED_OPTIMIZERS = ("saga", "svrg", "sarah")
@@ -76,7 +76,43 @@ _KEYS = [
     Key("lr", 0.0, "Step size gamma; 0 = the optimizer's default (sgd 0.1, batch-sgd 0.5).", minimum=0),
     Key("weight-decay", 0.0, "lambda: adds lambda * x to every honest gradient.", minimum=0),
     # -- server ------------------------------------------------------------------------------
-    Key("aggregator", "mean", "Aggregation rule.", choices=AGGREGATORS, planned=PLANNED_AGGREGATORS),
+    Key("aggregator", "mean", "Aggregation rule (see the table of rules).", choices=AGGREGATORS),
+    Key(
+        "pre-aggregator",
+        "none",
+        "nnm: nearest-neighbour mixing (each message -> mean of its n - f nearest) before the rule.",
+        choices=("none", "nnm"),
+    ),
+    Key(
+        "aggregator-f",
+        -1,
+        "f, the Byzantine messages the rule assumes (krum, multi-krum, trimmed-mean, bulyan, nnm); "
+        "-1 = the run's Byzantine workers.",
+        minimum=-1,
+    ),
+    Key(
+        "gm-tol",
+        1e-5,
+        "Geometric median: stop when a Weiszfeld step moves less than this (the paper's 1e-5).",
+        positive=True,
+    ),
+    Key("gm-max-iter", 80, "Geometric median: at most this many Weiszfeld iterations.", positive=True),
+    Key("gm-eps", 1e-8, "Geometric median: floor on distances (a message equal to the iterate).", positive=True),
+    Key("krum-m", 0, "Multi-Krum: how many best-scored messages to average; 0 = n - f.", minimum=0),
+    Key(
+        "median-variant",
+        "standard",
+        "standard: mean of the two middle values for even n; lower: the notebook's.",
+        choices=("standard", "lower"),
+    ),
+    Key("cc-tau", 10.0, "Centred clipping: clipping radius tau.", positive=True),
+    Key("cc-iters", 3, "Centred clipping: clipping iterations per aggregation.", positive=True),
+    Key(
+        "cc-init",
+        "previous",
+        "Centred clipping: start point (previous aggregate, median, mean, zero).",
+        choices=("previous", "median", "mean", "zero"),
+    ),
     # -- model and data ----------------------------------------------------------------------
     Key("model", "mlp", "mlp: the paper's 784-50-10 tanh network; cnn: a small conv net.", choices=("mlp", "cnn")),
     Key("dataset", "mnist", "Data set.", choices=("mnist", "fashion-mnist")),
@@ -173,6 +209,12 @@ class RunConfig(Mapping[str, Any]):
     def num_workers(self) -> int:
         return int(self["num-honest"]) + self.num_byzantine
 
+    @property
+    def aggregator_f(self) -> int:
+        """f for the rule: aggregator-f, or the run's Byzantine workers when it is -1."""
+        f = int(self["aggregator-f"])
+        return self.num_byzantine if f < 0 else f
+
     def resolved(self) -> dict[str, Any]:
         """Every key with the optimizer-dependent defaults filled in (what the run used)."""
         out = self.to_dict()
@@ -198,10 +240,44 @@ def _workers(cfg: RunConfig) -> list[str]:
 
 
 @cross_check
+def _rule_fits(cfg: RunConfig) -> list[str]:
+    from strategies.aggregators import AggregationError
+
+    try:
+        rule = rule_of(cfg)
+    except (ValueError, AggregationError) as exc:
+        return [str(exc)]
+    n = cfg.num_workers
+    if n < rule.min_messages():
+        return [
+            f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
+            f"messages, but the run has {n} workers; lower aggregator-f or add workers"
+        ]
+    return []
+
+
+@cross_check
 def _classes(cfg: RunConfig) -> list[str]:
     if cfg["partitioner"] == "pathological" and cfg["pathological-classes"] > 10:
         return [f"pathological-classes={cfg['pathological-classes']} must be <= 10 (the data has 10 classes)"]
     return []
+
+
+def rule_of(cfg: RunConfig):
+    """The aggregation rule the config describes (a fresh object: rules may keep state)."""
+    from strategies.aggregators import make_rule
+
+    name = cfg["aggregator"]
+    params: dict[str, Any] = {}
+    if name == "gm":
+        params = {"tol": float(cfg["gm-tol"]), "max_iter": int(cfg["gm-max-iter"]), "eps": float(cfg["gm-eps"])}
+    elif name == "multi-krum":
+        params = {"m": int(cfg["krum-m"]) or None}
+    elif name == "median":
+        params = {"variant": cfg["median-variant"]}
+    elif name == "centered-clipping":
+        params = {"tau": float(cfg["cc-tau"]), "iterations": int(cfg["cc-iters"]), "init": cfg["cc-init"]}
+    return make_rule(name, f=cfg.aggregator_f, pre=cfg["pre-aggregator"], **params)
 
 
 def resolve(run_config: Mapping[str, Any]) -> RunConfig:
@@ -230,3 +306,37 @@ def markdown_table() -> str:
         extra = f" One of: {', '.join(k.choices)}." if len(k.choices) > 1 and k.name not in ("device",) else ""
         rows.append(f"| `{k.name}` | `{default}` | {k.help}{extra} |")
     return "\n".join(rows)
+
+
+def toml_table() -> str:
+    """The ``[tool.flwr.app.config]`` table of pyproject.toml."""
+    lines = ["[tool.flwr.app.config]"]
+    for k in KEYS.values():
+        v = k.default
+        value = f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+        lines.append(f"{k.name} = {value}")
+    return "\n".join(lines)
+
+
+README_START, README_END = "<!-- keys:start (byzflower config --sync) -->", "<!-- keys:end -->"
+
+
+def sync_files(root: Path) -> list[str]:
+    """Rewrite pyproject.toml's config table and the README's key table from ``KEYS``."""
+    changed = []
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    start = text.index("[tool.flwr.app.config]")
+    end = text.find("\n[", start + 1)
+    new = text[:start] + toml_table() + "\n" + (text[end:] if end != -1 else "")
+    if new != text:
+        pyproject.write_text(new)
+        changed.append(str(pyproject))
+    readme = root / "README.md"
+    text = readme.read_text()
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    new = text[:a] + "\n" + markdown_table() + "\n" + text[b:]
+    if new != text:
+        readme.write_text(new)
+        changed.append(str(readme))
+    return changed

@@ -11,12 +11,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from byzflower.config import ConfigError, RunConfig, resolve
+from byzflower.config import ConfigError, RunConfig, resolve, rule_of
 from byzflower.data import DataError
 from byzflower.experiment import Evaluator, Recorder
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, partitions_of
 from byzflower.harness import Harness, HarnessError, _poll
-from strategies.aggregators import make_rule
 from strategies.strategy import RobustSGD
 
 app = ServerApp()
@@ -49,10 +48,6 @@ def check_against_data(cfg: RunConfig) -> None:
         )
 
 
-def build_rule(cfg: RunConfig):
-    return make_rule(cfg["aggregator"])
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -72,19 +67,27 @@ def main(grid: Grid, context: Context) -> None:
         _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
 
     harness = Harness(grid, layout, int(cfg["seed"]))
-    strategy = RobustSGD(build_rule(cfg), lr=cfg.lr, device=device)
+    strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
     rounds = int(cfg["num-server-rounds"])
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
             metrics = dict(strategy.last_metrics or {})
             rec = harness.last_round
+            info = {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")}
+            if rec is not None and "selected" in info:
+                # the rule picked a row of the valid messages: name the worker behind it
+                position = strategy.last_valid[int(info["selected"])]
+                if position < len(rec.order):
+                    worker = rec.order[position]
+                    info["selected_worker"] = worker
+                    info["selected_byzantine"] = int(worker in rec.byzantine_ids)
             recorder.observe(
                 server_round,
                 None if rec is None else rec.honest,
                 strategy.last_aggregate,
                 {k: v for k, v in metrics.items() if k.startswith(("dropped-", "failed"))},
-                {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")},
+                info,
             )
         if not recorder.due(server_round):
             return None

@@ -55,6 +55,7 @@ class RobustSGD(Strategy):
         self._point: torch.Tensor | None = None
         self.last_metrics: MetricRecord | None = None
         self.last_aggregate: torch.Tensor | None = None
+        self.last_valid: list[int] = []  # positions, among the last round's replies, of the aggregated ones
 
     # -- model <-> flat vector ---------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
@@ -116,11 +117,13 @@ class RobustSGD(Strategy):
         buffer = np.empty((len(replies), self._dim), dtype=np.float32)
         n = 0
         counts = dict.fromkeys(DROP_REASONS, 0)
-        for reply in replies:
+        self.last_valid = []
+        for position, reply in enumerate(replies):
             flat, reason = self.gradient_of(reply, buffer[n])
             if flat is None:
                 counts[reason] += 1
             else:
+                self.last_valid.append(position)
                 n += 1
         metrics = {"received": len(replies), "aggregated": n}
         metrics.update({f"dropped-{k}": v for k, v in counts.items()})

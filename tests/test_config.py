@@ -77,3 +77,32 @@ def test_types_are_checked():
 def test_every_problem_is_reported_at_once():
     text = _problems({"optimizer": "adam", "lr": -1, "bogus": 1})
     assert "optimizer='adam'" in text and "lr=-1" in text and "unknown key 'bogus'" in text
+
+
+def test_rules_are_built_from_their_keys():
+    from byzflower.config import rule_of
+    from strategies.aggregators import NNM, CenteredClipping, GeometricMedian, Median, MultiKrum
+
+    gm = rule_of(resolve({"aggregator": "gm", "gm-tol": 1e-6, "gm-max-iter": 10, "gm-eps": 1e-9}))
+    assert isinstance(gm, GeometricMedian) and (gm.tol, gm.max_iter, gm.eps) == (1e-6, 10, 1e-9)
+    mk = rule_of(resolve({"aggregator": "multi-krum", "krum-m": 7, "aggregator-f": 3}))
+    assert isinstance(mk, MultiKrum) and mk.m == 7 and mk.f == 3
+    assert rule_of(resolve({"aggregator": "median", "median-variant": "lower"})).variant == "lower"
+    cc = rule_of(resolve({"aggregator": "centered-clipping", "cc-tau": 2.5, "cc-iters": 4, "cc-init": "mean"}))
+    assert isinstance(cc, CenteredClipping) and (cc.tau, cc.iterations, cc.init) == (2.5, 4, "mean")
+    nnm = rule_of(resolve({"aggregator": "gm", "pre-aggregator": "nnm", "aggregator-f": 5}))
+    assert isinstance(nnm, NNM) and nnm.f == 5 and isinstance(nnm.rule, GeometricMedian)
+    assert isinstance(rule_of(resolve({"aggregator": "median"})), Median)
+
+
+def test_aggregator_f_defaults_to_the_runs_byzantine_workers():
+    assert resolve({"attack": "none", "num-byzantine": 20}).aggregator_f == 0
+    assert resolve({"aggregator-f": 4}).aggregator_f == 4
+
+
+def test_rules_that_cannot_run_with_the_worker_count_are_rejected_up_front():
+    text = _problems({"aggregator": "krum", "num-honest": 6, "aggregator-f": 2})
+    assert "aggregator='krum' needs n > 2f + 2 with f = 2" in text and "the run has 6 workers" in text
+    text = _problems({"aggregator": "bulyan", "num-honest": 50, "aggregator-f": 20})
+    assert "n >= 4f + 3 with f = 20" in text and "at least 83 messages" in text
+    assert "aggregator-f=-2 must be >= -1" in _problems({"aggregator-f": -2})
