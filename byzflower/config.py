@@ -44,7 +44,6 @@ OPTIMIZER_DEFAULTS = {
 AGGREGATORS = ("mean", "gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
 ATTACKS = ("none",)
 PLANNED_ATTACKS = ("gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
-PLANNED_OPTIMIZERS = ("saga", "svrg", "sarah")
 
 _KEYS = [
     # -- the experiment --------------------------------------------------------------------
@@ -60,21 +59,25 @@ _KEYS = [
     ),
     Key("attack", "none", "What Byzantine workers send.", choices=ATTACKS, planned=PLANNED_ATTACKS),
     # -- honest workers ----------------------------------------------------------------------
-    Key(
-        "optimizer",
-        "sgd",
-        "Honest gradient estimator.",
-        choices=tuple(o for o in OPTIMIZERS if o not in PLANNED_OPTIMIZERS),
-        planned=PLANNED_OPTIMIZERS,
-    ),
+    Key("optimizer", "sgd", "Honest gradient estimator (see the table of estimators).", choices=OPTIMIZERS),
     Key(
         "batch-size",
         0,
-        "Samples per worker per iteration; 0 = the optimizer's default (sgd 5, batch-sgd 50).",
+        "Samples per worker per iteration; 0 = the optimizer's default (sgd 5, batch-sgd 50, saga/svrg/sarah 1).",
         minimum=0,
     ),
-    Key("lr", 0.0, "Step size gamma; 0 = the optimizer's default (sgd 0.1, batch-sgd 0.5).", minimum=0),
+    Key("lr", 0.0, "Step size gamma; 0 = the optimizer's default (batch-sgd 0.5, the others 0.1).", minimum=0),
     Key("weight-decay", 0.0, "lambda: adds lambda * x to every honest gradient.", minimum=0),
+    Key("snapshot-interval", 100, "SVRG: iterations between snapshots (full local gradients).", positive=True),
+    Key(
+        "sarah-interval", 100, "SARAH: T; the next restart comes 1..T-1 iterations later (or exactly T).", positive=True
+    ),
+    Key(
+        "sarah-restart",
+        "random",
+        "SARAH: random (the paper's rule, seeded) or fixed (every sarah-interval).",
+        choices=("random", "fixed"),
+    ),
     # -- server ------------------------------------------------------------------------------
     Key("aggregator", "mean", "Aggregation rule (see the table of rules).", choices=AGGREGATORS),
     Key(
@@ -252,6 +255,15 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
         return [
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
+        ]
+    return []
+
+
+@cross_check
+def _sarah(cfg: RunConfig) -> list[str]:
+    if cfg["optimizer"] == "sarah" and cfg["sarah-restart"] == "random" and cfg["sarah-interval"] < 2:
+        return [
+            f"sarah-interval={cfg['sarah-interval']} must be >= 2 with sarah-restart='random' (restarts 1..T-1 ahead)"
         ]
     return []
 

@@ -33,7 +33,7 @@ def run_name(config: dict[str, Any]) -> str:
 
 
 class RunDirectory:
-    """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``*.png``."""
+    """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.pt``, ``*.png``."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -75,6 +75,14 @@ class RunDirectory:
     def summary(self) -> dict[str, Any] | None:
         path = self.path / "summary.json"
         return json.loads(path.read_text()) if path.exists() else None
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        """The model's parameters (a torch state dict) as model.pt."""
+        import torch
+
+        tmp = self.path / ".model.pt.tmp"
+        torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, tmp)
+        tmp.replace(self.path / "model.pt")
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)

@@ -95,6 +95,8 @@ def main(grid: Grid, context: Context) -> None:
             {k: torch.from_numpy(a) for k, a in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
         )
         record = recorder.evaluate(server_round, x)
+        if server_round == rounds:
+            recorder.run.save_model(grads.unflatten(x))
         return MetricRecord(
             {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         )

@@ -16,7 +16,7 @@ import torch
 
 from clients.gradients import ModelGradients, SampleGrads
 from clients.rng import derive_seed, uniform_ints
-from clients.workers import SAMPLE_BLOCK, WorkerData, chunks
+from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks
 
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -55,10 +55,7 @@ class Estimator:
         self.weight_decay = float(weight_decay)
         self.seed = int(seed)
         self._allocate = allocate or memory_allocator(data.device)
-        self._chunks = list(chunks(data.worker_ids.cpu()))
-        self._chunks = [
-            type(c)(c.rows.to(data.device), c.valid.to(data.device), c.targets.to(data.device)) for c in self._chunks
-        ]
+        self._chunks = [c.to(data.device) for c in chunks(data.worker_ids.cpu())]
         self._sample_seed = derive_seed(self.seed, "sample")
         self.state: dict[str, torch.Tensor] = {}
         self._add_state("step", (1,), torch.int64)
@@ -99,35 +96,55 @@ class Estimator:
         flat = rows.reshape(-1)
         return self.grads.sample_grads(x, self.data.inputs[flat], self.data.targets[flat])
 
+    def _write(self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor) -> torch.Tensor | None:
+        """Combine a chunk's per-sample gradients into its workers' rows of ``out`` (k, d).
+
+        Returns the chunk's (CHUNK, d) result when it had to be materialised (padded chunks).
+        """
+        if ch.span is not None:
+            self.grads.combine(grads, weights, out=out[ch.span[0] : ch.span[1]])
+            return None
+        block = self.grads.combine(grads, weights)
+        out[ch.targets] = block[ch.valid]
+        return block
+
     def _difference(self, x_new: torch.Tensor, x_old: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(k, d): per worker, mean over its sampled rows of grad f(x_new) - grad f(x_old)."""
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x_new.device)
-        w = torch.full((1, self.batch_size), 1.0 / self.batch_size, device=x_new.device)
+        w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x_new.device)
+        weights = torch.cat([w, -w], dim=1)
         for ch in self._chunks:
             r = rows[ch.rows]
-            both = _concat(self._chunk_grads(x_new, r), self._chunk_grads(x_old, r), len(ch.rows))
-            weights = torch.cat([w, -w], dim=1).expand(len(ch.rows), -1)
-            out[ch.targets] = self.grads.combine(both, weights)[ch.valid]
+            self._write(out, ch, _concat(self._chunk_grads(x_new, r), self._chunk_grads(x_old, r), CHUNK), weights)
         return out
 
     def _mean_grads(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(k, d): per worker, the mean gradient over its sampled rows."""
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
-        w = torch.full((len(self._chunks[0].rows), self.batch_size), 1.0 / self.batch_size, device=x.device)
+        w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x.device)
         for ch in self._chunks:
-            out[ch.targets] = self.grads.combine(self._chunk_grads(x, rows[ch.rows]), w)[ch.valid]
+            self._write(out, ch, self._chunk_grads(x, rows[ch.rows]), w)
         return out
 
-    def full_gradients(self, x: torch.Tensor) -> torch.Tensor:
-        """(k, d): each worker's full local gradient (mean over all its samples) at x."""
+    def full_gradients(
+        self, x: torch.Tensor, store: Callable[[torch.Tensor, SampleGrads], None] | None = None
+    ) -> torch.Tensor:
+        """(k, d): each worker's full local gradient (mean over all its samples) at x.
+
+        Computed per worker in blocks of SAMPLE_BLOCK samples (``store`` sees each block's
+        per-sample gradients), so a worker's result never depends on its group or on threads.
+        """
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         for i in range(self.num_workers):
-            inputs, targets = self.data.worker(i)
-            n = inputs.shape[0]
+            start, end = int(self.data.offsets[i]), int(self.data.offsets[i + 1])
             acc = torch.zeros(self.grads.dim, dtype=self.grads.dtype, device=x.device)
-            for s in range(0, n, SAMPLE_BLOCK):
-                e = min(s + SAMPLE_BLOCK, n)
-                acc += self.grads.mean_grad(x, inputs[s:e], targets[s:e]) * ((e - s) / n)
+            for s in range(start, end, SAMPLE_BLOCK):
+                rows = torch.arange(s, min(s + SAMPLE_BLOCK, end), device=x.device)
+                sg = self._chunk_grads(x, rows)
+                if store is not None:
+                    store(rows, sg)
+                weights = torch.full((rows.numel(),), 1.0 / (end - start), dtype=self.grads.dtype, device=x.device)
+                acc += self.grads.weighted_sum(sg, weights)
             out[i] = acc
         return out
 
@@ -198,49 +215,43 @@ class SAGA(Estimator):
             self.state["table.dense"][srows] = grads.dense.to(srows.device)
 
     def _fill_table(self, x: torch.Tensor) -> None:
-        gbar = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
-        for i in range(self.num_workers):
-            start, end = int(self.data.offsets[i]), int(self.data.offsets[i + 1])
-            acc = torch.zeros(1, self.grads.dim, dtype=self.grads.dtype, device=x.device)
-            for s in range(start, end, SAMPLE_BLOCK):
-                rows = torch.arange(s, min(s + SAMPLE_BLOCK, end), device=x.device)
-                sg = self._chunk_grads(x, rows)
-                self._store_rows(rows, sg)
-                acc += self.grads.combine(sg, torch.full((1, rows.numel()), 1.0 / (end - start), device=x.device))
-            gbar[i] = acc[0]
-        self.state["gbar"].copy_(gbar)
+        self.state["gbar"].copy_(self.full_gradients(x, store=self._store_rows))
 
     def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
         if self.last_iteration == 0:
             self._fill_table(x)
         rows = self.sample_rows(iteration)
-        gbar = self.state["gbar"].to(x.device)
-        out = torch.empty_like(gbar)
         b = self.batch_size
         sizes = self.data.sizes.to(x.device, self.grads.dtype)
+        w = torch.full((CHUNK, b), 1.0 / b, dtype=self.grads.dtype, device=x.device)
+        weights = torch.cat([w, -w], dim=1)
+        delta = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
+        exact: dict[int, torch.Tensor] = {}
         for ch in self._chunks:
             r = rows[ch.rows]
-            c = len(ch.rows)
-            new, old = self._chunk_grads(x, r), self._table_rows(r.reshape(-1))
-            w = torch.full((c, b), 1.0 / b, device=x.device)
-            delta = self.grads.combine(_concat(new, old, c), torch.cat([w, -w], dim=1))
-            g = gbar[ch.rows]
-            out[ch.targets] = (delta + g)[ch.valid]
-            # gbar += (1/J) sum over distinct sampled j of (new_j - old_j): that is (b/J) * delta
-            # unless a worker drew a sample twice; such rows take the exact sum (decided per
-            # row, so a worker's numbers never depend on its chunk neighbours).
-            first = _first_occurrence(r)
-            repeated = ~first.all(dim=1)
-            update = delta * (b / sizes[ch.rows])[:, None]
-            if bool(repeated.any()):
+            new = self._chunk_grads(x, r)
+            both = _concat(new, self._table_rows(r.reshape(-1)), CHUNK)
+            self._write(delta, ch, both, weights)  # (1/b) sum_j (new_j - old_j)
+            # gbar += (1/J) sum over the distinct sampled j of (new_j - old_j), which is
+            # (b/J) * delta unless a worker drew a sample twice: such workers get the exact sum.
+            first = _first_occurrence(r) if b > 1 else None
+            repeated = ~first.all(dim=1) & ch.valid if first is not None else None
+            if repeated is not None and bool(repeated.any()):
                 u = first.to(self.grads.dtype) / sizes[ch.rows][:, None]
-                exact = self.grads.combine(_concat(new, old, c), torch.cat([u, -u], dim=1))
-                update = torch.where(repeated[:, None], exact, update)
-            g += update
-            gbar[ch.targets] = g[ch.valid]
-            valid_rows = r[ch.valid].reshape(-1)
-            self._store_rows(valid_rows, new.select(_valid_sample_index(ch.valid, b)))
-        self.state["gbar"].copy_(gbar)
+                update = self.grads.combine(both, torch.cat([u, -u], dim=1))
+                for slot in repeated.nonzero().reshape(-1).tolist():
+                    exact[int(ch.rows[slot])] = update[slot]
+            self._store_rows(r[ch.valid].reshape(-1), new.select(_valid_sample_index(ch.valid, b)))
+        gbar = self.state["gbar"].to(x.device)
+        fixed = list(exact)
+        before = gbar[fixed].clone() if fixed else None
+        out = delta.add_(gbar)  # the messages' data term, in delta's memory
+        # gbar + (b/J) * delta  ==  gbar + (b/J) * (out - gbar): one fused pass
+        gbar.lerp_(out, (b / sizes)[:, None])
+        if fixed:
+            gbar[fixed] = before + torch.stack([exact[i] for i in fixed])
+        if gbar.data_ptr() != self.state["gbar"].data_ptr():
+            self.state["gbar"].copy_(gbar)
         return self._finish(out, x, iteration)
 
 

@@ -8,6 +8,7 @@ fraction of the dense size. Parameters of other layers get dense per-sample rows
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 LossFn = Callable[..., torch.Tensor]
+_BLOCK = 32  # samples per partial sum in ``weighted_sum``
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -166,6 +168,14 @@ class ModelGradients:
             inputs: (n, *input_shape) samples.
             targets: (n,) targets.
         """
+        if self.dense_dim:
+            # Convolution kernels and the like split their sums differently with the thread
+            # count; one thread keeps every worker's numbers independent of its host.
+            with _one_thread():
+                return self._sample_grads(x, inputs, targets)
+        return self._sample_grads(x, inputs, targets)
+
+    def _sample_grads(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> SampleGrads:
         leaf = x.detach().requires_grad_(self.dense_dim < self.dim)
         params = self.unflatten(leaf)
         self._records = {}
@@ -223,6 +233,23 @@ class ModelGradients:
             out[:, self.dense_index] = (grads.dense.reshape(c, b, -1) * w).sum(dim=1)
         return out
 
+    def weighted_sum(self, grads: SampleGrads, weights: torch.Tensor) -> torch.Tensor:
+        """(d,) sum_s weights[s] * gradient of sample s, for many samples.
+
+        Summed as partial sums over blocks of ``_BLOCK`` samples, then the partials in order: a
+        single large matrix product would let the BLAS split the sum over samples across threads,
+        and the result would change with the thread count (a Ray actor gets 1 or 2 CPUs).
+        """
+        n = int(weights.numel())
+        blocks = -(-n // _BLOCK)
+        pad = blocks * _BLOCK - n
+        w = weights.reshape(-1)
+        if pad:
+            index = torch.cat([torch.arange(n, device=w.device), torch.zeros(pad, dtype=torch.long, device=w.device)])
+            grads = grads.select(index)
+            w = torch.cat([w, torch.zeros(pad, dtype=w.dtype, device=w.device)])
+        return self.combine(grads, w.reshape(blocks, _BLOCK)).sum(dim=0)
+
     def mean_grad(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(d,) gradient of the mean loss over the n samples, by plain autograd."""
         leaf = x.detach().requires_grad_(True)
@@ -245,6 +272,16 @@ class ModelGradients:
             correct += int((out.argmax(dim=1) == y).sum())
         n = max(int(inputs.shape[0]), 1)
         return total_loss / n, correct / n
+
+
+@contextlib.contextmanager
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

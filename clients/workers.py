@@ -10,7 +10,7 @@ import torch
 # Workers are processed in blocks of CHUNK consecutive worker ids (padded at the edges), so a
 # worker's gradient is always computed by the same kernels at the same position, whichever
 # group, node or engine holds it: numbers are then bit-identical across groupings.
-CHUNK = 10
+CHUNK = 25
 # Full local gradients run over a worker's samples in blocks of this many (the same reason).
 SAMPLE_BLOCK = 512
 
@@ -94,6 +94,10 @@ class Chunk:
     rows: torch.Tensor
     valid: torch.Tensor
     targets: torch.Tensor
+    span: tuple[int, int] | None = None  # (start, stop) when the slots are exactly rows start..stop-1
+
+    def to(self, device: torch.device | str) -> Chunk:
+        return Chunk(self.rows.to(device), self.valid.to(device), self.targets.to(device), self.span)
 
 
 def chunks(worker_ids: torch.Tensor) -> Iterator[Chunk]:
@@ -106,8 +110,10 @@ def chunks(worker_ids: torch.Tensor) -> Iterator[Chunk]:
         slots = range(block * CHUNK, (block + 1) * CHUNK)
         present = [row_of[w] for w in slots if w in row_of]
         rows = [row_of.get(w, present[0]) for w in slots]
+        full = len(present) == CHUNK and present == list(range(present[0], present[0] + CHUNK))
         yield Chunk(
             torch.tensor(rows, dtype=torch.int64),
             torch.tensor([w in row_of for w in slots]),
             torch.tensor(present, dtype=torch.int64),
+            (present[0], present[0] + CHUNK) if full else None,
         )

@@ -62,14 +62,20 @@ def test_sgd_message_is_the_mean_gradient_of_the_sampled_batch_plus_weight_decay
     assert bool(((rows >= est.data.offsets[:-1, None]) & (rows < est.data.offsets[1:, None])).all())
 
 
-def test_messages_do_not_depend_on_how_workers_are_grouped(setting):
+@pytest.mark.parametrize("name", ["sgd", "saga", "svrg", "sarah"])
+def test_messages_do_not_depend_on_how_workers_are_grouped(setting, name):
     """K = 1, K = 2 and one group of all workers give bit-identical messages."""
+    from clients.estimators import ESTIMATORS
+
     G, parts = setting
+    kwargs = {"snapshot_interval": 2} if name == "svrg" else {"restart_interval": 3} if name == "sarah" else {}
+
+    def make(ids):
+        return ESTIMATORS[name](G, _group(G, parts, list(ids)), batch_size=3, seed=4, **kwargs)
+
     x = G.initial_point()
-    full = SGD(G, _group(G, parts, list(range(23))), batch_size=3, seed=4)
-    halves = [SGD(G, _group(G, parts, ids), batch_size=3, seed=4) for ids in (range(0, 11), range(11, 23))]
-    singles = [SGD(G, _group(G, parts, [i]), batch_size=3, seed=4) for i in range(23)]
-    for t in (1, 2, 3):
+    full, halves, singles = make(range(23)), [make(range(0, 11)), make(range(11, 23))], [make([i]) for i in range(23)]
+    for t in (1, 2, 3, 4):
         m = full.step(x, t)
         assert torch.equal(m, torch.cat([h.step(x, t) for h in halves]))
         assert torch.equal(m, torch.cat([s.step(x, t) for s in singles]))
@@ -77,10 +83,13 @@ def test_messages_do_not_depend_on_how_workers_are_grouped(setting):
 
 
 def test_chunks_are_aligned_on_worker_ids():
-    got = list(chunks(torch.tensor([8, 9, 10, 11, 25])))
+    ids = [CHUNK - 2, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK]
+    got = list(chunks(torch.tensor(ids)))
     assert [c.valid.sum().item() for c in got] == [2, 2, 1]
-    assert got[0].rows.tolist()[8:] == [0, 1] and got[0].targets.tolist() == [0, 1]
-    assert all(len(c.rows) == CHUNK for c in got)
+    assert got[0].rows.tolist()[CHUNK - 2 :] == [0, 1] and got[0].targets.tolist() == [0, 1]
+    assert all(len(c.rows) == CHUNK for c in got) and all(c.span is None for c in got)
+    (full,) = chunks(torch.arange(CHUNK, 2 * CHUNK))
+    assert full.span == (0, CHUNK) and bool(full.valid.all())
 
 
 def test_bad_estimator_arguments(setting):
@@ -89,3 +98,29 @@ def test_bad_estimator_arguments(setting):
         SGD(G, _group(G, parts, [0]), batch_size=0)
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         SGD(G, _group(G, parts, [0]), batch_size=1, weight_decay=-1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "saga", "svrg", "sarah"])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_messages_do_not_depend_on_the_thread_count(name, model):
+    """A Ray actor may get 1 or 2 CPUs: the numbers must not change with torch's thread count."""
+    from clients.estimators import ESTIMATORS
+
+    gen = torch.Generator().manual_seed(1)
+    G = ModelGradients(build_model(model, 1), (1, 28, 28))
+    parts = [(torch.randn(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in (600, 40)]
+    kwargs = {"snapshot_interval": 2} if name == "svrg" else {"restart_interval": 3} if name == "sarah" else {}
+    runs = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            est = ESTIMATORS[name](G, _group(G, parts, [0, 1]), batch_size=3, seed=6, **kwargs)
+            x, msgs = G.initial_point(), []
+            for t in range(1, 5):
+                msgs.append(est.step(x, t))
+                x = x - 0.1 * msgs[-1].mean(0)
+            runs.append(torch.stack(msgs))
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(runs[0], runs[1])

@@ -83,3 +83,36 @@ def test_superlink_and_its_children_are_stopped():
     pids = [link.process.pid, *descendants(link.process.pid)]
     link.stop()
     assert pids and not any(_alive(p) for p in pids)
+
+
+def test_one_saga_worker_through_flower_matches_a_centralised_loop(superlink, tmp_path):
+    import torch
+
+    from byzflower.config import resolve
+    from byzflower.data import load_dataset
+    from byzflower.factory import gradients_of, worker_data
+    from clients.estimators import SAGA
+
+    overrides = {"num-honest": 1, "optimizer": "saga", "num-server-rounds": 12, "eval-every": 6, "seed": 3}
+    outcome, run_dir = _run(superlink, tmp_path, "saga-one", 1, **overrides)
+    assert outcome.ok, outcome.output[-3000:]
+    cfg = resolve({k: v for k, v in {**BASE, **overrides}.items()})
+    data = load_dataset("mnist", os.environ.get("BYZFLOWER_DATA_DIR", ""))
+    grads = gradients_of(cfg, data, torch.device("cpu"))
+    est = SAGA(grads, worker_data(cfg, data, [0], torch.device("cpu")), batch_size=1, seed=3)
+    x = grads.initial_point()
+    for t in range(1, 13):
+        x = x - 0.1 * est.step(x, t)[0]
+    flower = torch.load(run_dir / "model.pt")
+    assert torch.allclose(grads.flatten(flower), x, atol=1e-6)
+
+
+def test_worker_state_survives_any_actor_serving_a_node(superlink, tmp_path):
+    """Two Ray actors (1 CPU per ClientApp) serve 4 SuperNodes in whatever order; SAGA's tables
+    live in memory-mapped files, so the numbers equal those of a single actor."""
+    overrides = {"optimizer": "saga", "num-honest": 8, "num-server-rounds": 12, "eval-every": 6}
+    one, one_dir = _run(superlink, tmp_path, "saga-1actor", 4, **overrides)
+    config = {**BASE, **overrides, "results-dir": str(tmp_path), "run-name": "saga-2actors"}
+    two = superlink.run(APP, config, {"num-supernodes": 4, "client-resources-num-cpus": 1}, timeout=400)
+    assert one.ok and two.ok, (one.output[-2000:], two.output[-2000:])
+    assert _metrics(tmp_path / "saga-2actors") == _metrics(one_dir)
