@@ -2,7 +2,10 @@
 
 Message types:
 - ``query.discover``: reply with the node's partition and hosted workers.
-- ``train`` with ``config["phase"] == "honest"``: the honest workers' messages at the model.
+- ``train`` with ``config["phase"] == "honest"``: the honest workers' messages at the model (and the
+  Byzantine workers' too when their attack needs no knowledge of the honest messages).
+- ``train`` with ``config["phase"] == "byzantine"``: the omniscient attack's messages, crafted from the
+  honest messages' statistics in ``content["stats"]`` (mean, std) and ``config["honest-count"]``.
 - ``query.cleanup``: delete this run's worker state from the node's disk.
 Replies with worker messages carry ``content["rows"]`` (ArrayRecord, one (k, d) array) and
 ``content["workers"]["ids"]``; the ServerApp's harness turns them into one reply per worker.
@@ -18,6 +21,7 @@ from flwr.clientapp import ClientApp
 from byzflower.config import resolve
 from byzflower.node import NodeWorkers
 from byzflower.node_state import remove_run_state
+from clients.attacks import HonestStats
 from strategies.npy import decode
 from strategies.strategy import _array
 
@@ -83,11 +87,23 @@ def train(msg: Message, context: Context) -> Message:
     node = node_for(context)
     config = msg.content["config"]
     phase = config.get("phase")
-    if phase != "honest":
-        raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")
-    x = _flat(msg.content["arrays"], node.grads.names)
-    rows = node.honest_messages(x, int(config["server-round"]))
-    return rows_reply(msg, node.honest, rows)
+    iteration = int(config["server-round"])
+    if phase == "honest":
+        x = _flat(msg.content["arrays"], node.grads.names)
+        workers, rows = list(node.honest), [node.honest_messages(x, iteration)]
+        if node.byzantine and not node.omniscient:  # attacks that need no knowledge go in the same round
+            workers += node.byzantine
+            rows.append(node.byzantine_messages(x, iteration, None))
+        return rows_reply(msg, workers, torch.cat(rows))
+    if phase == "byzantine":
+        stats_record = msg.content["stats"]
+        stats = HonestStats(
+            torch.from_numpy(decode(stats_record["mean"]).copy()),
+            torch.from_numpy(decode(stats_record["std"]).copy()),
+            int(config["honest-count"]),
+        )
+        return rows_reply(msg, node.byzantine, node.byzantine_messages(None, iteration, stats))
+    raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")
 
 
 @app.query("cleanup")

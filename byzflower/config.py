@@ -42,8 +42,7 @@ OPTIMIZER_DEFAULTS = {
     "sarah": {"lr": 0.1, "batch-size": 1},
 }
 AGGREGATORS = ("mean", "gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
-ATTACKS = ("none",)
-PLANNED_ATTACKS = ("gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
+ATTACKS = ("none", "gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
 
 _KEYS = [
     # -- the experiment --------------------------------------------------------------------
@@ -51,13 +50,18 @@ _KEYS = [
     Key("eval-every", 50, "Iterations between evaluations (the last iteration is always evaluated).", positive=True),
     Key("seed", 1, "Seed of everything: data split, sampling, model init, attacks.", minimum=0),
     Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0),
+    Key("num-byzantine", 20, "Byzantine workers B (the paper: 20); attack='none' leaves them out (W = H).", minimum=0),
+    Key("attack", "gaussian", "What Byzantine workers send (see the table of attacks).", choices=ATTACKS),
     Key(
-        "num-byzantine",
-        20,
-        "Byzantine workers B (the paper: 20). With attack='none' they are left out (W = H).",
+        "attack-std",
+        30.0,
+        "gaussian, noise: standard deviation of the added/sent noise (the notebook's 30).",
         minimum=0,
     ),
-    Key("attack", "none", "What Byzantine workers send.", choices=ATTACKS, planned=PLANNED_ATTACKS),
+    Key("attack-scale", -3.0, "sign-flip: the factor on the honest mean (the paper -3; the notebook's maxValue -10)."),
+    Key("alie-z", 0.0, "alie: z in mean - z * std; 0 = from n and f as in Baruch et al. 2019."),
+    Key("ipm-eps", 0.1, "ipm: epsilon in -epsilon * honest mean.", positive=True),
+    Key("byzantine-ids", "", "Which workers are Byzantine, e.g. '0,7,9'; '' = the last num-byzantine."),
     # -- honest workers ----------------------------------------------------------------------
     Key("optimizer", "sgd", "Honest gradient estimator (see the table of estimators).", choices=OPTIMIZERS),
     Key(
@@ -79,7 +83,7 @@ _KEYS = [
         choices=("random", "fixed"),
     ),
     # -- server ------------------------------------------------------------------------------
-    Key("aggregator", "mean", "Aggregation rule (see the table of rules).", choices=AGGREGATORS),
+    Key("aggregator", "gm", "Aggregation rule (see the table of rules).", choices=AGGREGATORS),
     Key(
         "pre-aggregator",
         "none",
@@ -238,7 +242,10 @@ def cross_check(fn: Check) -> Check:
 @cross_check
 def _workers(cfg: RunConfig) -> list[str]:
     if cfg["num-honest"] < 1:
-        return [f"num-honest={cfg['num-honest']} must be >= 1: honest workers are the ones that learn"]
+        return [
+            f"num-honest={cfg['num-honest']} must be >= 1: honest workers are the ones that learn "
+            "(and omniscient attacks need honest messages to see)"
+        ]
     return []
 
 
@@ -256,6 +263,48 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
         ]
+    return []
+
+
+def parse_ids(text: str) -> list[int]:
+    """'0, 7,9' -> [0, 7, 9] (ValueError on anything else)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return [int(p) for p in parts]
+
+
+@cross_check
+def _byzantine_ids(cfg: RunConfig) -> list[str]:
+    text = cfg["byzantine-ids"].strip()
+    if not text or cfg["attack"] == "none":
+        return []
+    try:
+        ids = parse_ids(text)
+    except ValueError:
+        return [f"byzantine-ids={text!r} must be comma-separated worker ids, e.g. '0,7,9'"]
+    problems = []
+    w = cfg.num_workers
+    if len(ids) != cfg.num_byzantine:
+        problems.append(f"byzantine-ids={text!r} lists {len(ids)} workers but num-byzantine={cfg.num_byzantine}")
+    bad = sorted({i for i in ids if not 0 <= i < w})
+    if bad:
+        problems.append(f"byzantine-ids={text!r}: {bad} outside the workers 0..{w - 1}")
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        problems.append(f"byzantine-ids={text!r} repeats {repeated}")
+    return problems
+
+
+@cross_check
+def _attack(cfg: RunConfig) -> list[str]:
+    if cfg["attack"] != "none" and cfg["num-byzantine"] == 0:
+        return [f"attack={cfg['attack']!r} needs num-byzantine >= 1 (or attack='none')"]
+    if cfg["attack"] == "alie" and cfg["alie-z"] == 0:
+        from clients.attacks import alie_z
+
+        try:
+            alie_z(cfg.num_workers, cfg.num_byzantine)
+        except ValueError as exc:
+            return [str(exc)]
     return []
 
 
@@ -290,6 +339,35 @@ def rule_of(cfg: RunConfig):
     elif name == "centered-clipping":
         params = {"tau": float(cfg["cc-tau"]), "iterations": int(cfg["cc-iters"]), "init": cfg["cc-init"]}
     return make_rule(name, f=cfg.aggregator_f, pre=cfg["pre-aggregator"], **params)
+
+
+def attack_of(cfg: RunConfig):
+    """The attack object the config describes (None for attack='none')."""
+    from clients.attacks import ALIE, IPM, Gaussian, LabelFlip, Noise, SignFlip, ZeroGradient, alie_z
+
+    name, seed = cfg["attack"], int(cfg["seed"])
+    if name == "none":
+        return None
+    if name == "gaussian":
+        return Gaussian(float(cfg["attack-std"]), seed)
+    if name == "noise":
+        return Noise(float(cfg["attack-std"]), seed)
+    if name == "sign-flip":
+        return SignFlip(float(cfg["attack-scale"]))
+    if name == "zero-gradient":
+        return ZeroGradient(cfg.num_byzantine)
+    if name == "alie":
+        z = float(cfg["alie-z"]) or alie_z(cfg.num_workers, cfg.num_byzantine)
+        return ALIE(z)
+    if name == "ipm":
+        return IPM(float(cfg["ipm-eps"]))
+    return LabelFlip()
+
+
+def warnings_of(cfg: RunConfig) -> list[str]:
+    """Settings that run but that the rule cannot tolerate in theory (breakdown studies)."""
+    problem = rule_of(cfg).tolerance_problem(cfg.num_workers, cfg.num_byzantine)
+    return [problem] if problem else []
 
 
 def resolve(run_config: Mapping[str, Any]) -> RunConfig:

@@ -71,6 +71,7 @@ class Recorder:
         self._reset_interval()
         self.last_record: dict[str, Any] | None = None
         self.byzantine_ids: list[int] = []
+        self.warnings: list[str] = []
 
     def _reset_interval(self) -> None:
         self._variances: list[float] = []
@@ -127,6 +128,8 @@ class Recorder:
             **{k: v for k, v in self._latest.items() if k.startswith("rule_")},
             **{k.replace("-", "_"): v for k, v in self._counts.items()},
         }
+        if iteration == 0 and self.warnings:
+            record["warnings"] = list(self.warnings)
         self.run.append(record)
         self.last_record = record
         self.log(_line(record, int(self.cfg["num-server-rounds"])))
@@ -147,6 +150,7 @@ class Recorder:
             "evaluation_s": round(self._eval_seconds, 3),
             "final": final,
             "best_test_accuracy": best,
+            "warnings": list(self.warnings),
             "config": self.cfg.resolved(),
         }
         self.run.finish(summary)

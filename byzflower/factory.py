@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from byzflower.config import RunConfig
+from byzflower.config import RunConfig, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import build_model
@@ -23,6 +23,8 @@ def device_of(cfg: RunConfig) -> torch.device:
 
 
 def layout_of(cfg: RunConfig) -> Layout:
+    if cfg.num_byzantine and cfg["byzantine-ids"].strip():
+        return Layout(int(cfg["num-honest"]), tuple(sorted(parse_ids(cfg["byzantine-ids"]))))
     return Layout.last(int(cfg["num-honest"]), cfg.num_byzantine)
 
 
@@ -56,6 +58,21 @@ def worker_data(cfg: RunConfig, data: ImageData, workers: list[int], device: tor
     for w in workers:
         idx = parts[layout.honest_rank(w)]
         pieces.append((data.inputs(data.train_images[idx]), torch.from_numpy(data.train_labels[idx])))
+    return WorkerData.from_parts(workers, pieces).to(device)
+
+
+def byzantine_data(
+    cfg: RunConfig, data: ImageData, workers: list[int], device: torch.device, classes: int = 10
+) -> WorkerData:
+    """Data of label-flipping Byzantine workers: the i-th Byzantine worker holds a copy of honest
+    partition i mod H (data like the honest workers'), with labels y -> classes - 1 - y."""
+    layout = layout_of(cfg)
+    parts = partitions_of(cfg)
+    pieces = []
+    for w in workers:
+        idx = parts[layout.byzantine_ids.index(w) % layout.num_honest]
+        labels = classes - 1 - torch.from_numpy(data.train_labels[idx])
+        pieces.append((data.inputs(data.train_images[idx]), labels))
     return WorkerData.from_parts(workers, pieces).to(device)
 
 

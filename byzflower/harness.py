@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from byzflower.layout import Layout
+from clients.attacks import HonestStats
 from clients.rng import derive_seed
 from strategies.npy import decode
 from strategies.strategy import _array
@@ -71,10 +72,13 @@ def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Me
 class Harness(Grid):
     """Wraps ``grid``; ``discover()`` must be called once before the first round."""
 
-    def __init__(self, grid: Grid, layout: Layout, seed: int, timeout: float | None = 3600.0) -> None:
+    def __init__(
+        self, grid: Grid, layout: Layout, seed: int, omniscient: bool = False, timeout: float | None = 3600.0
+    ) -> None:
         self.grid = grid
         self.layout = layout
         self.seed = int(seed)
+        self.omniscient = bool(omniscient)
         self.timeout = timeout
         self.nodes: dict[int, tuple[list[int], list[int]]] = {}  # node id -> (honest, byzantine)
         self.last_round: RoundRecord | None = None
@@ -153,46 +157,84 @@ class Harness(Grid):
         iteration = int(config["server-round"])
         template = messages[0].content["arrays"]
         by_node = {m.metadata.dst_node_id: m for m in messages}
+
+        # Phase 1: honest workers (and Byzantine ones whose attack needs no knowledge of others).
         phase1 = []
         for nid, msg in by_node.items():
-            if self.nodes.get(nid, ([], []))[0]:
+            honest, byzantine = self.nodes.get(nid, ([], []))
+            if honest or (byzantine and not self.omniscient):
                 msg.content["config"] = ConfigRecord({**config, "phase": "honest"})
                 phase1.append(msg)
-        replies = _poll(self.grid, phase1, timeout)
-
         rows: dict[int, np.ndarray] = {}
+        reply_to: dict[int, Message] = {}
         passthrough: list[Message] = []
-        answered = set()
+        answered: set[int] = set()
+        self._collect(_poll(self.grid, phase1, timeout), by_node, rows, reply_to, passthrough, answered)
+        honest_ids = [w for w in self.layout.honest_ids if w in rows]
+        honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, 0)
+
+        # Phase 2: omniscient attackers see the honest messages' statistics, nothing else.
+        if self.omniscient and honest_ids:
+            stats = HonestStats.of(honest)
+            content = RecordDict(
+                {
+                    "stats": ArrayRecord({"mean": _array(stats.mean.numpy()), "std": _array(stats.std.numpy())}),
+                    "config": ConfigRecord(
+                        {"server-round": iteration, "phase": "byzantine", "honest-count": stats.count}
+                    ),
+                }
+            )
+            phase2 = [
+                Message(content, dst_node_id=nid, message_type=MessageType.TRAIN)
+                for nid, (_, byzantine) in self.nodes.items()
+                if byzantine and nid in by_node
+            ]
+            targets = {m.metadata.dst_node_id: m for m in phase2}
+            self._collect(_poll(self.grid, phase2, timeout), targets, rows, reply_to, passthrough, answered)
+
+        order = [w for w in role_blind_order(self.seed, iteration, self.layout.num_workers) if w in rows]
+        keys = list(template.keys())
+        shapes = [tuple(template[k].shape) for k in keys]
+        out = [
+            Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=reply_to[w]) for w in order
+        ]
+        expected = [w for h, b in self.nodes.values() for w in h + b]
+        self.last_round = RoundRecord(
+            iteration,
+            honest,
+            honest_ids,
+            list(self.layout.byzantine_ids),
+            order,
+            sorted(w for w in expected if w not in rows),
+        )
+        return out + passthrough
+
+    @staticmethod
+    def _collect(
+        replies: list[Message],
+        sent: dict[int, Message],
+        rows: dict[int, np.ndarray],
+        reply_to: dict[int, Message],
+        passthrough: list[Message],
+        answered: set[int],
+    ) -> None:
         for reply in replies:
             answered.add(reply.metadata.src_node_id)
             got = _split(reply)
             if got is None:
                 passthrough.append(reply)  # the Strategy counts it as an error / malformed reply
-            else:
-                rows.update(got)
-        missing = [w for nid, (h, _) in self.nodes.items() if nid not in answered for w in h]
-        honest_ids = [w for w in self.layout.honest_ids if w in rows]
-        honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, 0)
+                continue
+            rows.update(got)
+            instruction = sent.get(reply.metadata.src_node_id)
+            for w in got:
+                reply_to[w] = instruction if instruction is not None else reply
 
-        order = [
-            int(w)
-            for w in torch.randperm(
-                self.layout.num_workers,
-                generator=torch.Generator().manual_seed(derive_seed(self.seed, "order", iteration)),
-            )
-        ]
-        reply_to = {w: by_node[nid] for nid, (h, b) in self.nodes.items() if nid in by_node for w in h + b}
-        keys = list(template.keys())
-        shapes = [tuple(template[k].shape) for k in keys]
-        out = [
-            Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=reply_to[w])
-            for w in order
-            if w in rows
-        ]
-        self.last_round = RoundRecord(
-            iteration, honest, honest_ids, list(self.layout.byzantine_ids), [w for w in order if w in rows], missing
-        )
-        return out + passthrough
+
+def role_blind_order(seed: int, iteration: int, num_workers: int) -> list[int]:
+    """The order in which the Strategy receives the workers' messages at ``iteration``: a seeded
+    permutation, so position says nothing about role."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "order", iteration))
+    return [int(w) for w in torch.randperm(num_workers, generator=gen)]
 
 
 def _split(reply: Message) -> dict[int, np.ndarray] | None:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from byzflower.config import RunConfig
-from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, make_estimator, worker_data
+from byzflower.config import RunConfig, attack_of
+from byzflower.factory import (
+    byzantine_data,
+    dataset_of,
+    device_of,
+    gradients_of,
+    layout_of,
+    make_estimator,
+    worker_data,
+)
 from byzflower.node_state import mapped_allocator, run_state_dir
+from clients.attacks import HonestStats, LabelFlip
 
 
 class NodeWorkers:
@@ -26,9 +35,27 @@ class NodeWorkers:
             self.estimator = make_estimator(
                 cfg, self.grads, worker_data(cfg, data, self.honest, self.device), mapped_allocator(folder)
             )
+        self.attack = attack_of(cfg)
+        self.poisoned = None  # label-flip: the honest estimator on flipped labels
+        if self.byzantine and isinstance(self.attack, LabelFlip):
+            folder = run_state_dir(run_id) / f"byzantine-{self.byzantine[0]}-{self.byzantine[-1]}"
+            poisoned = byzantine_data(cfg, data, self.byzantine, self.device, data.spec.classes)
+            self.poisoned = make_estimator(cfg, self.grads, poisoned, mapped_allocator(folder))
+
+    @property
+    def omniscient(self) -> bool:
+        return self.attack is not None and self.attack.omniscient
 
     def honest_messages(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
         """(len(honest), d) messages of the node's honest workers at x."""
         if self.estimator is None:
             return torch.zeros(0, self.grads.dim)
         return self.estimator.step(x.to(self.device), iteration).cpu()
+
+    def byzantine_messages(self, x: torch.Tensor, iteration: int, stats: HonestStats | None) -> torch.Tensor:
+        """(len(byzantine), d) messages of the node's Byzantine workers."""
+        if not self.byzantine:
+            return torch.zeros(0, self.grads.dim)
+        if self.poisoned is not None:
+            return self.poisoned.step(x.to(self.device), iteration).cpu()
+        return self.attack.craft(self.byzantine, iteration, stats, self.grads.dim).cpu()

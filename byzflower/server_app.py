@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from byzflower.config import ConfigError, RunConfig, resolve, rule_of
+from byzflower.config import ConfigError, RunConfig, attack_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.experiment import Evaluator, Recorder
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, partitions_of
@@ -66,7 +66,11 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["attack"] == "none" and cfg["num-byzantine"]:
         _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
 
-    harness = Harness(grid, layout, int(cfg["seed"]))
+    attack = attack_of(cfg)
+    harness = Harness(grid, layout, int(cfg["seed"]), omniscient=attack is not None and attack.omniscient)
+    recorder.warnings = warnings_of(cfg)
+    for warning in recorder.warnings:
+        log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
     strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
     rounds = int(cfg["num-server-rounds"])
 

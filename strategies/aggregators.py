@@ -80,6 +80,22 @@ class Rule:
     def reset(self) -> None:
         """Forget any state kept between calls (a new run)."""
 
+    def tolerance_problem(self, n: int, byzantine: int) -> str | None:
+        """Why the rule cannot tolerate ``byzantine`` of ``n`` messages in theory (None if it can)."""
+        if byzantine == 0:
+            return None
+        f = getattr(self, "f", None)
+        if f is not None and byzantine > f:
+            return f"{self.name} assumes f = {f} Byzantine messages but {byzantine} of {n} are Byzantine"
+        if self.breakdown == 0:
+            return f"{self.name} tolerates no Byzantine message; {byzantine} of {n} are Byzantine"
+        if self.breakdown is not None and byzantine >= self.breakdown * n:
+            return (
+                f"{self.name} tolerates fewer than {self.breakdown:.0%} Byzantine messages; "
+                f"{byzantine} of {n} are Byzantine"
+            )
+        return None
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
@@ -358,6 +374,11 @@ class NNM(Rule):
 
     def reset(self) -> None:
         self.rule.reset()
+
+    def tolerance_problem(self, n: int, byzantine: int) -> str | None:
+        if byzantine > self.f:
+            return f"nnm assumes f = {self.f} Byzantine messages but {byzantine} of {n} are Byzantine"
+        return self.rule.tolerance_problem(n, byzantine)
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         gram = kernels.centered_gram(messages)

@@ -25,7 +25,8 @@ def test_readme_documents_every_key():
 
 def test_defaults_resolve_to_the_paper_setup():
     cfg = resolve({})
-    assert cfg["num-honest"] == 50 and cfg["num-byzantine"] == 20
+    assert cfg["num-honest"] == 50 and cfg["num-byzantine"] == 20 and cfg.num_workers == 70
+    assert cfg["attack"] == "gaussian" and cfg["aggregator"] == "gm"  # the paper's headline setting
     assert cfg.lr == 0.1 and cfg.batch_size == 5  # SGD defaults from the paper's notebook
     assert resolve({"optimizer": "batch-sgd"}).batch_size == 50
     assert resolve({"optimizer": "batch-sgd"}).lr == 0.5
@@ -101,8 +102,37 @@ def test_aggregator_f_defaults_to_the_runs_byzantine_workers():
 
 
 def test_rules_that_cannot_run_with_the_worker_count_are_rejected_up_front():
-    text = _problems({"aggregator": "krum", "num-honest": 6, "aggregator-f": 2})
+    text = _problems({"aggregator": "krum", "num-honest": 6, "aggregator-f": 2, "attack": "none"})
     assert "aggregator='krum' needs n > 2f + 2 with f = 2" in text and "the run has 6 workers" in text
     text = _problems({"aggregator": "bulyan", "num-honest": 50, "aggregator-f": 20})
     assert "n >= 4f + 3 with f = 20" in text and "at least 83 messages" in text
     assert "aggregator-f=-2 must be >= -1" in _problems({"aggregator-f": -2})
+
+
+def test_byzantine_ids_are_validated():
+    from byzflower.factory import layout_of
+
+    layout = layout_of(resolve({"num-honest": 5, "num-byzantine": 2, "byzantine-ids": "0, 3"}))
+    assert layout.byzantine_ids == (0, 3) and layout.honest_ids == (1, 2, 4, 5, 6)
+    assert "lists 1 workers but num-byzantine=2" in _problems({"num-byzantine": 2, "byzantine-ids": "4"})
+    assert "[70] outside the workers 0..69" in _problems({"byzantine-ids": ",".join(map(str, range(51, 71)))})
+    text = _problems({"num-byzantine": 3, "byzantine-ids": "1,1,2"})
+    assert "repeats [1]" in text
+    assert "must be comma-separated worker ids" in _problems({"byzantine-ids": "a,b"})
+
+
+def test_attack_settings_are_checked():
+    assert "needs num-byzantine >= 1" in _problems({"attack": "sign-flip", "num-byzantine": 0})
+    assert "num-honest=0 must be >= 1" in _problems({"num-honest": 0, "attack": "alie"})
+    assert "ipm-eps=0.0 must be > 0" in _problems({"ipm-eps": 0.0})
+    assert "attack='nope' is not valid" in _problems({"attack": "nope"})
+
+
+def test_breakdown_settings_run_with_a_warning():
+    from byzflower.config import warnings_of
+
+    assert warnings_of(resolve({})) == []  # gm, 20 of 70
+    cfg = resolve({"aggregator": "median", "num-honest": 10, "num-byzantine": 10})
+    assert warnings_of(cfg) == ["median tolerates fewer than 50% Byzantine messages; 10 of 20 are Byzantine"]
+    assert "mean tolerates no Byzantine message" in warnings_of(resolve({"aggregator": "mean"}))[0]
+    assert "assumes f = 5" in warnings_of(resolve({"aggregator": "krum", "aggregator-f": 5}))[0]

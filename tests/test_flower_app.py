@@ -116,3 +116,20 @@ def test_worker_state_survives_any_actor_serving_a_node(superlink, tmp_path):
     two = superlink.run(APP, config, {"num-supernodes": 4, "client-resources-num-cpus": 1}, timeout=400)
     assert one.ok and two.ok, (one.output[-2000:], two.output[-2000:])
     assert _metrics(tmp_path / "saga-2actors") == _metrics(one_dir)
+
+
+def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(superlink, tmp_path):
+    attacked = {"attack": "zero-gradient", "aggregator": "mean", "num-byzantine": 8}
+    frozen, frozen_dir = _run(superlink, tmp_path, "zero-mean", 2, **attacked)
+    gaussian = {**attacked, "attack": "gaussian", "aggregator": "gm"}
+    robust, robust_dir = _run(superlink, tmp_path, "gauss-gm", 2, **gaussian)
+    assert frozen.ok and robust.ok, (frozen.output[-2000:], robust.output[-2000:])
+    stuck = _metrics(frozen_dir)
+    # every message sums to zero: the mean is 0 and the model never moves
+    assert {r["test_accuracy"] for r in stuck} == {stuck[0]["test_accuracy"]}
+    assert stuck[-1]["attack"] == "zero-gradient" and stuck[-1]["byzantine_ids"] == list(range(20, 28))
+    assert stuck[-1]["aggregate_distance"] == pytest.approx(stuck[-1]["honest_mean_norm"], rel=1e-3)
+    assert "mean tolerates no Byzantine message" in stuck[0]["warnings"][0]
+    learned = _metrics(robust_dir)
+    assert learned[-1]["test_accuracy"] > 0.5 and learned[-1]["rule_iterations"] >= 1
+    assert learned[-1]["aggregate_distance"] < learned[-1]["honest_mean_norm"]

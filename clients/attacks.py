@@ -1,0 +1,203 @@
+"""Byzantine attacks: what Byzantine workers send (pure torch, no Flower).
+
+Omniscient attacks (``omniscient = True``) see statistics of the honest messages of the same
+iteration (``HonestStats``: mean, coordinate-wise standard deviation, count), never another
+node's raw data. The others need no knowledge of anyone: ``noise`` sends random vectors, and
+``label-flip`` is data poisoning: its workers run the honest estimator on flipped labels (the
+estimator lives with the honest ones; this module provides the label map). Randomness comes from
+(seed, worker id, iteration), so a worker's message does not depend on who hosts it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+from clients.rng import generator
+
+
+@dataclass
+class HonestStats:
+    """What omniscient attackers know of the honest messages of one iteration."""
+
+    mean: torch.Tensor  # (d,)
+    std: torch.Tensor  # (d,) coordinate-wise, unbiased (n - 1)
+    count: int
+
+    @classmethod
+    def of(cls, honest: torch.Tensor) -> HonestStats:
+        """Statistics of (n, d) honest messages."""
+        n = int(honest.shape[0])
+        if n == 0:
+            raise ValueError("omniscient attacks need at least one honest message")
+        std = honest.std(dim=0) if n > 1 else torch.zeros_like(honest[0])
+        return cls(honest.mean(dim=0), std, n)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.mean * self.count
+
+
+class Attack:
+    """Base class: ``craft`` returns the (k, d) messages of the Byzantine workers ``worker_ids``."""
+
+    name = "attack"
+    omniscient = False
+    uses_data = False
+
+    def craft(self, worker_ids: list[int], iteration: int, stats: HonestStats | None, dim: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _need(self, stats: HonestStats | None) -> HonestStats:
+        if stats is None:
+            raise ValueError(f"the {self.name} attack is omniscient: it needs the honest messages' statistics")
+        return stats
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class Gaussian(Attack):
+    """The notebook's "white" attack: honest mean + std * N(0, I), a fresh draw per worker."""
+
+    name = "gaussian"
+    omniscient = True
+
+    def __init__(self, std: float = 30.0, seed: int = 0) -> None:
+        self.std = _finite("attack-std", std)
+        if self.std < 0:
+            raise ValueError(f"attack-std must be >= 0, got {std}")
+        self.seed = int(seed)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        noise = _noise(self.seed, "gaussian", worker_ids, iteration, dim).to(s.mean)
+        return s.mean + self.std * noise
+
+
+class SignFlip(Attack):
+    """scale * honest mean: -3 in the paper, -10 reproduces the notebook's "maxValue"."""
+
+    name = "sign-flip"
+    omniscient = True
+
+    def __init__(self, scale: float = -3.0) -> None:
+        self.scale = _finite("attack-scale", scale)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        return (self.scale * s.mean).expand(len(worker_ids), -1).clone()
+
+
+class ZeroGradient(Attack):
+    """Every Byzantine worker sends -sum(honest) / B, so all W messages sum to zero."""
+
+    name = "zero-gradient"
+    omniscient = True
+
+    def __init__(self, num_byzantine: int) -> None:
+        if num_byzantine < 1:
+            raise ValueError(f"zero-gradient needs at least one Byzantine worker, got {num_byzantine}")
+        self.num_byzantine = int(num_byzantine)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        return (-s.sum / self.num_byzantine).expand(len(worker_ids), -1).clone()
+
+
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al. 2019: s = floor(n/2 + 1) - f workers must be won over; z = Phi^-1((n - s) / n)."""
+    s = n // 2 + 1 - f
+    p = (n - s) / n
+    if not 0 < p < 1:
+        raise ValueError(f"ALIE's z is undefined for n = {n}, f = {f}; give alie-z explicitly")
+    return NormalDist().inv_cdf(p)
+
+
+class ALIE(Attack):
+    """ "A little is enough" (Baruch et al. 2019): honest mean - z * coordinate-wise std."""
+
+    name = "alie"
+    omniscient = True
+
+    def __init__(self, z: float) -> None:
+        self.z = _finite("alie-z", z)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        return (s.mean - self.z * s.std).expand(len(worker_ids), -1).clone()
+
+
+class IPM(Attack):
+    """Inner-product manipulation (Xie et al. 2020): -epsilon * honest mean."""
+
+    name = "ipm"
+    omniscient = True
+
+    def __init__(self, eps: float = 0.1) -> None:
+        self.eps = _finite("ipm-eps", eps)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        return (-self.eps * s.mean).expand(len(worker_ids), -1).clone()
+
+
+class Noise(Attack):
+    """N(0, std^2 I), no knowledge of anyone."""
+
+    name = "noise"
+
+    def __init__(self, std: float = 30.0, seed: int = 0) -> None:
+        self.std = _finite("attack-std", std)
+        if self.std < 0:
+            raise ValueError(f"attack-std must be >= 0, got {std}")
+        self.seed = int(seed)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        return self.std * _noise(self.seed, "noise", worker_ids, iteration, dim)
+
+
+class LabelFlip(Attack):
+    """Data poisoning: the honest estimator on labels y -> classes - 1 - y (no knowledge needed)."""
+
+    name = "label-flip"
+    uses_data = True
+
+    def __init__(self, classes: int = 10) -> None:
+        self.classes = int(classes)
+
+    def flip(self, targets: torch.Tensor) -> torch.Tensor:
+        return self.classes - 1 - targets
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        raise TypeError("label-flip messages come from the honest estimator on flipped labels")
+
+
+def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
+    """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU)."""
+    return (
+        torch.stack([torch.randn(dim, generator=generator(seed, purpose, int(w), iteration)) for w in worker_ids])
+        if worker_ids
+        else torch.zeros(0, dim)
+    )
+
+
+ATTACKS = {
+    "gaussian": Gaussian,
+    "sign-flip": SignFlip,
+    "zero-gradient": ZeroGradient,
+    "alie": ALIE,
+    "ipm": IPM,
+    "label-flip": LabelFlip,
+    "noise": Noise,
+}
