@@ -56,11 +56,18 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from byzflower.flower_runner import LocalSuperLink
-
     overrides = parse_run_config(args.run_config)
     cfg = resolve(overrides)  # fail fast, with every problem listed
     ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
+    if args.engine == "local":
+        from byzflower.engine import run_local
+        from byzflower.server_app import check_against_data
+
+        check_against_data(cfg)
+        summary = run_local(cfg)
+        return 0 if summary.get("status") == "finished" else 1
+    from byzflower.flower_runner import LocalSuperLink
+
     if not overrides.get("results-dir"):
         from byzflower.results import default_results_dir
 
@@ -77,6 +84,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         outcome = link.run(APP_DIR, overrides, federation, echo=True)
     print(f"run {outcome.run_id}: {outcome.status}")
     return 0 if outcome.ok else 1
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from byzflower.results import default_results_dir
+    from byzflower.sweep import grid, parse_axis, run_sweep
+
+    cells = grid(
+        parse_axis("optimizer", args.optimizer),
+        parse_axis("aggregator", args.aggregator),
+        parse_axis("attack", args.attack),
+    )
+    overrides = parse_run_config(args.run_config)
+    for key in ("optimizer", "aggregator", "attack", "run-name", "results-dir"):
+        if key in overrides:
+            raise ConfigError(
+                f"--run-config may not set {key!r} in a sweep (the sweep sets it; use --out for the folder)"
+            )
+    out = Path(args.out) if args.out else default_results_dir() / "sweep"
+    resolved = resolve({k: v for k, v in overrides.items()})
+    ensure_dataset(resolved["dataset"], resolved["data-dir"] or None, log=print)
+    outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address)
+    if not args.no_report:
+        from byzflower.report import write_report
+
+        paths = write_report([out])
+        print(f"report: {paths['markdown']}, {paths['csv']}, {paths['figure']}")
+    return 0 if all(o.get("status") == "finished" for o in outcomes) else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from byzflower.report import write_report
+
+    paths = write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    print(paths["markdown"].read_text())
+    print(f"written: {paths['markdown']}, {paths['csv']}, {paths['figure']}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,12 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--sync", metavar="DIR", help="(developers) rewrite DIR's pyproject table and README table")
     config.set_defaults(func=_cmd_config)
 
-    run = sub.add_parser("run", help="run one experiment through Flower's simulation engine")
+    run = sub.add_parser("run", help="run one experiment (Flower's simulation engine, or in-process)")
+    run.add_argument(
+        "--engine",
+        choices=("flower", "local"),
+        default="flower",
+        help="flower: the Flower app through a local SuperLink; local: in this process, no Flower messaging",
+    )
     run.add_argument("--run-config", default="", help="overrides, TOML syntax: \"optimizer='saga' lr=0.05\"")
     run.add_argument("--supernodes", type=int, default=0, help="number of simulated SuperNodes (default: Flower's 2)")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.1)")
     run.add_argument("--cpus-per-client", type=int, default=0, help="CPU cores per ClientApp (default: Flower's 2)")
     run.set_defaults(func=_cmd_run)
+
+    sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack")
+    sweep.add_argument("--optimizer", default="sgd,batch-sgd,saga", help="comma-separated optimizers")
+    sweep.add_argument("--aggregator", default="mean,gm", help="comma-separated aggregators")
+    sweep.add_argument("--attack", default="none,gaussian,sign-flip,zero-gradient", help="comma-separated attacks")
+    sweep.add_argument("--run-config", default="", help="overrides for every run, TOML syntax")
+    sweep.add_argument(
+        "--out", default=None, help="sweep folder (default: <results-dir>/sweep); reruns skip finished runs"
+    )
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at once, through Ray (default 1: in this process)")
+    sweep.add_argument("--ray-address", default=None, help="a Ray cluster to spread runs over (e.g. 'auto')")
+    sweep.add_argument("--no-report", action="store_true", help="skip writing the table and figure at the end")
+    sweep.set_defaults(func=_cmd_sweep)
+
+    report = sub.add_parser("report", help="paper-style table (Markdown + CSV) and figure from run folders")
+    report.add_argument("dirs", nargs="+", help="folders holding run folders (searched recursively)")
+    report.add_argument("--out", default=None, help="where to write (default: the first folder)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -113,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except DataError as exc:
+    except (DataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

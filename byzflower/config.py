@@ -147,6 +147,12 @@ _KEYS = [
     Key("data-dir", "", "Data cache folder; '' = $BYZFLOWER_DATA_DIR or ~/.cache/byzflower."),
     Key("results-dir", "", "Where run folders go; '' = $BYZFLOWER_RESULTS_DIR or ~/byzflower-results."),
     Key("run-name", "", "Name of the run folder; '' = <time>-<optimizer>-<aggregator>-<attack>-s<seed>."),
+    Key(
+        "checkpoint-every",
+        1000,
+        "Local engine: iterations between checkpoints (a named run started again resumes); 0 = never.",
+        minimum=0,
+    ),
 ]
 KEYS: dict[str, Key] = {k.name: k for k in _KEYS}
 DEFAULTS: dict[str, Any] = {k.name: k.default for k in _KEYS}

@@ -85,20 +85,42 @@ class Recorder:
         aggregate: torch.Tensor | None,
         counts: dict[str, float],
         rule_info: dict[str, float],
+        honest_mean: torch.Tensor | None = None,
     ) -> None:
-        """Note one iteration: the honest messages (H, d), the aggregate (d,), strategy counts."""
+        """Note one iteration: the honest messages (H, d) (and their mean, when known), the
+        aggregate (d,), strategy counts."""
         for k, v in counts.items():
             self._counts[k] = self._counts.get(k, 0) + v
         latest: dict[str, Any] = {f"rule_{k.replace('-', '_')}": v for k, v in rule_info.items()}
         if honest is not None and honest.shape[0] > 0:
-            mean = honest.mean(dim=0)
-            variance = float((honest - mean).pow(2).sum(dim=1).mean())
+            mean = honest.mean(dim=0) if honest_mean is None else honest_mean
+            variance = float(torch.linalg.vector_norm(honest - mean) ** 2) / honest.shape[0]
             self._variances.append(variance)
             latest["honest_variance"] = variance
             latest["honest_mean_norm"] = float(mean.norm())
             if aggregate is not None:
                 latest["aggregate_distance"] = float((aggregate.to(mean.device) - mean).norm())
         self._latest = latest
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to keep recording as if it had never stopped."""
+        return {
+            "variances": list(self._variances),
+            "counts": dict(self._counts),
+            "latest": dict(self._latest),
+            "last_eval_iteration": self._last_eval_iteration,
+            "elapsed": time.perf_counter() - self.started,
+            "eval_seconds": self._eval_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._variances = list(state["variances"])
+        self._counts = dict(state["counts"])
+        self._latest = dict(state["latest"])
+        self._last_eval_iteration = int(state["last_eval_iteration"])
+        self.started = time.perf_counter() - float(state["elapsed"])
+        self._interval_start = time.perf_counter()
+        self._eval_seconds = float(state["eval_seconds"])
 
     def due(self, iteration: int) -> bool:
         return (

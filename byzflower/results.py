@@ -63,11 +63,27 @@ class RunDirectory:
             f.flush()
             os.fsync(f.fileno())
 
+    def truncate_records(self, after: int) -> None:
+        """Drop the records of iterations after ``after`` (a resumed run recomputes them)."""
+        kept = [r for r in self.records() if r["iteration"] <= after]
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(self.path / "metrics.jsonl")
+
     def records(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a record cut short by a kill: it is recomputed on resume
+                    break
+                raise
+        return records
 
     def config(self) -> dict[str, Any]:
         return json.loads((self.path / "config.json").read_text())

@@ -393,6 +393,17 @@ class NNM(Rule):
         return self.rule(mix.to(messages.dtype).to(messages.device) @ messages)
 
 
+def finite_rows(messages: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: rows without NaN or Inf (the others must be dropped before aggregating).
+
+    A row's sum is finite when all its entries are, unless finite entries overflow it: only rows
+    whose sum is not finite are checked entry by entry (one pass instead of four)."""
+    ok = torch.isfinite(messages.sum(dim=1))
+    for i in (~ok).nonzero().reshape(-1).tolist():
+        ok[i] = bool(torch.isfinite(messages[i]).all())
+    return ok
+
+
 RULES: dict[str, type[Rule]] = {
     "mean": Mean,
     "gm": GeometricMedian,

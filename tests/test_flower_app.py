@@ -10,7 +10,7 @@ from byzflower.flower_runner import LocalSuperLink, _alive, descendants
 pytestmark = pytest.mark.flower
 APP = os.path.join(os.path.dirname(__file__), "..")
 TIMING = {"elapsed_s", "iters_per_s"}
-BASE = {"num-server-rounds": 20, "eval-every": 10, "num-honest": 20, "attack": "none", "seed": 7}
+BASE = {"num-server-rounds": 20, "eval-every": 10, "num-honest": 20, "attack": "none", "aggregator": "mean", "seed": 7}
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +133,42 @@ def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(sup
     learned = _metrics(robust_dir)
     assert learned[-1]["test_accuracy"] > 0.5 and learned[-1]["rule_iterations"] >= 1
     assert learned[-1]["aggregate_distance"] < learned[-1]["honest_mean_norm"]
+
+
+def _local_metrics(tmp_path, name, **overrides):
+    from byzflower.config import resolve
+    from byzflower.engine import run_local
+
+    cfg = resolve({**BASE, **overrides, "results-dir": str(tmp_path / "local"), "run-name": name})
+    assert run_local(cfg, log=lambda _: None)["status"] == "finished"
+    return _metrics(tmp_path / "local" / name)
+
+
+def _close(flower, local):
+    """Same records from both engines, to float tolerance."""
+    assert [r["iteration"] for r in flower] == [r["iteration"] for r in local]
+    for a, b in zip(flower, local, strict=True):
+        assert set(a) == set(b)
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["iteration"], key)
+            elif key not in ("rule_selected",):
+                assert b[key] == value, (a["iteration"], key)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"optimizer": "batch-sgd", "attack": "label-flip", "aggregator": "gm", "num-byzantine": 5},
+        {"optimizer": "svrg", "attack": "gaussian", "aggregator": "krum", "num-byzantine": 5, "snapshot-interval": 4},
+        {"optimizer": "sarah", "attack": "label-flip", "aggregator": "median", "num-byzantine": 5, "sarah-interval": 5},
+        {"optimizer": "saga", "attack": "alie", "aggregator": "gm", "num-byzantine": 5},
+        {"optimizer": "sgd", "attack": "gaussian", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
+    ],
+    ids=["batch-sgd+label-flip", "svrg+gaussian", "sarah+label-flip", "saga+alie", "sgd+gaussian+nnm"],
+)
+def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
+    overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}
+    outcome, run_dir = _run(superlink, tmp_path, "flower", 3, **overrides)
+    assert outcome.ok, outcome.output[-3000:]
+    _close(_metrics(run_dir), _local_metrics(tmp_path, "local", **overrides))

@@ -1,0 +1,206 @@
+"""The in-process engine: the same experiment as the Flower app, without Flower messaging.
+
+It calls the very same objects — the honest estimator (one group holding every honest worker,
+state as stacked tensors), the attack, the aggregation rule, the role-blind order, the recorder —
+so for the same config and seed it produces the Flower engine's numbers (to float tolerance:
+only the server process's BLAS threads may order some sums differently). It checkpoints every
+``checkpoint-every`` iterations and, started again on the same run folder, resumes from the last
+checkpoint and ends with the numbers of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
+from byzflower.experiment import Evaluator, Recorder
+from byzflower.factory import (
+    byzantine_data,
+    dataset_of,
+    device_of,
+    gradients_of,
+    layout_of,
+    make_estimator,
+    worker_data,
+)
+from byzflower.harness import role_blind_order
+from byzflower.results import RunDirectory, default_results_dir, run_name
+from clients.attacks import HonestStats, LabelFlip
+from strategies.aggregators import finite_rows
+
+Log = Callable[[str], None]
+CHECKPOINT = "checkpoint.pt"
+_FREE = {"checkpoint-every"}  # keys that may change between a run and its resumption
+
+
+class RunExists(RuntimeError):
+    """The run folder exists with a different config."""
+
+
+def open_run(cfg: RunConfig) -> tuple[RunDirectory, bool]:
+    """The run's folder, and whether it holds an unfinished run to resume.
+
+    A named run (``run-name``) with the same config continues where its checkpoint left it; a
+    finished one is left alone by the caller; an unnamed run always gets a new folder.
+    """
+    root = Path(cfg["results-dir"] or default_results_dir()).expanduser().resolve()
+    if cfg["run-name"]:
+        path = root / cfg["run-name"]
+        if (path / "config.json").exists():
+            existing = json.loads((path / "config.json").read_text())
+            wanted = json.loads(json.dumps(cfg.resolved()))
+            diff = sorted(k for k in set(existing) | set(wanted) if k not in _FREE and existing.get(k) != wanted.get(k))
+            if diff:
+                raise RunExists(f"{path} holds a run with another config (differs in {', '.join(diff)})")
+            return RunDirectory(path), True
+    return RunDirectory.create(root, cfg["run-name"] or run_name(cfg.resolved()), cfg.resolved()), False
+
+
+class LocalRun:
+    """One experiment in this process. ``run()`` executes it (resuming when a checkpoint exists)."""
+
+    def __init__(self, cfg: RunConfig, run: RunDirectory | None = None, log: Log = print) -> None:
+        self.cfg = cfg
+        self.log = log
+        resume = False
+        if run is None:
+            run, resume = open_run(cfg)
+        self.run_dir = run
+        self.device = device_of(cfg)
+        data = dataset_of(cfg)
+        self.layout = layout_of(cfg)
+        self.grads = gradients_of(cfg, data, self.device)
+        honest_ids = list(self.layout.honest_ids)
+        self.honest = make_estimator(cfg, self.grads, worker_data(cfg, data, honest_ids, self.device))
+        self.attack = attack_of(cfg)
+        self.byzantine_ids = list(self.layout.byzantine_ids)
+        self.poisoned = None
+        if self.byzantine_ids and isinstance(self.attack, LabelFlip):
+            poisoned = byzantine_data(cfg, data, self.byzantine_ids, self.device, data.spec.classes)
+            self.poisoned = make_estimator(cfg, self.grads, poisoned)
+        self.rule = rule_of(cfg)
+        self.recorder = Recorder(cfg, Evaluator(cfg, data, self.grads, self.device), log, run)
+        self.recorder.byzantine_ids = self.byzantine_ids
+        self.recorder.warnings = warnings_of(cfg)
+        self.x = self.grads.initial_point()
+        self.start = 1
+        if resume and (run.path / CHECKPOINT).exists():
+            self._restore()
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def messages(self, t: int) -> tuple[torch.Tensor, HonestStats, torch.Tensor]:
+        """(honest (H, d), their statistics, all (W, d) in the role-blind order) at iteration t."""
+        honest = self.honest.step(self.x, t)
+        stats = HonestStats.of(honest)
+        rows: dict[int, torch.Tensor] = dict(zip(self.layout.honest_ids, honest, strict=True))
+        if self.byzantine_ids:
+            if self.poisoned is not None:
+                bad = self.poisoned.step(self.x, t)
+            else:
+                known = stats if self.attack.omniscient else None
+                bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim).to(honest)
+            rows.update(zip(self.byzantine_ids, bad, strict=True))
+        self._order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        return honest, stats, torch.stack([rows[w] for w in self._order])
+
+    def step(self, t: int) -> None:
+        honest, stats, everything = self.messages(t)
+        valid = finite_rows(everything)
+        counts = {"dropped-nonfinite": int((~valid).sum()), "dropped-malformed": 0, "dropped-error": 0}
+        kept = everything[valid] if counts["dropped-nonfinite"] else everything
+        info: dict[str, float] = {}
+        aggregate = None
+        if kept.shape[0] >= self.rule.min_messages():
+            result = self.rule(kept)
+            aggregate = result.vector
+            self.x = self.x - float(self.cfg.lr) * aggregate
+            info = dict(result.info)
+            if "selected" in info:
+                positions = valid.nonzero().reshape(-1)
+                worker = self._order[int(positions[int(info["selected"])])]
+                info["selected_worker"] = worker
+                info["selected_byzantine"] = int(worker in self.byzantine_ids)
+            counts["failed"] = 0
+        else:
+            self.log(
+                f"round {t} failed: {self.rule.name} needs {self.rule.min_messages()} valid messages, got "
+                f"{kept.shape[0]}; the model is unchanged"
+            )
+            counts["failed"] = 1
+        self.recorder.observe(t, honest, aggregate, counts, info, honest_mean=stats.mean)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        rounds = int(self.cfg["num-server-rounds"])
+        every = int(self.cfg["checkpoint-every"])
+        if self.start == 1:
+            self.log(f"results: {self.run_dir.path}")
+            for warning in self.recorder.warnings:
+                self.log(f"warning: {warning} (running anyway: breakdown studies need it)")
+            self.recorder.evaluate(0, self.x)
+        else:
+            self.log(f"resuming {self.run_dir.path} at iteration {self.start}")
+        try:
+            for t in range(self.start, rounds + 1):
+                self.step(t)
+                if self.recorder.due(t):
+                    self.recorder.evaluate(t, self.x)
+                if every and t % every == 0 and t < rounds:
+                    self._checkpoint(t)
+        except Exception as exc:
+            self.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.run_dir.save_model(self.grads.unflatten(self.x))
+        (self.run_dir.path / CHECKPOINT).unlink(missing_ok=True)
+        summary = self.recorder.finish("finished")
+        self.log(
+            f"finished: final test accuracy {summary['final'].get('test_accuracy')}; results in {self.run_dir.path}"
+        )
+        return summary
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _checkpoint(self, t: int) -> None:
+        state = {
+            "iteration": t,
+            "x": self.x.cpu(),
+            "honest": self.honest.state_dict(),
+            "poisoned": self.poisoned.state_dict() if self.poisoned is not None else None,
+            "rule": {k: v for k, v in vars(self.rule).items() if k.startswith("_previous")},
+            "recorder": self.recorder.state_dict(),
+        }
+        tmp = self.run_dir.path / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run_dir.path / CHECKPOINT)
+
+    def _restore(self) -> None:
+        state = torch.load(self.run_dir.path / CHECKPOINT, weights_only=False)
+        t = int(state["iteration"])
+        self.x = state["x"].to(self.device)
+        self.honest.load_state_dict(state["honest"])
+        if self.poisoned is not None:
+            self.poisoned.load_state_dict(state["poisoned"])
+        for k, v in state["rule"].items():
+            setattr(self.rule, k, v)
+        self.recorder.load_state_dict(state["recorder"])
+        self.run_dir.truncate_records(after=t)  # records written after the checkpoint are recomputed
+        self.start = t + 1
+
+
+def run_local(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
+    """Run (or resume, or skip when finished) one experiment in this process; returns its summary."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    local = LocalRun(cfg, log=log)
+    existing = local.run_dir.summary()
+    if existing is not None and existing.get("status") == "finished":
+        log(f"already finished: {local.run_dir.path}")
+        return existing
+    summary = local.run()
+    summary["engine_wall_s"] = round(time.perf_counter() - start, 3)
+    return summary

@@ -1,0 +1,143 @@
+"""Paper-style reports from run folders: Table I (final test accuracy) and the figures.
+
+Table: rows are attacks, columns optimizer x aggregator, cells the final test accuracy (as in the
+paper's Table I). Figure: one column of panels per attack; rows test accuracy, train loss (log
+scale) and variance of the honest messages (log scale) against iterations; one line per
+optimizer + aggregator.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    records: list[dict]
+    summary: dict | None
+
+    @property
+    def column(self) -> str:
+        return f"{self.config['optimizer']} {self.config['aggregator']}"
+
+    @property
+    def status(self) -> str:
+        return (self.summary or {}).get("status", "unfinished")
+
+    @property
+    def final_accuracy(self) -> float | None:
+        if self.status != "finished" or not self.records:
+            return None
+        return self.records[-1].get("test_accuracy")
+
+
+def collect(dirs: list[Path]) -> list[Run]:
+    """Every run folder (one holding config.json) under the given folders, in a stable order."""
+    runs = []
+    for root in dirs:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        for config_path in sorted(root.rglob("config.json")):
+            folder = config_path.parent
+            metrics = folder / "metrics.jsonl"
+            records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+            summary_path = folder / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+            runs.append(Run(folder, json.loads(config_path.read_text()), records, summary))
+    if not runs:
+        raise FileNotFoundError(f"no run folders (with config.json) under {', '.join(map(str, dirs))}")
+    return runs
+
+
+def _ordered(values: set[str], reference: tuple[str, ...]) -> list[str]:
+    return sorted(values, key=lambda v: (reference.index(v) if v in reference else len(reference), v))
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
+    """(attacks, columns, cells): cells[(attack, column)] is the final test accuracy as text."""
+    attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
+    optimizers = _ordered({r.config["optimizer"] for r in runs}, OPTIMIZERS)
+    aggregators = _ordered({r.config["aggregator"] for r in runs}, AGGREGATORS)
+    columns = [f"{o} {a}" for o in optimizers for a in aggregators if any(r.column == f"{o} {a}" for r in runs)]
+    cells: dict[tuple[str, str], str] = {}
+    for run in runs:
+        key = (run.config["attack"], run.column)
+        acc = run.final_accuracy
+        cells[key] = f"{acc:.4f}" if acc is not None else run.status
+    return attacks, columns, cells
+
+
+def markdown(attacks: list[str], columns: list[str], cells: dict) -> str:
+    lines = ["| attack | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for attack in attacks:
+        lines.append(f"| {attack} | " + " | ".join(cells.get((attack, c), "-") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(attacks: list[str], columns: list[str], cells: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["attack", *columns])
+    for attack in attacks:
+        writer.writerow([attack, *(cells.get((attack, c), "") for c in columns)])
+    return buf.getvalue()
+
+
+def figure(runs: list[Run], path: Path) -> None:
+    attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
+    panels = [
+        ("test_accuracy", "test accuracy", False),
+        ("train_loss", "train loss", True),
+        ("honest_variance", "variance of honest messages", True),
+    ]
+    fig, axes = plt.subplots(len(panels), len(attacks), figsize=(4.2 * len(attacks), 3.2 * len(panels)), squeeze=False)
+    columns = sorted({r.column for r in runs})
+    colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(columns)}
+    for j, attack in enumerate(attacks):
+        for i, (key, label, logy) in enumerate(panels):
+            ax = axes[i][j]
+            for run in sorted((r for r in runs if r.config["attack"] == attack), key=lambda r: r.column):
+                pts = [(r["iteration"], r[key]) for r in run.records if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), label=run.column, color=colours[run.column])
+            if logy:
+                ax.set_yscale("log")
+            if i == 0:
+                ax.set_title(f"attack: {attack}")
+            if j == 0:
+                ax.set_ylabel(label)
+            if i == len(panels) - 1:
+                ax.set_xlabel("iteration")
+            ax.grid(alpha=0.3)
+    handles = {c: plt.Line2D([], [], color=colours[c]) for c in columns}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(columns), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
+    """Write table.md, table.csv and figure.png into ``out`` (default: the first folder)."""
+    runs = collect(dirs)
+    out = Path(out or dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    attacks, columns, cells = table(runs)
+    paths = {"markdown": out / "table.md", "csv": out / "table.csv", "figure": out / "figure.png"}
+    paths["markdown"].write_text(markdown(attacks, columns, cells))
+    paths["csv"].write_text(csv_text(attacks, columns, cells))
+    figure(runs, paths["figure"])
+    return paths

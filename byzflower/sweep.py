@@ -1,0 +1,203 @@
+"""Sweeps: one run per optimizer x aggregator x attack, skip what is finished, keep going past failures.
+
+Runs go to ``<out>/<optimizer>-<aggregator>-<attack>/`` (run-name), so running the same sweep
+again skips the finished ones and resumes interrupted ones from their checkpoints. ``--jobs N``
+runs N at once through Ray (already a Flower dependency): on this machine, or across a Ray
+cluster given its address (the output folder must then be on storage every node sees).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
+
+AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
+
+
+@dataclass(frozen=True)
+class Cell:
+    optimizer: str
+    aggregator: str
+    attack: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}-{self.aggregator}-{self.attack}"
+
+
+def parse_axis(name: str, text: str) -> list[str]:
+    """'sgd, saga' -> ['sgd', 'saga'], checked against the valid choices."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"--{name} is empty; give one or more of: {', '.join(AXES[name])}")
+    bad = [v for v in values if v not in AXES[name]]
+    if bad:
+        raise ConfigError(f"--{name}: {', '.join(map(repr, bad))} not valid; choose from: {', '.join(AXES[name])}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"--{name} repeats {', '.join(repeated)}")
+    return values
+
+
+def grid(optimizers: list[str], aggregators: list[str], attacks: list[str]) -> list[Cell]:
+    return [Cell(o, g, a) for o, g, a in itertools.product(optimizers, aggregators, attacks)]
+
+
+def cell_config(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {
+        **overrides,
+        "optimizer": cell.optimizer,
+        "aggregator": cell.aggregator,
+        "attack": cell.attack,
+        "results-dir": str(out),
+        "run-name": cell.name,
+    }
+
+
+def validate(cells: list[Cell], overrides: dict[str, Any], out: Path) -> None:
+    """Every cell's config, checked before anything runs (all problems at once)."""
+    problems = []
+    for cell in cells:
+        try:
+            resolve(cell_config(cell, overrides, out))
+        except ConfigError as exc:
+            problems.append(f"{cell.name}: {str(exc).removeprefix('invalid run config:').strip()}")
+    if problems:
+        raise ConfigError("invalid sweep:\n" + "\n".join(problems))
+
+
+def status_of(out: Path, cell: Cell) -> str | None:
+    path = out / cell.name / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text()).get("status")
+    return None
+
+
+def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run one cell with the local engine; never raises (a failure is recorded and returned)."""
+    import torch
+
+    from byzflower.engine import run_local
+
+    if threads:
+        torch.set_num_threads(threads)
+    name = config["run-name"]
+    total = config.get("num-server-rounds")
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(f"  [{name}] {line}", flush=True)
+
+    start = time.perf_counter()
+    try:
+        summary = run_local(resolve(config), log=log)
+        return {
+            "name": name,
+            "status": summary.get("status"),
+            "wall_s": time.perf_counter() - start,
+            "test_accuracy": summary.get("final", {}).get("test_accuracy"),
+            "total": total,
+        }
+    except Exception as exc:  # a failing run is recorded, the sweep goes on
+        error = f"{type(exc).__name__}: {exc}"
+        folder = Path(config["results-dir"]) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        summary_path = folder / "summary.json"
+        if not summary_path.exists() or json.loads(summary_path.read_text()).get("status") != "failed":
+            summary_path.write_text(
+                json.dumps({"status": "failed", "error": error, "traceback": traceback.format_exc()})
+            )
+        return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
+
+
+def _bar(done: int, total: int, started: float, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    elapsed = time.perf_counter() - started
+    eta = elapsed / done * (total - done) if done else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "--:--:--"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} runs, elapsed {elapsed / 60:.1f} min, ETA {eta_text}"
+    )
+
+
+def _progress(out: Path, cells: list[Cell]) -> str:
+    parts = []
+    for cell in cells:
+        path = out / cell.name / "metrics.jsonl"
+        last = None
+        if path.exists():
+            lines = path.read_text().splitlines()
+            last = json.loads(lines[-1])["iteration"] if lines else None
+        parts.append(f"{cell.name} {'-' if last is None else f'at {last}'}")
+    return ", ".join(parts)
+
+
+def run_sweep(
+    cells: list[Cell],
+    overrides: dict[str, Any],
+    out: Path,
+    jobs: int = 1,
+    ray_address: str | None = None,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``)."""
+    out = Path(out).expanduser().resolve()
+    validate(cells, overrides, out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cells if status_of(out, c) != "finished"]
+    outcomes = {c.name: {"name": c.name, "status": "finished", "skipped": True} for c in cells if c not in todo}
+    say(f"sweep: {len(cells)} runs in {out}; {len(cells) - len(todo)} already finished, {len(todo)} to run")
+    started = time.perf_counter()
+    done = 0
+    if jobs <= 1 or len(todo) <= 1:
+        for cell in todo:
+            say(_bar(done, len(todo), started) + f" | running {cell.name}")
+            outcomes[cell.name] = run_cell(cell_config(cell, overrides, out))
+            done += 1
+    else:
+        import ray
+
+        cpus = os.cpu_count() or 1
+        threads = max(1, cpus // jobs) if ray_address is None else None
+        owns = not ray.is_initialized()
+        if owns:
+            ray.init(
+                address=ray_address,
+                num_cpus=None if ray_address else jobs,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+            )
+        remote = ray.remote(num_cpus=1)(run_cell)
+        try:
+            pending = {remote.remote(cell_config(c, overrides, out), threads, True): c for c in todo}
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
+                if not ready:  # per-run progress, read from the runs' own records
+                    say(_bar(done, len(todo), started) + " | " + _progress(out, list(pending.values())))
+                    continue
+                cell = pending.pop(ready[0])
+                outcomes[cell.name] = ray.get(ready[0])
+                done += 1
+                say(_bar(done, len(todo), started) + f" | {cell.name}: {outcomes[cell.name]['status']}")
+        finally:
+            if owns:
+                ray.shutdown()
+    say(_bar(done, len(todo), started) + " | done")
+    result = [outcomes[c.name] for c in cells]
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    failed = [o["name"] for o in result if o.get("status") != "finished"]
+    if failed:
+        say(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their summary.json)")
+    return result

@@ -1,0 +1,168 @@
+"""The in-process engine: resume after a kill, sweeps (skip, continue past failures), reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from byzflower.config import ConfigError, resolve
+from byzflower.engine import run_local
+from byzflower.report import collect, csv_text, markdown, table, write_report
+from byzflower.sweep import Cell, grid, parse_axis, run_sweep
+
+TIMING = {"elapsed_s", "iters_per_s"}
+RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
+
+
+def _records(path):
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in path.read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
+    overrides = {
+        **RUN,
+        "optimizer": "saga",
+        "attack": "gaussian",
+        "aggregator": "centered-clipping",
+        "num-server-rounds": 400,
+        "eval-every": 10,
+        "checkpoint-every": 40,
+        "results-dir": str(tmp_path),
+    }
+    run_local(resolve({**overrides, "run-name": "straight"}), log=lambda _: None)
+
+    def command():
+        text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+        return [
+            sys.executable,
+            "-m",
+            "byzflower.cli",
+            "run",
+            "--engine",
+            "local",
+            "--run-config",
+            f"{text} run-name='killed'",
+        ]
+
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    proc = subprocess.Popen(command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # kill it once it is past a checkpoint, between two
+            done = metrics.exists() and metrics.read_text().count("\n")
+            if done and done >= 16 and (tmp_path / "killed" / "checkpoint.pt").exists():
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    assert subprocess.run(command(), capture_output=True, timeout=600).returncode == 0
+    resumed = _records(metrics)
+    assert [r["iteration"] for r in resumed] == list(range(0, 401, 10))
+    assert resumed == _records(tmp_path / "straight" / "metrics.jsonl")
+    assert not (tmp_path / "killed" / "checkpoint.pt").exists()
+
+
+def _sweep_overrides():
+    return {**RUN, "num-server-rounds": 6, "eval-every": 3}
+
+
+def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
+    cells = grid(["sgd"], ["mean", "gm"], ["none", "sign-flip"])
+    # a folder already holding another run makes that cell fail at run time
+    clash = tmp_path / "sgd-gm-none"
+    clash.mkdir()
+    (clash / "config.json").write_text(json.dumps({"optimizer": "something else"}))
+    lines = []
+    outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, say=lines.append)
+    status = {o["name"]: o["status"] for o in outcomes}
+    assert status == {
+        "sgd-mean-none": "finished",
+        "sgd-mean-sign-flip": "finished",
+        "sgd-gm-none": "failed",
+        "sgd-gm-sign-flip": "finished",
+    }
+    assert "another config" in json.loads((clash / "summary.json").read_text())["error"]
+    assert any("ETA" in line for line in lines)
+    before = (tmp_path / "sgd-mean-none" / "metrics.jsonl").stat().st_mtime_ns
+    (clash / "config.json").unlink()
+    (clash / "summary.json").unlink()
+    again = run_sweep(cells, _sweep_overrides(), tmp_path, say=lines.append)
+    assert [o.get("skipped", False) for o in again] == [True, True, False, True]
+    assert all(o["status"] == "finished" for o in again)
+    assert (tmp_path / "sgd-mean-none" / "metrics.jsonl").stat().st_mtime_ns == before  # not rerun
+
+
+def test_parallel_sweep_through_ray(tmp_path):
+    cells = grid(["sgd", "batch-sgd"], ["median"], ["ipm"])
+    outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None)
+    assert [o["status"] for o in outcomes] == ["finished", "finished"]
+    sequential = tmp_path / "seq"
+    run_sweep(cells[:1], _sweep_overrides(), sequential, say=lambda _: None)
+    assert _records(tmp_path / "sgd-median-ipm" / "metrics.jsonl") == _records(
+        sequential / "sgd-median-ipm" / "metrics.jsonl"
+    )
+
+
+def test_bad_sweep_arguments_are_clear():
+    with pytest.raises(ConfigError, match="--optimizer: 'adam' not valid; choose from: sgd, batch-sgd"):
+        parse_axis("optimizer", "sgd,adam")
+    with pytest.raises(ConfigError, match="--attack is empty"):
+        parse_axis("attack", " , ")
+    with pytest.raises(ConfigError, match="--aggregator repeats gm"):
+        parse_axis("aggregator", "gm,mean,gm")
+    with pytest.raises(ConfigError, match=r"krum-none.*needs n > 2f"):
+        run_sweep([Cell("sgd", "krum", "none")], {"num-honest": 3, "aggregator-f": 1}, "/tmp/unused", say=print)
+
+
+def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished"):
+    folder = root / f"{optimizer}-{aggregator}-{attack}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({"optimizer": optimizer, "aggregator": aggregator, "attack": attack})
+    )
+    records = [
+        {"iteration": 0, "test_accuracy": 0.1, "train_loss": 2.3, "honest_variance": None},
+        {"iteration": 10, "test_accuracy": accuracy, "train_loss": 0.5, "honest_variance": 3.0},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "summary.json").write_text(json.dumps({"status": status}))
+
+
+def test_report_table_is_laid_out_like_the_papers_table_one(tmp_path):
+    _fake_run(tmp_path, "saga", "gm", "gaussian", 0.91)
+    _fake_run(tmp_path, "sgd", "mean", "gaussian", 0.12)
+    _fake_run(tmp_path, "sgd", "gm", "none", 0.93)
+    _fake_run(tmp_path, "sgd", "mean", "none", 0.95)
+    _fake_run(tmp_path, "saga", "gm", "none", 0.5, status="failed")
+    attacks, columns, cells = table(collect([tmp_path]))
+    assert attacks == ["none", "gaussian"]  # the config's order of attacks
+    assert columns == ["sgd mean", "sgd gm", "saga gm"]
+    assert cells == {
+        ("gaussian", "saga gm"): "0.9100",
+        ("gaussian", "sgd mean"): "0.1200",
+        ("none", "sgd gm"): "0.9300",
+        ("none", "sgd mean"): "0.9500",
+        ("none", "saga gm"): "failed",
+    }
+    assert markdown(attacks, columns, cells).splitlines() == [
+        "| attack | sgd mean | sgd gm | saga gm |",
+        "|---|---|---|---|",
+        "| none | 0.9500 | 0.9300 | failed |",
+        "| gaussian | 0.1200 | - | 0.9100 |",
+    ]
+    assert csv_text(attacks, columns, cells).splitlines() == [
+        "attack,sgd mean,sgd gm,saga gm",
+        "none,0.9500,0.9300,failed",
+        "gaussian,0.1200,,0.9100",
+    ]
+    paths = write_report([tmp_path], tmp_path / "out")
+    assert paths["figure"].stat().st_size > 10_000 and paths["csv"].exists()
+    with pytest.raises(FileNotFoundError, match="no run folders"):
+        collect([tmp_path / "out"])
