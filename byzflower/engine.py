@@ -89,6 +89,7 @@ class LocalRun:
         self.recorder.byzantine_ids = self.byzantine_ids
         self.recorder.warnings = warnings_of(cfg)
         self.x = self.grads.initial_point()
+        self._messages: torch.Tensor | None = None
         self.start = 1
         if resume and (run.path / CHECKPOINT).exists():
             self._restore()
@@ -96,18 +97,27 @@ class LocalRun:
     # -- one iteration ---------------------------------------------------------------------------
     def messages(self, t: int) -> tuple[torch.Tensor, HonestStats, torch.Tensor]:
         """(honest (H, d), their statistics, all (W, d) in the role-blind order) at iteration t."""
+        if self.byzantine_ids and self.poisoned is None:
+            self.attack.prefetch(self.byzantine_ids, t, self.grads.dim)  # overlaps with the honest step
         honest = self.honest.step(self.x, t)
         stats = HonestStats.of(honest)
-        rows: dict[int, torch.Tensor] = dict(zip(self.layout.honest_ids, honest, strict=True))
+        self._order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        position = torch.empty(self.layout.num_workers, dtype=torch.long)
+        position[torch.tensor(self._order)] = torch.arange(self.layout.num_workers)
+        if self._messages is None:  # reused: a fresh (W, d) tensor per iteration costs page faults
+            self._messages = torch.empty(
+                self.layout.num_workers, self.grads.dim, dtype=honest.dtype, device=honest.device
+            )
+        everything = self._messages
+        everything.index_copy_(0, position[list(self.layout.honest_ids)].to(honest.device), honest)
         if self.byzantine_ids:
             if self.poisoned is not None:
                 bad = self.poisoned.step(self.x, t)
             else:
                 known = stats if self.attack.omniscient else None
                 bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim).to(honest)
-            rows.update(zip(self.byzantine_ids, bad, strict=True))
-        self._order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
-        return honest, stats, torch.stack([rows[w] for w in self._order])
+            everything.index_copy_(0, position[self.byzantine_ids].to(honest.device), bad)
+        return honest, stats, everything
 
     def step(self, t: int) -> None:
         honest, stats, everything = self.messages(t)

@@ -11,7 +11,7 @@ estimator lives with the honest ones; this module provides the label map). Rando
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from statistics import NormalDist
 
 import torch
@@ -62,6 +62,9 @@ class Attack:
     def craft(self, worker_ids: list[int], iteration: int, stats: HonestStats | None, dim: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, worker_ids: list[int], iteration: int, dim: int) -> None:
+        """Start any work that does not depend on the honest messages (optional)."""
+
     def _need(self, stats: HonestStats | None) -> HonestStats:
         if stats is None:
             raise ValueError(f"the {self.name} attack is omniscient: it needs the honest messages' statistics")
@@ -89,6 +92,9 @@ class Gaussian(Attack):
         if self.std < 0:
             raise ValueError(f"attack-std must be >= 0, got {std}")
         self.seed = int(seed)
+
+    def prefetch(self, worker_ids, iteration, dim):
+        prefetch_noise(self.seed, "gaussian", worker_ids, iteration, dim)
 
     def craft(self, worker_ids, iteration, stats, dim):
         s = self._need(stats)
@@ -174,6 +180,9 @@ class Noise(Attack):
             raise ValueError(f"attack-std must be >= 0, got {std}")
         self.seed = int(seed)
 
+    def prefetch(self, worker_ids, iteration, dim):
+        prefetch_noise(self.seed, "noise", worker_ids, iteration, dim)
+
     def craft(self, worker_ids, iteration, stats, dim):
         return _noise(self.seed, "noise", worker_ids, iteration, dim).mul_(self.std)
 
@@ -195,22 +204,50 @@ class LabelFlip(Attack):
 
 
 _POOL: ThreadPoolExecutor | None = None
+_PREFETCHED: dict[tuple, Future] = {}
 
 
-def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
-    """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU),
-    drawn in parallel threads (torch releases the GIL while it fills a tensor)."""
+def _pool() -> ThreadPoolExecutor:
     global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads())))
+    return _POOL
+
+
+def _draw_all(seed: int, purpose: str, worker_ids: tuple[int, ...], iteration: int, dim: int) -> torch.Tensor:
     out = torch.empty(len(worker_ids), dim)
-    if not worker_ids:
-        return out
 
     def draw(i: int) -> None:
         torch.randn(dim, generator=generator(seed, purpose, int(worker_ids[i]), iteration), out=out[i])
 
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads())))
-    list(_POOL.map(draw, range(len(worker_ids))))
+    for i in range(len(worker_ids)):
+        draw(i)
+    return out
+
+
+def prefetch_noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> None:
+    """Start drawing ``_noise``'s result in a background thread (torch releases the GIL while it
+    fills tensors), so it overlaps with the honest workers' gradients."""
+    key = (seed, purpose, tuple(int(w) for w in worker_ids), iteration, dim)
+    if key not in _PREFETCHED:
+        _PREFETCHED.clear()
+        _PREFETCHED[key] = _pool().submit(_draw_all, *key)
+
+
+def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
+    """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU)."""
+    key = (seed, purpose, tuple(int(w) for w in worker_ids), iteration, dim)
+    future = _PREFETCHED.pop(key, None)
+    if future is not None:
+        return future.result()
+    if not worker_ids:
+        return torch.zeros(0, dim)
+    out = torch.empty(len(worker_ids), dim)
+
+    def draw(i: int) -> None:
+        torch.randn(dim, generator=generator(seed, purpose, int(worker_ids[i]), iteration), out=out[i])
+
+    list(_pool().map(draw, range(len(worker_ids))))
     return out
 
 
