@@ -131,15 +131,14 @@ def _bar(done: int, total: int, started: float, width: int = 30) -> str:
 
 
 def _progress(out: Path, cells: list[Cell]) -> str:
+    """The running cells' latest evaluated iterations (queued ones have no records yet)."""
     parts = []
     for cell in cells:
         path = out / cell.name / "metrics.jsonl"
-        last = None
-        if path.exists():
-            lines = path.read_text().splitlines()
-            last = json.loads(lines[-1])["iteration"] if lines else None
-        parts.append(f"{cell.name} {'-' if last is None else f'at {last}'}")
-    return ", ".join(parts)
+        lines = path.read_text().splitlines() if path.exists() else []
+        if lines:
+            parts.append(f"{cell.name} at {json.loads(lines[-1])['iteration']}")
+    return ", ".join(parts) or "starting"
 
 
 def run_sweep(

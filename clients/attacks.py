@@ -81,11 +81,9 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
-class Gaussian(Attack):
-    """The notebook's "white" attack: honest mean + std * N(0, I), a fresh draw per worker."""
-
-    name = "gaussian"
-    omniscient = True
+class _NoiseAttack(Attack):
+    """Shared by the attacks that draw N(0, std^2 I) per worker: the draws do not depend on the
+    honest messages, so they can start before them (``prefetch``)."""
 
     def __init__(self, std: float = 30.0, seed: int = 0) -> None:
         self.std = _finite("attack-std", std)
@@ -94,12 +92,21 @@ class Gaussian(Attack):
         self.seed = int(seed)
 
     def prefetch(self, worker_ids, iteration, dim):
-        prefetch_noise(self.seed, "gaussian", worker_ids, iteration, dim)
+        prefetch_noise(self.seed, self.name, worker_ids, iteration, dim)
+
+    def _scaled_noise(self, worker_ids, iteration, dim) -> torch.Tensor:
+        return _noise(self.seed, self.name, worker_ids, iteration, dim).mul_(self.std)
+
+
+class Gaussian(_NoiseAttack):
+    """The notebook's "white" attack: honest mean + std * N(0, I), a fresh draw per worker."""
+
+    name = "gaussian"
+    omniscient = True
 
     def craft(self, worker_ids, iteration, stats, dim):
         s = self._need(stats)
-        noise = _noise(self.seed, "gaussian", worker_ids, iteration, dim).to(s.mean)
-        return noise.mul_(self.std).add_(s.mean)
+        return self._scaled_noise(worker_ids, iteration, dim).to(s.mean).add_(s.mean)
 
 
 class SignFlip(Attack):
@@ -169,22 +176,13 @@ class IPM(Attack):
         return (-self.eps * s.mean).expand(len(worker_ids), -1).clone()
 
 
-class Noise(Attack):
+class Noise(_NoiseAttack):
     """N(0, std^2 I), no knowledge of anyone."""
 
     name = "noise"
 
-    def __init__(self, std: float = 30.0, seed: int = 0) -> None:
-        self.std = _finite("attack-std", std)
-        if self.std < 0:
-            raise ValueError(f"attack-std must be >= 0, got {std}")
-        self.seed = int(seed)
-
-    def prefetch(self, worker_ids, iteration, dim):
-        prefetch_noise(self.seed, "noise", worker_ids, iteration, dim)
-
     def craft(self, worker_ids, iteration, stats, dim):
-        return _noise(self.seed, "noise", worker_ids, iteration, dim).mul_(self.std)
+        return self._scaled_noise(worker_ids, iteration, dim)
 
 
 class LabelFlip(Attack):
@@ -214,41 +212,40 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _draw_all(seed: int, purpose: str, worker_ids: tuple[int, ...], iteration: int, dim: int) -> torch.Tensor:
+def _draw(key: tuple, parallel: bool) -> torch.Tensor:
+    """(k, d) standard normal draws, worker w's from its own (seed, purpose, w, iteration) stream."""
+    seed, purpose, worker_ids, iteration, dim = key
     out = torch.empty(len(worker_ids), dim)
 
-    def draw(i: int) -> None:
-        torch.randn(dim, generator=generator(seed, purpose, int(worker_ids[i]), iteration), out=out[i])
+    def one(i: int) -> None:
+        torch.randn(dim, generator=generator(seed, purpose, worker_ids[i], iteration), out=out[i])
 
-    for i in range(len(worker_ids)):
-        draw(i)
+    if parallel:  # torch releases the GIL while it fills a tensor
+        list(_pool().map(one, range(len(worker_ids))))
+    else:
+        for i in range(len(worker_ids)):
+            one(i)
     return out
 
 
+def _key(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> tuple:
+    return seed, purpose, tuple(int(w) for w in worker_ids), iteration, dim
+
+
 def prefetch_noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> None:
-    """Start drawing ``_noise``'s result in a background thread (torch releases the GIL while it
-    fills tensors), so it overlaps with the honest workers' gradients."""
-    key = (seed, purpose, tuple(int(w) for w in worker_ids), iteration, dim)
+    """Start drawing ``_noise``'s result in a background thread, so it overlaps with the honest
+    workers' gradients."""
+    key = _key(seed, purpose, worker_ids, iteration, dim)
     if key not in _PREFETCHED:
         _PREFETCHED.clear()
-        _PREFETCHED[key] = _pool().submit(_draw_all, *key)
+        _PREFETCHED[key] = _pool().submit(_draw, key, False)
 
 
 def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
     """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU)."""
-    key = (seed, purpose, tuple(int(w) for w in worker_ids), iteration, dim)
+    key = _key(seed, purpose, worker_ids, iteration, dim)
     future = _PREFETCHED.pop(key, None)
-    if future is not None:
-        return future.result()
-    if not worker_ids:
-        return torch.zeros(0, dim)
-    out = torch.empty(len(worker_ids), dim)
-
-    def draw(i: int) -> None:
-        torch.randn(dim, generator=generator(seed, purpose, int(worker_ids[i]), iteration), out=out[i])
-
-    list(_pool().map(draw, range(len(worker_ids))))
-    return out
+    return future.result() if future is not None else _draw(key, True)
 
 
 ATTACKS = {
