@@ -133,6 +133,9 @@ def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(sup
     learned = _metrics(robust_dir)
     assert learned[-1]["test_accuracy"] > 0.5 and learned[-1]["rule_iterations"] >= 1
     assert learned[-1]["aggregate_distance"] < learned[-1]["honest_mean_norm"]
+    # the in-process engine gives the same numbers for SGD under both attacks
+    _close(stuck, _local_metrics(tmp_path, "zero-mean", **attacked))
+    _close(learned, _local_metrics(tmp_path, "gauss-gm", **gaussian))
 
 
 def _local_metrics(tmp_path, name, **overrides):
@@ -162,10 +165,9 @@ def _close(flower, local):
         {"optimizer": "batch-sgd", "attack": "label-flip", "aggregator": "gm", "num-byzantine": 5},
         {"optimizer": "svrg", "attack": "gaussian", "aggregator": "krum", "num-byzantine": 5, "snapshot-interval": 4},
         {"optimizer": "sarah", "attack": "label-flip", "aggregator": "median", "num-byzantine": 5, "sarah-interval": 5},
-        {"optimizer": "saga", "attack": "alie", "aggregator": "gm", "num-byzantine": 5},
-        {"optimizer": "sgd", "attack": "gaussian", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
+        {"optimizer": "saga", "attack": "alie", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
     ],
-    ids=["batch-sgd+label-flip", "svrg+gaussian", "sarah+label-flip", "saga+alie", "sgd+gaussian+nnm"],
+    ids=["batch-sgd+label-flip", "svrg+gaussian", "sarah+label-flip", "saga+alie+nnm"],
 )
 def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
     overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}
