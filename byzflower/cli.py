@@ -61,9 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
     if args.engine == "local":
         from byzflower.engine import run_local
-        from byzflower.server_app import check_against_data
 
-        check_against_data(cfg)
         summary = run_local(cfg)
         return 0 if summary.get("status") == "finished" else 1
     from byzflower.flower_runner import LocalSuperLink

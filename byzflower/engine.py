@@ -22,6 +22,7 @@ from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
 from byzflower.experiment import Evaluator, Recorder
 from byzflower.factory import (
     byzantine_data,
+    check_against_data,
     dataset_of,
     device_of,
     gradients_of,
@@ -68,6 +69,7 @@ class LocalRun:
     def __init__(self, cfg: RunConfig, run: RunDirectory | None = None, log: Log = print) -> None:
         self.cfg = cfg
         self.log = log
+        check_against_data(cfg)
         resume = False
         if run is None:
             run, resume = open_run(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from byzflower.config import RunConfig, parse_ids
+from byzflower.config import ConfigError, RunConfig, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import build_model
@@ -43,6 +43,20 @@ def partitions_of(cfg: RunConfig) -> tuple:
         float(cfg["dirichlet-alpha"]),
         int(cfg["pathological-classes"]),
     )
+
+
+def check_against_data(cfg: RunConfig) -> None:
+    """Checks that need the data split (made before any training starts)."""
+    parts = partitions_of(cfg)
+    sizes = [len(p) for p in parts]
+    smallest = min(sizes)
+    if cfg.batch_size > smallest:
+        worker = sizes.index(smallest)
+        raise ConfigError(
+            f"batch-size={cfg.batch_size} exceeds the {smallest} samples of honest worker {worker} "
+            f"under partitioner={cfg['partitioner']!r}; lower batch-size, or use fewer workers or a "
+            "more even partitioner"
+        )
 
 
 def gradients_of(cfg: RunConfig, data: ImageData, device: torch.device) -> ModelGradients:

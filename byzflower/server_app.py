@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from byzflower.config import ConfigError, RunConfig, attack_of, resolve, rule_of, warnings_of
+from byzflower.config import ConfigError, attack_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.experiment import Evaluator, Recorder
-from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, partitions_of
+from byzflower.factory import check_against_data, dataset_of, device_of, gradients_of, layout_of
 from byzflower.harness import Harness, HarnessError, _poll
 from strategies.strategy import RobustSGD
 
@@ -32,20 +32,6 @@ class _QuietStrategyLoop(logging.Filter):
 
 def _say(message: str) -> None:
     log(INFO, "[byzflower] %s", message)
-
-
-def check_against_data(cfg: RunConfig) -> None:
-    """Checks that need the data split (before any training starts)."""
-    parts = partitions_of(cfg)
-    sizes = [len(p) for p in parts]
-    smallest = min(sizes)
-    if cfg.batch_size > smallest:
-        worker = sizes.index(smallest)
-        raise ConfigError(
-            f"batch-size={cfg.batch_size} exceeds the {smallest} samples of honest worker {worker} "
-            f"under partitioner={cfg['partitioner']!r}; lower batch-size, or use fewer workers or a "
-            "more even partitioner"
-        )
 
 
 @app.main()

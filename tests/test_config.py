@@ -136,3 +136,12 @@ def test_breakdown_settings_run_with_a_warning():
     assert warnings_of(cfg) == ["median tolerates fewer than 50% Byzantine messages; 10 of 20 are Byzantine"]
     assert "mean tolerates no Byzantine message" in warnings_of(resolve({"aggregator": "mean"}))[0]
     assert "assumes f = 5" in warnings_of(resolve({"aggregator": "krum", "aggregator-f": 5}))[0]
+
+
+def test_a_batch_larger_than_a_workers_data_is_rejected_before_the_run(mnist):
+    from byzflower.factory import check_against_data
+
+    cfg = resolve({"partitioner": "pathological", "num-honest": 50, "batch-size": 2000})
+    with pytest.raises(ConfigError, match="batch-size=2000 exceeds the .* samples of honest worker"):
+        check_against_data(cfg)
+    check_against_data(resolve({}))  # the defaults fit
