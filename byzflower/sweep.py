@@ -149,9 +149,14 @@ def run_sweep(
     out: Path,
     jobs: int = 1,
     ray_address: str | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``)."""
+    if say is None:
+
+        def say(line: str) -> None:
+            print(line, flush=True)  # flushed: progress must show when the output is a file or a pipe
+
     out = Path(out).expanduser().resolve()
     validate(cells, overrides, out)
     out.mkdir(parents=True, exist_ok=True)

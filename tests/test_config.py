@@ -142,6 +142,6 @@ def test_a_batch_larger_than_a_workers_data_is_rejected_before_the_run(mnist):
     from byzflower.factory import check_against_data
 
     cfg = resolve({"partitioner": "pathological", "num-honest": 50, "batch-size": 2000})
-    with pytest.raises(ConfigError, match="batch-size=2000 exceeds the .* samples of honest worker"):
+    with pytest.raises(ConfigError, match=r"batch-size=2000 exceeds the .* samples of honest worker"):
         check_against_data(cfg)
     check_against_data(resolve({}))  # the defaults fit

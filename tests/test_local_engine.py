@@ -166,3 +166,27 @@ def test_report_table_is_laid_out_like_the_papers_table_one(tmp_path):
     assert paths["figure"].stat().st_size > 10_000 and paths["csv"].exists()
     with pytest.raises(FileNotFoundError, match="no run folders"):
         collect([tmp_path / "out"])
+
+
+def test_the_cnn_and_fashion_mnist_plug_in(tmp_path):
+    """Any torch model and the second data set run through the same estimators and rules."""
+    cfg = resolve(
+        {
+            **RUN,
+            "model": "cnn",
+            "dataset": "fashion-mnist",
+            "optimizer": "saga",
+            "attack": "sign-flip",
+            "aggregator": "gm",
+            "num-server-rounds": 30,
+            "eval-every": 30,
+            "lr": 0.05,
+            "eval-train-samples": 2000,
+            "results-dir": str(tmp_path),
+            "run-name": "cnn",
+        }
+    )
+    summary = run_local(cfg, log=lambda _: None)
+    records = _records(tmp_path / "cnn" / "metrics.jsonl")
+    assert summary["status"] == "finished" and records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["honest_variance"] > 0
