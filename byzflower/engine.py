@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
-from byzflower.experiment import Evaluator, Recorder
+from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import (
     byzantine_data,
     check_against_data,
@@ -133,11 +133,7 @@ class LocalRun:
             aggregate = result.vector
             self.x = self.x - float(self.cfg.lr) * aggregate
             info = dict(result.info)
-            if "selected" in info:
-                positions = valid.nonzero().reshape(-1)
-                worker = self._order[int(positions[int(info["selected"])])]
-                info["selected_worker"] = worker
-                info["selected_byzantine"] = int(worker in self.byzantine_ids)
+            name_selected(info, valid.nonzero().reshape(-1).tolist(), self._order, self.byzantine_ids)
             counts["failed"] = 0
         else:
             self.log(

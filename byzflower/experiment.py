@@ -19,6 +19,21 @@ from clients.rng import derive_seed
 Log = Callable[[str], None]
 
 
+def name_selected(info: dict[str, Any], valid_positions: list[int], order: list[int], byzantine: list[int]) -> None:
+    """Add the worker behind a rule's ``selected`` row (Krum-like rules) to its diagnostics.
+
+    The rule picked a row among the valid messages; ``valid_positions`` maps rows to positions in
+    the role-blind ``order`` the messages arrived in, which maps positions to workers.
+    """
+    if "selected" not in info:
+        return
+    position = valid_positions[int(info["selected"])]
+    if position < len(order):
+        worker = order[position]
+        info["selected_worker"] = worker
+        info["selected_byzantine"] = int(worker in byzantine)
+
+
 class Evaluator:
     """Loss and accuracy on the whole test set and on the training set (or a fixed sample of it)."""
 

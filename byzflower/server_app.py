@@ -13,7 +13,7 @@ from flwr.supercore import log
 
 from byzflower.config import ConfigError, attack_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
-from byzflower.experiment import Evaluator, Recorder
+from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import check_against_data, dataset_of, device_of, gradients_of, layout_of
 from byzflower.harness import Harness, HarnessError, _poll
 from strategies.strategy import RobustSGD
@@ -65,13 +65,8 @@ def main(grid: Grid, context: Context) -> None:
             metrics = dict(strategy.last_metrics or {})
             rec = harness.last_round
             info = {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")}
-            if rec is not None and "selected" in info:
-                # the rule picked a row of the valid messages: name the worker behind it
-                position = strategy.last_valid[int(info["selected"])]
-                if position < len(rec.order):
-                    worker = rec.order[position]
-                    info["selected_worker"] = worker
-                    info["selected_byzantine"] = int(worker in rec.byzantine_ids)
+            if rec is not None:
+                name_selected(info, strategy.last_valid, rec.order, rec.byzantine_ids)
             recorder.observe(
                 server_round,
                 None if rec is None else rec.honest,
