@@ -58,19 +58,30 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_run_config(args.run_config)
     cfg = resolve(overrides)  # fail fast, with every problem listed
+    if args.supernodes < 0:
+        raise ConfigError(f"--supernodes={args.supernodes} must be >= 1 (or 0 for the default, 2)")
+    if args.engine == "local" and (args.supernodes or args.gpus_per_client or args.cpus_per_client):
+        raise ConfigError("--supernodes / --gpus-per-client / --cpus-per-client need --engine flower or deployment")
+    if args.engine == "deployment" and (args.gpus_per_client or args.cpus_per_client):
+        raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
     ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
     if args.engine == "local":
         from byzflower.engine import run_local
 
         summary = run_local(cfg)
         return 0 if summary.get("status") == "finished" else 1
-    from byzflower.flower_runner import LocalSuperLink
+    from byzflower.flower_runner import LocalDeployment, LocalSuperLink
 
     if not overrides.get("results-dir"):
         from byzflower.results import default_results_dir
 
         # The ServerApp runs in the SuperLink's working directory: give it an absolute path.
         overrides["results-dir"] = str(default_results_dir().resolve())
+    if args.engine == "deployment":
+        with LocalDeployment(args.supernodes or 2) as link:
+            outcome = link.run(APP_DIR, overrides, echo=True)
+        print(f"run {outcome.run_id}: {outcome.status}")
+        return 0 if outcome.ok else 1
     federation: dict[str, Any] = {}
     if args.supernodes:
         federation["num-supernodes"] = args.supernodes
@@ -141,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment (Flower's simulation engine, or in-process)")
     run.add_argument(
         "--engine",
-        choices=("flower", "local"),
+        choices=("flower", "deployment", "local"),
         default="flower",
-        help="flower: the Flower app through a local SuperLink; local: in this process, no Flower messaging",
+        help="flower: the Flower app in Flower's simulation engine through a local SuperLink; "
+        "deployment: the Flower app on a real SuperLink and --supernodes real SuperNode processes on this "
+        "machine; local: in this process, no Flower messaging",
     )
     run.add_argument("--run-config", default="", help="overrides, TOML syntax: \"optimizer='saga' lr=0.05\"")
-    run.add_argument("--supernodes", type=int, default=0, help="number of simulated SuperNodes (default: Flower's 2)")
+    run.add_argument("--supernodes", type=int, default=0, help="number of SuperNodes (default 2)")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.1)")
     run.add_argument("--cpus-per-client", type=int, default=0, help="CPU cores per ClientApp (default: Flower's 2)")
     run.set_defaults(func=_cmd_run)

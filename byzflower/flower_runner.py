@@ -85,7 +85,9 @@ class RunOutcome:
 
 
 class LocalSuperLink:
-    """A simulation-mode SuperLink on a free port; use as a context manager."""
+    """A SuperLink on a free port, in simulation mode unless told otherwise; a context manager."""
+
+    simulation = True
 
     def __init__(self, home: str | Path | None = None, env: dict[str, str] | None = None) -> None:
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix="byzflower-flwr-")
@@ -123,7 +125,7 @@ class LocalSuperLink:
             [
                 _bin("flower-superlink"),
                 "--insecure",
-                "--simulation",
+                *(["--simulation"] if self.simulation else []),
                 "--isolation",
                 "subprocess",
                 "--host",
@@ -159,29 +161,8 @@ class LocalSuperLink:
         """SIGTERM the SuperLink and everything it started; SIGKILL what is left after ``grace``."""
         if self.process is None:
             return
-        pids = [self.process.pid, *descendants(self.process.pid)]
-        self.pids.update(pids)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            if self.process.poll() is None:
-                time.sleep(0.2)
-            else:
-                time.sleep(0.1)
-        for pid in pids + descendants(self.process.pid):
-            if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        self.pids.update([self.process.pid, *descendants(self.process.pid)])
+        _terminate_tree(self.process, grace)
         self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -243,6 +224,94 @@ class LocalSuperLink:
             return runs[0].get("status") if runs else None
         except (ValueError, AttributeError, IndexError):
             return None
+
+
+class LocalDeployment(LocalSuperLink):
+    """A deployment-mode SuperLink plus ``supernodes`` real SuperNode processes on this machine.
+
+    Node ``i`` gets ``--node-config "partition-id=i num-partitions=K"`` and its own FLWR_HOME, as
+    separate devices would. ``flwr run`` then goes through exactly the path of a real
+    deployment: Fleet API, one ClientApp process per message, worker state on each node's disk.
+    """
+
+    simulation = False
+
+    def __init__(self, supernodes: int = 2, home: str | Path | None = None, env: dict[str, str] | None = None):
+        if int(supernodes) < 1:
+            raise ValueError(f"supernodes={supernodes} must be >= 1")
+        super().__init__(home, env)
+        self.supernodes = int(supernodes)
+        self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 60.0) -> None:
+        super().start(timeout)
+        try:
+            for i in range(self.supernodes):
+                home = self.home / f"supernode-{i}"
+                home.mkdir(parents=True, exist_ok=True)
+                with open(home / "supernode.log", "ab") as log:
+                    node = subprocess.Popen(
+                        [
+                            _bin("flower-supernode"),
+                            "--insecure",
+                            "--superlink",
+                            f"127.0.0.1:{self.port}",
+                            "--host",
+                            "127.0.0.1",
+                            "--port",
+                            str(_free_port()),
+                            "--node-config",
+                            f"partition-id={i} num-partitions={self.supernodes}",
+                        ],
+                        env={**self.env, "FLWR_HOME": str(home)},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                self.nodes.append(node)
+                self.pids.add(node.pid)
+            time.sleep(1.0)
+            dead = [i for i, n in enumerate(self.nodes) if n.poll() is not None]
+            if dead:
+                raise RuntimeError(
+                    f"flower-supernode {dead[0]} exited with {self.nodes[dead[0]].returncode}; "
+                    f"see {self.home}/supernode-{dead[0]}/supernode.log"
+                )
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 15.0) -> None:
+        for node in self.nodes:
+            _terminate_tree(node, grace)
+            self.pids.add(node.pid)
+        self.nodes = []
+        super().stop(grace)
+
+
+def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM ``process`` and its descendants, SIGKILL whatever is left after ``grace`` s."""
+    pids = [process.pid, *descendants(process.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        process.poll()
+        time.sleep(0.1)
+    for pid in pids + descendants(process.pid):
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,14 +111,31 @@ class Harness(Grid):
 
     # -- set-up -----------------------------------------------------------------------------
     def discover(self, wait: float = 120.0) -> None:
-        """Ask every node which partition it is; check they cover the workers exactly."""
+        """Ask every node which partition it is; check they cover the workers exactly.
+
+        Real SuperNodes join when they are up, so a missing partition is waited for (up to
+        ``wait`` seconds, asking only newly connected nodes); contradictions fail at once.
+        """
         deadline = time.monotonic() + wait
-        node_ids = list(self.grid.get_node_ids())
-        while not node_ids and time.monotonic() < deadline:
+        infos: dict[int, Any] = {}
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in infos]
+            if new:
+                infos.update(self._ask_partitions(new))
+            problem = _coverage_problem(infos)
+            if problem is None:
+                break
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{problem} (waited {wait:.0f} s for SuperNodes to connect)")
             time.sleep(0.5)
-            node_ids = list(self.grid.get_node_ids())
-        if not node_ids:
-            raise HarnessError(f"no SuperNode connected within {wait:.0f} s")
+        self.nodes = {
+            nid: ([int(w) for w in i["honest"]], [int(w) for w in i["byzantine"]]) for nid, i in infos.items()
+        }
+        hosted = sorted(w for h, b in self.nodes.values() for w in h + b)
+        if hosted != list(range(self.layout.num_workers)):
+            raise HarnessError(f"nodes host workers {hosted}, expected 0..{self.layout.num_workers - 1}")
+
+    def _ask_partitions(self, node_ids: list[int]) -> dict[int, Any]:
         query = [
             Message(
                 RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover"
@@ -128,24 +146,7 @@ class Harness(Grid):
         failed = [r for r in replies if r.has_error()]
         if failed:
             raise HarnessError(f"{len(failed)} node(s) failed to start: {failed[0].error.reason}")
-        if len(replies) != len(node_ids):
-            raise HarnessError(f"only {len(replies)} of {len(node_ids)} nodes answered")
-        infos = {r.metadata.src_node_id: r.content["node"] for r in replies}
-        ks = {int(i["num-partitions"]) for i in infos.values()}
-        if len(ks) != 1:
-            raise HarnessError(f"nodes disagree on num-partitions: {sorted(ks)}")
-        (k,) = ks
-        pids = sorted(int(i["partition-id"]) for i in infos.values())
-        if pids != list(range(k)):
-            missing = sorted(set(range(k)) - set(pids))
-            dup = sorted({p for p in pids if pids.count(p) > 1})
-            raise HarnessError(f"nodes must have partition-id 0..{k - 1} once each; missing {missing}, repeated {dup}")
-        self.nodes = {
-            nid: ([int(w) for w in i["honest"]], [int(w) for w in i["byzantine"]]) for nid, i in infos.items()
-        }
-        hosted = sorted(w for h, b in self.nodes.values() for w in h + b)
-        if hosted != list(range(self.layout.num_workers)):
-            raise HarnessError(f"nodes host workers {hosted}, expected 0..{self.layout.num_workers - 1}")
+        return {r.metadata.src_node_id: r.content["node"] for r in replies}
 
     # -- rounds -----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -262,3 +263,24 @@ def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) 
         record[key] = _array(row[offset : offset + n].reshape(shape))
         offset += n
     return record
+
+
+def _coverage_problem(infos: dict[int, Any]) -> str | None:
+    """None when the nodes are partitions 0..K-1 once each; a message if some are missing.
+
+    Raises when the nodes contradict each other (no later node can fix that).
+    """
+    if not infos:
+        return "no SuperNode connected"
+    ks = {int(i["num-partitions"]) for i in infos.values()}
+    if len(ks) != 1:
+        raise HarnessError(f"nodes disagree on num-partitions: {sorted(ks)}")
+    (k,) = ks
+    pids = sorted(int(i["partition-id"]) for i in infos.values())
+    dup = sorted({p for p in pids if pids.count(p) > 1})
+    if dup:
+        raise HarnessError(f"nodes must have partition-id 0..{k - 1} once each; repeated {dup}")
+    missing = sorted(set(range(k)) - set(pids))
+    if missing:
+        return f"nodes must have partition-id 0..{k - 1} once each; missing {missing}"
+    return None
