@@ -96,15 +96,25 @@ class Estimator:
         flat = rows.reshape(-1)
         return self.grads.sample_grads(x, self.data.inputs[flat], self.data.targets[flat])
 
-    def _write(self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor) -> torch.Tensor | None:
-        """Combine a chunk's per-sample gradients into its workers' rows of ``out`` (k, d).
+    def _write(
+        self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor, old: SampleGrads | None = None
+    ) -> torch.Tensor | None:
+        """Combine a chunk's per-sample gradients (minus ``old``'s, when given) into its
+        workers' rows of ``out`` (k, d).
 
         Returns the chunk's (CHUNK, d) result when it had to be materialised (padded chunks).
         """
+        if old is None:
+            combine = self.grads.combine
+        else:
+
+            def combine(g: SampleGrads, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+                return self.grads.combine_difference(g, old, w, out=out)
+
         if ch.span is not None:
-            self.grads.combine(grads, weights, out=out[ch.span[0] : ch.span[1]])
+            combine(grads, weights, out=out[ch.span[0] : ch.span[1]])
             return None
-        block = self.grads.combine(grads, weights)
+        block = combine(grads, weights)
         out[ch.targets] = block[ch.valid]
         return block
 
@@ -112,10 +122,9 @@ class Estimator:
         """(k, d): per worker, mean over its sampled rows of grad f(x_new) - grad f(x_old)."""
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x_new.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x_new.device)
-        weights = torch.cat([w, -w], dim=1)
         for ch in self._chunks:
             r = rows[ch.rows]
-            self._write(out, ch, _concat(self._chunk_grads(x_new, r), self._chunk_grads(x_old, r), CHUNK), weights)
+            self._write(out, ch, self._chunk_grads(x_new, r), w, old=self._chunk_grads(x_old, r))
         return out
 
     def _mean_grads(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -224,21 +233,20 @@ class SAGA(Estimator):
         b = self.batch_size
         sizes = self.data.sizes.to(x.device, self.grads.dtype)
         w = torch.full((CHUNK, b), 1.0 / b, dtype=self.grads.dtype, device=x.device)
-        weights = torch.cat([w, -w], dim=1)
         delta = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         exact: dict[int, torch.Tensor] = {}
         for ch in self._chunks:
             r = rows[ch.rows]
             new = self._chunk_grads(x, r)
-            both = _concat(new, self._table_rows(r.reshape(-1)), CHUNK)
-            self._write(delta, ch, both, weights)  # (1/b) sum_j (new_j - old_j)
+            old = self._table_rows(r.reshape(-1))
+            self._write(delta, ch, new, w, old=old)  # (1/b) sum_j (new_j - old_j)
             # gbar += (1/J) sum over the distinct sampled j of (new_j - old_j), which is
             # (b/J) * delta unless a worker drew a sample twice: such workers get the exact sum.
             first = _first_occurrence(r) if b > 1 else None
             repeated = ~first.all(dim=1) & ch.valid if first is not None else None
             if repeated is not None and bool(repeated.any()):
                 u = first.to(self.grads.dtype) / sizes[ch.rows][:, None]
-                update = self.grads.combine(both, torch.cat([u, -u], dim=1))
+                update = self.grads.combine_difference(new, old, u)
                 for slot in repeated.nonzero().reshape(-1).tolist():
                     exact[int(ch.rows[slot])] = update[slot]
             self._store_rows(r[ch.valid].reshape(-1), new.select(_valid_sample_index(ch.valid, b)))
@@ -332,21 +340,6 @@ class SARAH(Estimator):
         self.state["v"].copy_(v)
         self.state["previous"].copy_(x)
         return self._finish(v, x, iteration)
-
-
-def _concat(a: SampleGrads, b: SampleGrads, groups: int) -> SampleGrads:
-    """Per group, a's samples followed by b's (both group-major with the same group count)."""
-
-    def cat(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.reshape(groups, -1, x.shape[-1]), y.reshape(groups, -1, y.shape[-1])], dim=1).reshape(
-            -1, x.shape[-1]
-        )
-
-    return SampleGrads(
-        [cat(x, y) for x, y in zip(a.inputs, b.inputs, strict=True)],
-        [cat(x, y) for x, y in zip(a.deltas, b.deltas, strict=True)],
-        None if a.dense is None else cat(a.dense, b.dense),
-    )
 
 
 def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:

@@ -233,6 +233,43 @@ class ModelGradients:
             out[:, self.dense_index] = (grads.dense.reshape(c, b, -1) * w).sum(dim=1)
         return out
 
+    def combine_difference(
+        self, new: SampleGrads, old: SampleGrads, weights: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Weighted sums of per-sample gradient differences within groups.
+
+        Args:
+            new, old: per-sample gradients of the same c * b samples (group-major) at two points.
+            weights: (c, b) weight of each sample.
+            out: optional (c, d) tensor to write into.
+
+        Returns:
+            (c, d): row i is sum_j weights[i, j] * (new - old gradient of sample (i, j)).
+
+        A layer fed the data itself has the same input at both points, so its part is one
+        outer product per sample, of the input and the difference of the output gradients:
+        half the work of combining both sets (and that layer usually holds most parameters).
+        """
+        c, b = weights.shape
+        if out is None:
+            out = torch.empty(c, self.dim, dtype=self.dtype, device=weights.device)
+        w = weights.to(self.dtype).unsqueeze(-1)
+        layers = zip(self._factored, self._input_is_data, new.inputs, new.deltas, old.inputs, old.deltas, strict=True)
+        for f, same_input, a, g, a_old, g_old in layers:
+            if same_input:
+                gw = (g - g_old).reshape(c, b, -1) * w
+                a = a.reshape(c, b, -1)
+            else:
+                gw = torch.cat([g.reshape(c, b, -1) * w, g_old.reshape(c, b, -1) * -w], dim=1)
+                a = torch.cat([a.reshape(c, b, -1), a_old.reshape(c, b, -1)], dim=1)
+            size = f.out_features * f.in_features
+            out[:, f.weight_offset : f.weight_offset + size] = torch.bmm(gw.transpose(1, 2), a).reshape(c, size)
+            if f.bias:
+                out[:, f.bias_offset : f.bias_offset + f.out_features] = gw.sum(dim=1)
+        if new.dense is not None:
+            out[:, self.dense_index] = ((new.dense - old.dense).reshape(c, b, -1) * w).sum(dim=1)
+        return out
+
     def weighted_sum(self, grads: SampleGrads, weights: torch.Tensor) -> torch.Tensor:
         """(d,) sum_s weights[s] * gradient of sample s, for many samples.
 

@@ -38,6 +38,21 @@ def test_factored_per_sample_gradients_are_exact(name):
     assert torch.allclose(G.mean_grad(x, inputs, targets), ref.mean(0), atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_combined_differences_equal_the_difference_of_exact_gradients(name):
+    model = build_model(name, seed=2).double()
+    G = ModelGradients(model, (1, 28, 28))
+    x_old = G.initial_point()
+    x_new = x_old + 0.05 * torch.randn(x_old.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    inputs, targets = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (6,))
+    diff = _reference_per_sample(model, x_new, inputs, targets) - _reference_per_sample(model, x_old, inputs, targets)
+    w = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, -2.0]], dtype=torch.float64)
+    got = G.combine_difference(G.sample_grads(x_new, inputs, targets), G.sample_grads(x_old, inputs, targets), w)
+    assert torch.allclose(got[0], 0.5 * diff[0] + 0.25 * diff[1] + 0.25 * diff[2], atol=1e-12)
+    assert torch.allclose(got[1], diff[3] - 2.0 * diff[5], atol=1e-12)
+    assert got.abs().max() > 1e-3  # the two points really differ
+
+
 def test_mlp_layers_are_factored_and_the_first_input_is_the_data():
     G = ModelGradients(build_model("mlp", 1), (1, 28, 28))
     assert G.dim == 39_760 and G.dense_dim == 0  # the paper's network, all nn.Linear
