@@ -2,17 +2,19 @@
 
 50 honest workers (iid, 1,200 MNIST samples each), the paper's 784-50-10 MLP (39,760 parameters),
 all workers in one group on the CPU (as the in-process engine runs them; a Flower node runs its
-share with the same code). Seconds per iteration include SVRG's snapshots and SARAH's restarts
-amortised over the run. Targets: SAGA's state <= 1 GB (a dense table would be 9.5 GB); a SAGA
-iteration <= 2x an SGD iteration with the same batch size.
+share with the same code). Seconds per iteration are the median over interleaved 100-iteration
+blocks (SVRG's snapshots and SARAH's restarts amortised within each), so a shared machine's slow
+spells hit every estimator alike. Targets: SAGA's state <= 1 GB (a dense table would be 9.5 GB);
+a SAGA iteration <= 2x an SGD iteration with the same batch size.
 
-Usage: python benchmarks/estimators.py [--iterations 300]
+Usage: python benchmarks/estimators.py [--iterations 500]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +31,34 @@ def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def per_iteration(est, x: torch.Tensor, iterations: int) -> float:
-    """Mean seconds per step over ``iterations`` steps after the first (which builds tables)."""
-    est.step(x, 1)
-    start = time.perf_counter()
-    for t in range(2, iterations + 2):
-        x = x - 0.1 * est.step(x, t).mean(0)
-    return (time.perf_counter() - start) / iterations
+BLOCK = 100  # iterations per timed block: one SVRG snapshot each, so snapshots are amortised
+
+
+class Timed:
+    """An estimator stepped in blocks of BLOCK iterations, the time of each block kept."""
+
+    def __init__(self, est, x: torch.Tensor) -> None:
+        self.est, self.x, self.t, self.blocks = est, x, 1, []
+        self._step()  # the first step builds tables: timed apart
+
+    def _step(self) -> None:
+        self.x = self.x - 0.1 * self.est.step(self.x, self.t).mean(0)
+        self.t += 1
+
+    def block(self) -> None:
+        start = time.perf_counter()
+        for _ in range(BLOCK):
+            self._step()
+        self.blocks.append((time.perf_counter() - start) / BLOCK)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.blocks)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(2)
     cfg = resolve({"num-honest": 50, "attack": "none"})
@@ -64,10 +82,12 @@ def main() -> None:
         mapped = SAGA(grads, workers, batch_size=1, seed=1, allocate=mapped_allocator(Path(tmp)))
         mapped.step(x0, 1)
         build_mapped = time.perf_counter() - start
-        t_mapped = per_iteration(mapped, x0, args.iterations // 3)
+        timed_mapped = Timed(mapped, x0)
+        for _ in range(max(1, args.iterations // BLOCK)):
+            timed_mapped.block()
+        t_mapped = timed_mapped.seconds
 
-    rows = []
-    for label, est in [
+    candidates = [
         ("sgd (b=1)", SGD(grads, workers, batch_size=1, seed=1)),
         ("saga (b=1)", SAGA(grads, workers, batch_size=1, seed=1)),
         ("svrg (b=1, T=100)", SVRG(grads, workers, batch_size=1, seed=1, snapshot_interval=100)),
@@ -75,8 +95,13 @@ def main() -> None:
         ("sgd (b=5)", SGD(grads, workers, batch_size=5, seed=1)),
         ("saga (b=5)", SAGA(grads, workers, batch_size=5, seed=1)),
         ("batch-sgd (b=50)", SGD(grads, workers, batch_size=50, seed=1)),
-    ]:
-        rows.append((label, per_iteration(est, x0, args.iterations)))
+    ]
+    timed = [(label, Timed(est, x0)) for label, est in candidates]
+    # Interleaved blocks, median per estimator: a shared machine's slow spells hit all alike.
+    for _ in range(max(1, args.iterations // BLOCK)):
+        for _, t in timed:
+            t.block()
+    rows = [(label, t.seconds) for label, t in timed]
     times = dict(rows)
     print(f"\n{'estimator':<22}{'ms/iteration':>14}{'vs sgd, same b':>16}")
     for label, t in rows:
