@@ -77,19 +77,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         # The ServerApp runs in the SuperLink's working directory: give it an absolute path.
         overrides["results-dir"] = str(default_results_dir().resolve())
-    if args.engine == "deployment":
-        with LocalDeployment(args.supernodes or 2) as link:
-            outcome = link.run(APP_DIR, overrides, echo=True)
-        print(f"run {outcome.run_id}: {outcome.status}")
-        return 0 if outcome.ok else 1
     federation: dict[str, Any] = {}
-    if args.supernodes:
-        federation["num-supernodes"] = args.supernodes
-    if args.gpus_per_client:
-        federation["client-resources-num-gpus"] = args.gpus_per_client
-    if args.cpus_per_client:
-        federation["client-resources-num-cpus"] = args.cpus_per_client
-    with LocalSuperLink() as link:
+    if args.engine == "deployment":
+        link: LocalSuperLink = LocalDeployment(args.supernodes or 2)
+    else:
+        link = LocalSuperLink()
+        if args.supernodes:
+            federation["num-supernodes"] = args.supernodes
+        if args.gpus_per_client:
+            federation["client-resources-num-gpus"] = args.gpus_per_client
+        if args.cpus_per_client:
+            federation["client-resources-num-cpus"] = args.cpus_per_client
+    with link:
         outcome = link.run(APP_DIR, overrides, federation, echo=True)
     print(f"run {outcome.run_id}: {outcome.status}")
     return 0 if outcome.ok else 1

@@ -161,8 +161,7 @@ class LocalSuperLink:
         """SIGTERM the SuperLink and everything it started; SIGKILL what is left after ``grace``."""
         if self.process is None:
             return
-        self.pids.update([self.process.pid, *descendants(self.process.pid)])
-        _terminate_tree(self.process, grace)
+        self.pids.update(_terminate_tree(self.process, grace))
         self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -284,14 +283,15 @@ class LocalDeployment(LocalSuperLink):
 
     def stop(self, grace: float = 15.0) -> None:
         for node in self.nodes:
-            _terminate_tree(node, grace)
-            self.pids.add(node.pid)
+            self.pids.update(_terminate_tree(node, grace))
         self.nodes = []
         super().stop(grace)
 
 
-def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM ``process`` and its descendants, SIGKILL whatever is left after ``grace`` s."""
+def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
+    """SIGTERM ``process`` and its descendants, SIGKILL whatever is left after ``grace`` s.
+
+    Returns every pid it signalled."""
     pids = [process.pid, *descendants(process.pid)]
     for pid in pids:
         try:
@@ -302,7 +302,8 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         process.poll()
         time.sleep(0.1)
-    for pid in pids + descendants(process.pid):
+    pids += descendants(process.pid)
+    for pid in pids:
         if _alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -312,6 +313,7 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> None:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
+    return pids
 
 
 def _alive(pid: int) -> bool:

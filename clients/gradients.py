@@ -222,13 +222,7 @@ class ModelGradients:
             out = torch.empty(c, self.dim, dtype=self.dtype, device=weights.device)
         w = weights.to(self.dtype).unsqueeze(-1)
         for f, a, g in zip(self._factored, grads.inputs, grads.deltas, strict=True):
-            gw = g.reshape(c, b, -1) * w
-            size = f.out_features * f.in_features
-            out[:, f.weight_offset : f.weight_offset + size] = torch.bmm(
-                gw.transpose(1, 2), a.reshape(c, b, -1)
-            ).reshape(c, size)
-            if f.bias:
-                out[:, f.bias_offset : f.bias_offset + f.out_features] = gw.sum(dim=1)
+            _place_layer(out, f, g.reshape(c, b, -1) * w, a.reshape(c, b, -1))
         if grads.dense is not None:
             out[:, self.dense_index] = (grads.dense.reshape(c, b, -1) * w).sum(dim=1)
         return out
@@ -262,10 +256,7 @@ class ModelGradients:
             else:
                 gw = torch.cat([g.reshape(c, b, -1) * w, g_old.reshape(c, b, -1) * -w], dim=1)
                 a = torch.cat([a.reshape(c, b, -1), a_old.reshape(c, b, -1)], dim=1)
-            size = f.out_features * f.in_features
-            out[:, f.weight_offset : f.weight_offset + size] = torch.bmm(gw.transpose(1, 2), a).reshape(c, size)
-            if f.bias:
-                out[:, f.bias_offset : f.bias_offset + f.out_features] = gw.sum(dim=1)
+            _place_layer(out, f, gw, a)
         if new.dense is not None:
             out[:, self.dense_index] = ((new.dense - old.dense).reshape(c, b, -1) * w).sum(dim=1)
         return out
@@ -309,6 +300,16 @@ class ModelGradients:
             correct += int((out.argmax(dim=1) == y).sum())
         n = max(int(inputs.shape[0]), 1)
         return total_loss / n, correct / n
+
+
+def _place_layer(out: torch.Tensor, f: _Factored, gw: torch.Tensor, a: torch.Tensor) -> None:
+    """Write factored layer ``f``'s group sums into ``out`` (c, d): its weight block is
+    sum_j outer(gw[:, j], a[:, j]) for weighted output gradients gw (c, k, out) and inputs a
+    (c, k, in), its bias sum_j gw[:, j]."""
+    size = f.out_features * f.in_features
+    out[:, f.weight_offset : f.weight_offset + size] = torch.bmm(gw.transpose(1, 2), a).reshape(-1, size)
+    if f.bias:
+        out[:, f.bias_offset : f.bias_offset + f.out_features] = gw.sum(dim=1)
 
 
 @contextlib.contextmanager
