@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 from byzflower.config import DEFAULTS, ConfigError, markdown_table, resolve
 from byzflower.data import DATASETS, DataError, ensure_dataset
+from byzflower.results import RunFolderError
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -65,6 +67,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "deployment" and (args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
     ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
+    from byzflower.factory import preflight
+
+    preflight(cfg)  # data- and machine-dependent checks, before any folder or process exists
     if args.engine == "local":
         from byzflower.engine import run_local
 
@@ -183,16 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C: every process we started is stopped by the
+    # context managers on the way out, and the run's summary says "interrupted".
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, RunFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ validate through ``resolve``: every problem is reported at once, before any work
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,37 @@ class Key:
     choices: tuple[str, ...] = ()
     minimum: float | None = None  # inclusive
     positive: bool = False  # > 0
+    maximum: float | None = None  # inclusive
     planned: tuple[str, ...] = ()  # choices named in the roadmap but not built yet
 
     @property
     def kind(self) -> type:
         return type(self.default)
+
+    def allowed(self) -> str:
+        """The valid values in words, derived from the declaration (numbers are always finite)."""
+        noun = "an integer" if self.kind is int else "a finite number"
+        shown = (lambda b: str(int(b))) if self.kind is int else (lambda b: f"{b:g}")
+        bounds = []
+        if self.positive:
+            bounds.append("> 0")
+        elif self.minimum is not None:
+            bounds.append(f">= {shown(self.minimum)}")
+        if self.maximum is not None:
+            bounds.append(f"<= {shown(self.maximum)}")
+        return f"{noun} {' and '.join(bounds)}".strip()
+
+    def in_range(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.positive and not value > 0:
+            return False
+        if self.minimum is not None and value < self.minimum:
+            return False
+        return self.maximum is None or value <= self.maximum
+
+
+F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
 
 
 OPTIMIZERS = ("sgd", "batch-sgd", "saga", "svrg", "sarah")
@@ -48,19 +76,33 @@ _KEYS = [
     # -- the experiment --------------------------------------------------------------------
     Key("num-server-rounds", 300, "Aggregation iterations (one model step each).", positive=True),
     Key("eval-every", 50, "Iterations between evaluations (the last iteration is always evaluated).", positive=True),
-    Key("seed", 1, "Seed of everything: data split, sampling, model init, attacks.", minimum=0),
+    Key("seed", 1, "Seed of everything: data split, sampling, model init, attacks.", minimum=0, maximum=2**63 - 1),
     Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0),
     Key("num-byzantine", 20, "Byzantine workers B (the paper: 20); attack='none' leaves them out (W = H).", minimum=0),
     Key("attack", "gaussian", "What Byzantine workers send (see the table of attacks).", choices=ATTACKS),
     Key(
         "attack-std",
         30.0,
-        "gaussian, noise: standard deviation of the added/sent noise (the notebook's 30).",
+        "gaussian, noise: standard deviation of the added/sent noise (the notebook's 30); at most 1e37, "
+        "so that the draws stay within float32.",
         minimum=0,
+        maximum=1e37,
     ),
-    Key("attack-scale", -3.0, "sign-flip: the factor on the honest mean (the paper -3; the notebook's maxValue -10)."),
-    Key("alie-z", 0.0, "alie: z in mean - z * std; 0 = from n and f as in Baruch et al. 2019."),
-    Key("ipm-eps", 0.1, "ipm: epsilon in -epsilon * honest mean.", positive=True),
+    Key(
+        "attack-scale",
+        -3.0,
+        "sign-flip: the factor on the honest mean (the paper -3; the notebook's maxValue -10).",
+        minimum=-F32_MAX,
+        maximum=F32_MAX,
+    ),
+    Key(
+        "alie-z",
+        0.0,
+        "alie: z in mean - z * std; 0 = from n and f as in Baruch et al. 2019.",
+        minimum=-F32_MAX,
+        maximum=F32_MAX,
+    ),
+    Key("ipm-eps", 0.1, "ipm: epsilon in -epsilon * honest mean.", positive=True, maximum=F32_MAX),
     Key("byzantine-ids", "", "Which workers are Byzantine, e.g. '0,7,9'; '' = the last num-byzantine."),
     # -- honest workers ----------------------------------------------------------------------
     Key("optimizer", "sgd", "Honest gradient estimator (see the table of estimators).", choices=OPTIMIZERS),
@@ -100,11 +142,19 @@ _KEYS = [
     Key(
         "gm-tol",
         1e-5,
-        "Geometric median: stop when a Weiszfeld step moves less than this (the paper's 1e-5).",
+        "Geometric median: stop when a Weiszfeld step moves less than this times the data's scale (the median "
+        "distance from the medoid to the messages; the paper's 1e-5).",
         positive=True,
+        maximum=1.0,
     ),
     Key("gm-max-iter", 80, "Geometric median: at most this many Weiszfeld iterations.", positive=True),
-    Key("gm-eps", 1e-8, "Geometric median: floor on distances (a message equal to the iterate).", positive=True),
+    Key(
+        "gm-eps",
+        1e-8,
+        "Geometric median: messages closer to the iterate than this times the data's scale count as on it.",
+        positive=True,
+        maximum=1.0,
+    ),
     Key("krum-m", 0, "Multi-Krum: how many best-scored messages to average; 0 = n - f.", minimum=0),
     Key(
         "median-variant",
@@ -146,7 +196,12 @@ _KEYS = [
     # -- files -------------------------------------------------------------------------------
     Key("data-dir", "", "Data cache folder; '' = $BYZFLOWER_DATA_DIR or ~/.cache/byzflower."),
     Key("results-dir", "", "Where run folders go; '' = $BYZFLOWER_RESULTS_DIR or ~/byzflower-results."),
-    Key("run-name", "", "Name of the run folder; '' = <time>-<optimizer>-<aggregator>-<attack>-s<seed>."),
+    Key(
+        "run-name",
+        "",
+        "Name of the run folder (letters, digits and . _ - + = , only; no path); "
+        "'' = <time>-<optimizer>-<aggregator>-<attack>-s<seed>.",
+    ),
     Key(
         "checkpoint-every",
         1000,
@@ -179,10 +234,8 @@ def _check_value(key: Key, value: Any) -> str | None:
             )
         if value not in key.choices:
             return f"{key.name}={value!r} is not valid; choose one of: {', '.join(key.choices)}"
-    if key.positive and not value > 0:
-        return f"{key.name}={value!r} must be > 0"
-    if key.minimum is not None and value < key.minimum:
-        return f"{key.name}={value!r} must be >= {key.minimum:g}"
+    if kind in (int, float) and not key.in_range(value):
+        return f"{key.name}={value!r} is outside the allowed range: {key.allowed()}"
     return None
 
 
@@ -264,10 +317,26 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
     except (ValueError, AggregationError) as exc:
         return [str(exc)]
     n = cfg.num_workers
+    if cfg["aggregator"] == "multi-krum" and cfg["krum-m"] > n:
+        return [f"krum-m={cfg['krum-m']} exceeds the run's {n} workers; use 1..{n}, or 0 for n - f"]
     if n < rule.min_messages():
         return [
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
+        ]
+    return []
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+,-]{0,127}")
+
+
+@cross_check
+def _run_name(cfg: RunConfig) -> list[str]:
+    name = cfg["run-name"]
+    if name and not RUN_NAME.fullmatch(name):
+        return [
+            f"run-name={name!r} must be one folder name inside results-dir: up to 128 letters, digits and "
+            ". _ - + = , starting with a letter or digit (no '/', no '..', no absolute path)"
         ]
     return []
 
@@ -395,12 +464,17 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def markdown_table() -> str:
-    """The README's table of keys."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    """The README's table of keys, with the valid values derived from each key's declaration."""
+    rows = ["| key | default | valid values | meaning |", "|---|---|---|---|"]
     for k in KEYS.values():
         default = f"'{k.default}'" if isinstance(k.default, str) else str(k.default).lower()
-        extra = f" One of: {', '.join(k.choices)}." if len(k.choices) > 1 and k.name not in ("device",) else ""
-        rows.append(f"| `{k.name}` | `{default}` | {k.help}{extra} |")
+        if k.choices:
+            valid = ", ".join(k.choices)
+        elif k.kind in (int, float):
+            valid = k.allowed()
+        else:
+            valid = "text"
+        rows.append(f"| `{k.name}` | `{default}` | {valid} | {k.help} |")
     return "\n".join(rows)
 
 

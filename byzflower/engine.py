@@ -22,30 +22,31 @@ from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
 from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import (
     byzantine_data,
-    check_against_data,
     dataset_of,
     device_of,
     gradients_of,
     layout_of,
     make_estimator,
+    preflight,
     worker_data,
 )
 from byzflower.harness import role_blind_order
-from byzflower.results import RunDirectory, default_results_dir, run_name
+from byzflower.results import RunDirectory, RunFolderError, default_results_dir, record_failure, run_name, status_of
 from clients.attacks import HonestStats, LabelFlip
 from strategies.aggregators import finite_rows
+from strategies.step import server_step
 
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
 _FREE = {"checkpoint-every"}  # keys that may change between a run and its resumption
 
 
-class RunExists(RuntimeError):
+class RunExists(RunFolderError):
     """The run folder exists with a different config."""
 
 
 def open_run(cfg: RunConfig) -> tuple[RunDirectory, bool]:
-    """The run's folder, and whether it holds an unfinished run to resume.
+    """The run's folder (locked by this process), and whether it holds an unfinished run to resume.
 
     A named run (``run-name``) with the same config continues where its checkpoint left it; a
     finished one is left alone by the caller; an unnamed run always gets a new folder.
@@ -54,12 +55,19 @@ def open_run(cfg: RunConfig) -> tuple[RunDirectory, bool]:
     if cfg["run-name"]:
         path = root / cfg["run-name"]
         if (path / "config.json").exists():
-            existing = json.loads((path / "config.json").read_text())
+            run = RunDirectory(path)
+            run.lock()
+            existing = run.config()
             wanted = json.loads(json.dumps(cfg.resolved()))
             diff = sorted(k for k in set(existing) | set(wanted) if k not in _FREE and existing.get(k) != wanted.get(k))
             if diff:
-                raise RunExists(f"{path} holds a run with another config (differs in {', '.join(diff)})")
-            return RunDirectory(path), True
+                run.unlock()
+                shown = ", ".join(f"{k} ({existing.get(k)!r} there, {wanted.get(k)!r} now)" for k in diff)
+                raise RunExists(
+                    f"run-name={cfg['run-name']!r} already holds a run with another config, differing in {shown}; "
+                    "choose another run-name or remove the folder"
+                )
+            return run, True
     return RunDirectory.create(root, cfg["run-name"] or run_name(cfg.resolved()), cfg.resolved()), False
 
 
@@ -69,11 +77,20 @@ class LocalRun:
     def __init__(self, cfg: RunConfig, run: RunDirectory | None = None, log: Log = print) -> None:
         self.cfg = cfg
         self.log = log
-        check_against_data(cfg)
+        preflight(cfg)
         resume = False
         if run is None:
             run, resume = open_run(cfg)
         self.run_dir = run
+        try:
+            self._build(cfg, run, resume)
+        except BaseException as exc:  # the folder exists: it must say why nothing ran
+            record_failure(run, cfg.resolved(), exc)
+            run.unlock()
+            raise
+
+    def _build(self, cfg: RunConfig, run: RunDirectory, resume: bool) -> None:
+        log = self.log
         self.device = device_of(cfg)
         data = dataset_of(cfg)
         self.layout = layout_of(cfg)
@@ -126,47 +143,46 @@ class LocalRun:
         valid = finite_rows(everything)
         counts = {"dropped-nonfinite": int((~valid).sum()), "dropped-malformed": 0, "dropped-error": 0}
         kept = everything[valid] if counts["dropped-nonfinite"] else everything
-        info: dict[str, float] = {}
-        aggregate = None
-        if kept.shape[0] >= self.rule.min_messages():
-            result = self.rule(kept)
-            aggregate = result.vector
-            self.x = self.x - float(self.cfg.lr) * aggregate
-            info = dict(result.info)
-            name_selected(info, valid.nonzero().reshape(-1).tolist(), self._order, self.byzantine_ids)
-            counts["failed"] = 0
+        outcome = server_step(self.x, kept, self.rule, float(self.cfg.lr))
+        self.x = outcome.point
+        info = dict(outcome.info)
+        counts["failed"] = int(outcome.failed)
+        if outcome.failed:
+            counts[f"failed-{outcome.reason}"] = 1
+            self.log(f"round {t} failed: {outcome.failure}; the model is unchanged")
         else:
-            self.log(
-                f"round {t} failed: {self.rule.name} needs {self.rule.min_messages()} valid messages, got "
-                f"{kept.shape[0]}; the model is unchanged"
-            )
-            counts["failed"] = 1
+            name_selected(info, valid.nonzero().reshape(-1).tolist(), self._order, self.byzantine_ids)
+        aggregate = outcome.aggregate
         self.recorder.observe(t, honest, aggregate, counts, info, honest_mean=stats.mean)
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         rounds = int(self.cfg["num-server-rounds"])
         every = int(self.cfg["checkpoint-every"])
-        if self.start == 1:
-            self.log(f"results: {self.run_dir.path}")
-            for warning in self.recorder.warnings:
-                self.log(f"warning: {warning} (running anyway: breakdown studies need it)")
-            self.recorder.evaluate(0, self.x)
-        else:
-            self.log(f"resuming {self.run_dir.path} at iteration {self.start}")
         try:
+            if self.start == 1:
+                self.log(f"results: {self.run_dir.path}")
+                for warning in self.recorder.warnings:
+                    self.log(f"warning: {warning} (running anyway: breakdown studies need it)")
+                self.recorder.evaluate(0, self.x)
+            else:
+                self.log(f"resuming {self.run_dir.path} at iteration {self.start}")
             for t in range(self.start, rounds + 1):
                 self.step(t)
                 if self.recorder.due(t):
                     self.recorder.evaluate(t, self.x)
                 if every and t % every == 0 and t < rounds:
                     self._checkpoint(t)
-        except Exception as exc:
-            self.recorder.finish("failed", f"{type(exc).__name__}: {exc}")
+            self.run_dir.save_model(self.grads.unflatten(self.x))
+            (self.run_dir.path / CHECKPOINT).unlink(missing_ok=True)
+            summary = self.recorder.finish("finished")
+        except BaseException as exc:
+            status, error = status_of(exc)
+            self.recorder.finish(status, error)
+            self.log(f"{status}: {error}; results so far in {self.run_dir.path}")
             raise
-        self.run_dir.save_model(self.grads.unflatten(self.x))
-        (self.run_dir.path / CHECKPOINT).unlink(missing_ok=True)
-        summary = self.recorder.finish("finished")
+        finally:
+            self.run_dir.unlock()
         self.log(
             f"finished: final test accuracy {summary['final'].get('test_accuracy')}; results in {self.run_dir.path}"
         )
@@ -207,6 +223,7 @@ def run_local(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     local = LocalRun(cfg, log=log)
     existing = local.run_dir.summary()
     if existing is not None and existing.get("status") == "finished":
+        local.run_dir.unlock()
         log(f"already finished: {local.run_dir.path}")
         return existing
     summary = local.run()

@@ -87,6 +87,7 @@ class Recorder:
         self.last_record: dict[str, Any] | None = None
         self.byzantine_ids: list[int] = []
         self.warnings: list[str] = []
+        self.totals: dict[str, float] = {}  # dropped / failed counts over the whole run
 
     def _reset_interval(self) -> None:
         self._variances: list[float] = []
@@ -106,6 +107,7 @@ class Recorder:
         aggregate (d,), strategy counts."""
         for k, v in counts.items():
             self._counts[k] = self._counts.get(k, 0) + v
+            self.totals[k] = self.totals.get(k, 0) + v
         latest: dict[str, Any] = {f"rule_{k.replace('-', '_')}": v for k, v in rule_info.items()}
         if honest is not None and honest.shape[0] > 0:
             mean = honest.mean(dim=0) if honest_mean is None else honest_mean
@@ -122,6 +124,7 @@ class Recorder:
         return {
             "variances": list(self._variances),
             "counts": dict(self._counts),
+            "totals": dict(self.totals),
             "latest": dict(self._latest),
             "last_eval_iteration": self._last_eval_iteration,
             "elapsed": time.perf_counter() - self.started,
@@ -131,6 +134,7 @@ class Recorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._variances = list(state["variances"])
         self._counts = dict(state["counts"])
+        self.totals = dict(state.get("totals", {}))
         self._latest = dict(state["latest"])
         self._last_eval_iteration = int(state["last_eval_iteration"])
         self.started = time.perf_counter() - float(state["elapsed"])
@@ -187,11 +191,28 @@ class Recorder:
             "evaluation_s": round(self._eval_seconds, 3),
             "final": final,
             "best_test_accuracy": best,
-            "warnings": list(self.warnings),
+            "totals": {k.replace("-", "_"): v for k, v in self.totals.items()},
+            "warnings": list(self.warnings) + self._fault_warnings(),
             "config": self.cfg.resolved(),
         }
         self.run.finish(summary)
+        self.run.unlock()
         return summary
+
+    def _fault_warnings(self) -> list[str]:
+        """What went wrong in rounds over the whole run, in words (also logged)."""
+        out = []
+        failed = int(self.totals.get("failed", 0))
+        if failed:
+            out.append(f"{failed} round(s) failed and left the model unchanged (see failed_* in metrics.jsonl)")
+        dropped = {k: int(v) for k, v in self.totals.items() if k.startswith("dropped-") and v}
+        if dropped:
+            out.append(
+                "messages dropped: " + ", ".join(f"{k.removeprefix('dropped-')} {v}" for k, v in dropped.items())
+            )
+        for line in out:
+            self.log(f"warning: {line}")
+        return out
 
 
 def _fmt(value: float | None, spec: str) -> str:

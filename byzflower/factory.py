@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 
 from byzflower.config import ConfigError, RunConfig, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import build_model
+from byzflower.results import default_results_dir
 from clients.estimators import SAGA, SARAH, SGD, SVRG, Allocator, Estimator
 from clients.gradients import ModelGradients
 from clients.workers import WorkerData
@@ -45,18 +49,43 @@ def partitions_of(cfg: RunConfig) -> tuple:
     )
 
 
-def check_against_data(cfg: RunConfig) -> None:
-    """Checks that need the data split (made before any training starts)."""
+def preflight(cfg: RunConfig) -> None:
+    """The checks that need the data or this machine, made before any folder is created or
+    any training starts (raises ConfigError naming the key)."""
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but this machine shows no GPU; use device='auto' or 'cpu'")
+    _check_writable(cfg)
+    samples = len(dataset_of(cfg).train_labels)
+    if cfg["num-honest"] > samples:
+        raise ConfigError(
+            f"num-honest={cfg['num-honest']} exceeds the {samples} training samples of {cfg['dataset']}: "
+            "every honest worker needs at least one sample"
+        )
     parts = partitions_of(cfg)
     sizes = [len(p) for p in parts]
     smallest = min(sizes)
+    worker = sizes.index(smallest)
+    if smallest == 0:
+        raise ConfigError(
+            f"num-honest={cfg['num-honest']}: honest worker {worker} gets no training sample under "
+            f"partitioner={cfg['partitioner']!r}; use fewer workers or a more even partitioner"
+        )
     if cfg.batch_size > smallest:
-        worker = sizes.index(smallest)
         raise ConfigError(
             f"batch-size={cfg.batch_size} exceeds the {smallest} samples of honest worker {worker} "
             f"under partitioner={cfg['partitioner']!r}; lower batch-size, or use fewer workers or a "
             "more even partitioner"
         )
+
+
+def _check_writable(cfg: RunConfig) -> None:
+    root = Path(cfg["results-dir"] or default_results_dir()).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".byzflower-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"results-dir={str(root)!r} cannot be written: {exc.strerror or exc}") from None
 
 
 def gradients_of(cfg: RunConfig, data: ImageData, device: torch.device) -> ModelGradients:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -32,24 +33,76 @@ def run_name(config: dict[str, Any]) -> str:
     return f"{stamp}-{config['optimizer']}-{config['aggregator']}-{config['attack']}-s{config['seed']}"
 
 
+def status_of(exc: BaseException) -> tuple[str, str]:
+    """(summary status, message) for a run that ended by ``exc``: a signal or Ctrl-C is an
+    interruption, anything else a failure."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return "interrupted", str(exc) or type(exc).__name__
+    return "failed", f"{type(exc).__name__}: {exc}"
+
+
+def record_failure(run: RunDirectory, config: dict[str, Any], exc: BaseException) -> None:
+    """A summary for a run that stopped before its recorder existed."""
+    status, error = status_of(exc)
+    run.write_json("summary.json", {"status": status, "error": error, "iterations": 0, "config": config})
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used: another process holds it, or it holds another run."""
+
+
 class RunDirectory:
-    """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.pt``, ``*.png``."""
+    """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.pt``, ``*.png``.
+
+    A process that writes into a run folder holds an exclusive lock on it (``lock()``, released
+    when the process ends, however it ends): a second process on the same folder is refused.
+    """
+
+    LOCK = ".lock"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     @classmethod
     def create(cls, root: str | Path, name: str, config: dict[str, Any]) -> RunDirectory:
+        """A new folder ``root/name`` (``name-2``, ``name-3``, ... when taken), locked."""
         root = Path(root).expanduser().resolve()
-        path = root / name
+        root.mkdir(parents=True, exist_ok=True)
         suffix = 1
-        while path.exists():  # never overwrite an earlier run
-            suffix += 1
-            path = root / f"{name}-{suffix}"
-        path.mkdir(parents=True)
+        path = root / name
+        while True:
+            try:
+                path.mkdir()  # atomic: of two processes racing for one name, one gets it
+                break
+            except FileExistsError:  # never overwrite an earlier run
+                suffix += 1
+                path = root / f"{name}-{suffix}"
         run = cls(path)
+        run.lock()
         run.write_json("config.json", config)
         return run
+
+    def lock(self) -> None:
+        """Take the folder's lock for the life of this process, or raise RunFolderError naming
+        the process that holds it."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is in use by another run (process {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     def write_json(self, filename: str, data: dict[str, Any]) -> None:
         tmp = self.path / f".{filename}.tmp"

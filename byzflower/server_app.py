@@ -14,7 +14,7 @@ from flwr.supercore import log
 from byzflower.config import ConfigError, attack_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.experiment import Evaluator, Recorder, name_selected
-from byzflower.factory import check_against_data, dataset_of, device_of, gradients_of, layout_of
+from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
 from byzflower.harness import Harness, HarnessError, _poll
 from strategies.strategy import RobustSGD
 
@@ -39,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = resolve(context.run_config)
         data = dataset_of(cfg)
-        check_against_data(cfg)
+        preflight(cfg)
     except (ConfigError, DataError) as exc:
         _abort(exc)
 

@@ -66,12 +66,12 @@ def cell_config(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, A
 
 def validate(cells: list[Cell], overrides: dict[str, Any], out: Path) -> None:
     """Every cell's config, checked before anything runs (all problems at once)."""
-    from byzflower.factory import check_against_data
+    from byzflower.factory import preflight
 
     problems = []
     for cell in cells:
         try:
-            check_against_data(resolve(cell_config(cell, overrides, out)))
+            preflight(resolve(cell_config(cell, overrides, out)))
         except ConfigError as exc:
             problems.append(f"{cell.name}: {str(exc).removeprefix('invalid run config:').strip()}")
     if problems:

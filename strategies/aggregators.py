@@ -9,6 +9,7 @@ select order statistics column by column, vectorised.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -108,7 +109,7 @@ class Mean(Rule):
     breakdown = 0.0
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        return Aggregate(messages.mean(dim=0))
+        return Aggregate(safe_mean(messages))
 
     def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
         n = gram.matrix.shape[0]
@@ -127,8 +128,9 @@ class GramRule(Rule):
         raise NotImplementedError
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        alpha, info = self.coefficients(kernels.centered_gram(messages))
-        return Aggregate(kernels.combine(messages, alpha), info)
+        gram = kernels.centered_gram(messages)
+        alpha, info = self.coefficients(gram)
+        return Aggregate(kernels.combine(messages, alpha, gram), info)
 
 
 class GeometricMedian(GramRule):
@@ -137,10 +139,12 @@ class GeometricMedian(GramRule):
     Every Weiszfeld iterate is a convex combination of the messages, so the iterations run on n
     coefficients against one n x n Gram matrix (centred at a robustly chosen message, and
     solved in float64): the cost is one Gram matrix plus one pass, whatever the number of
-    iterations. Stops when an iterate moves by at most ``tol`` (the paper's 1e-5) or after
-    ``max_iter`` iterations. Distances are floored at ``eps`` (and at the Gram matrix's
-    numerical resolution), so a message equal to the iterate gets a large finite weight
-    instead of a division by zero.
+    iterations. Stops when an iterate moves by at most ``tol`` times the data's scale (the
+    median distance of the messages from their medoid; the paper's 1e-5) or after ``max_iter``
+    iterations: scale-free, so the same tolerance means the same accuracy for messages of any
+    size. Distances are floored at ``eps`` times that scale (and at the Gram matrix's numerical
+    resolution), so a message equal to the iterate gets a large finite weight instead of a
+    division by zero.
     """
 
     name = "gm"
@@ -179,7 +183,7 @@ class Krum(GramRule):
         best = int(torch.argmin(scores))
         alpha = np.zeros(gram.matrix.shape[0])
         alpha[best] = 1.0
-        return alpha, {"selected": best, "score": float(scores[best])}
+        return alpha, {"selected": best, "score": float(scores[best]) * gram.scale**2}
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         _, info = self.coefficients(kernels.centered_gram(messages))
@@ -281,8 +285,11 @@ class Bulyan(Rule):
         beta = len(selected) - 2 * f
         theta = len(selected)
         median = kernels.order_statistic_mean(chosen, (theta - 1) // 2, theta // 2 + 1)
-        closest = torch.topk((chosen - median).abs(), beta, dim=0, largest=False).indices
-        return Aggregate(torch.gather(chosen, 0, closest).mean(dim=0), {"selected_count": theta})
+        gap = chosen - median
+        if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
+            gap = chosen.double() - median.double()
+        closest = torch.topk(gap.abs(), beta, dim=0, largest=False).indices
+        return Aggregate(safe_mean(torch.gather(chosen, 0, closest)), {"selected_count": theta})
 
 
 class CenteredClipping(Rule):
@@ -324,23 +331,26 @@ class CenteredClipping(Rule):
         v0 = self._start(messages)
         gram = kernels.centered_gram(messages)
         g = gram.matrix.numpy()
-        c = messages[gram.center] if gram.center >= 0 else torch.zeros_like(v0)
-        y = v0 - c
-        xy = ((messages @ y) - (c @ y)).to(torch.float64).cpu().numpy()
+        # <m_i - c, v0 - c> and ||v0 - c||^2, in the Gram matrix's units (divided by scale^2)
+        wide = messages.to(torch.float64) if gram.wide else messages
+        c = wide[gram.center] if gram.center >= 0 else torch.zeros_like(wide[0])
+        y = (v0.to(wide.dtype) - c) / gram.scale
+        xy = ((wide @ y) - (c @ y)).to(torch.float64).cpu().numpy() / gram.scale
         yy = float(y.double() @ y.double())
         n = g.shape[0]
         gamma, beta = 1.0, np.zeros(n)
         diag = np.diag(g)
+        tau = self.tau / gram.scale
         clipped = 0
         for _ in range(self.iterations):
             gb = g @ beta
             vv = gamma * gamma * yy + 2.0 * gamma * (beta @ xy) + beta @ gb
             norms = np.sqrt(np.maximum(diag - 2.0 * (gamma * xy + gb) + vv, 0.0))
-            scale = np.minimum(1.0, self.tau / np.maximum(norms, np.finfo(np.float64).tiny))
+            scale = tau / np.maximum(norms, tau)  # min(1, tau / ||m_i - v||), also when m_i == v
             clipped = int((scale < 1).sum())
             keep = 1.0 - scale.sum() / n
             gamma, beta = gamma * keep, beta * keep + scale / n
-        v = gamma * v0 + kernels.combine(messages, beta)
+        v = gamma * v0 + kernels.combine(messages, beta, gram)
         self._previous = v.detach().clone()
         return Aggregate(v, {"clipped": clipped})
 
@@ -386,11 +396,22 @@ class NNM(Rule):
         if hasattr(self.rule, "coefficients"):
             # The mixed messages A m have Gram matrix A G A^T (rows of A sum to 1, so the centre
             # carries over): no n x d product is formed, only the final combination.
-            mixed = kernels.Gram(mix @ gram.matrix @ mix.T, gram.center, gram.resolution)
+            mixed = dataclasses.replace(gram, matrix=mix @ gram.matrix @ mix.T)
             self.rule.check(messages)
             alpha, info = self.rule.coefficients(mixed)
-            return Aggregate(kernels.combine(messages, mix.T.numpy() @ alpha), info)
+            return Aggregate(kernels.combine(messages, mix.T.numpy() @ alpha, gram), info)
+        if gram.wide:  # averages of values near the dtype's limit: mix in float64
+            return self.rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
         return self.rule(mix.to(messages.dtype).to(messages.device) @ messages)
+
+
+def safe_mean(messages: torch.Tensor) -> torch.Tensor:
+    """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
+    (a mean of finite values is always representable)."""
+    out = messages.mean(dim=0)
+    if bool(torch.isfinite(out).all()):
+        return out
+    return messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
 
 
 def finite_rows(messages: torch.Tensor) -> torch.Tensor:

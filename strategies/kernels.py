@@ -42,11 +42,20 @@ def release_scratch() -> None:
 
 @dataclass
 class Gram:
-    """G[i, j] = <m_i - c, m_j - c> in float64 (CPU), with c = m[center] (c = 0 when center = -1)."""
+    """G[i, j] = <m_i - c, m_j - c> / scale^2 in float64 (CPU), with c = m[center] (c = 0 when center = -1).
+
+    ``wide``: the messages' magnitudes would overflow their own dtype in a product (attackers
+    sending values up to 3.4e38), so the Gram matrix was formed in float64 and combinations of
+    the messages must be too. ``scale`` (a power of 2, exact) is 1 except for float64 inputs
+    beyond 1e150, which are scaled down before squaring.
+    """
 
     matrix: torch.Tensor
     center: int
-    resolution: float  # squared distances below this are indistinguishable from 0
+    resolution: float  # typical squared distance that rounding leaves unresolved (already / scale^2)
+    eps: float  # relative rounding of one Gram entry: pairs with d2 below eps * max(G_ii, G_jj) are equal
+    wide: bool = False
+    scale: float = 1.0
 
 
 def _sketch(messages: torch.Tensor) -> torch.Tensor:
@@ -60,7 +69,9 @@ def _sketch(messages: torch.Tensor) -> torch.Tensor:
 
 
 def sketch_center(messages: torch.Tensor) -> tuple[int, bool]:
-    """(medoid index, whether centring pays) from a coordinate sketch, in float64.
+    """(medoid index, whether centring pays) from a coordinate sketch, in float64: a cheap first
+    guess only. ``centered_gram`` checks it on all coordinates, so an attacker who knows which
+    coordinates are sketched gains nothing by crafting them.
 
     The medoid (smallest sum of sketched distances to the others) lies inside the honest cluster
     whenever most messages are honest. Centring at it is worth its pass over the messages when the
@@ -74,81 +85,198 @@ def sketch_center(messages: torch.Tensor) -> tuple[int, bool]:
     return medoid, bool(sq.median() > 4.0 * d2[medoid].median())
 
 
-def sketch_medoid(messages: torch.Tensor) -> int:
-    """Index of the message with the smallest sum of sketched distances to the others."""
-    return sketch_center(messages)[0]
+def magnitude(messages: torch.Tensor) -> float:
+    """max |m_ij| in one pass, without a temporary."""
+    lo, hi = torch.aminmax(messages)
+    return max(-float(lo), float(hi))
+
+
+def _work_format(messages: torch.Tensor) -> tuple[torch.dtype, float]:
+    """(dtype of the product, power-of-2 scale) such that no centred squared norm can overflow."""
+    d = messages.shape[1]
+    top = magnitude(messages) if messages.numel() else 0.0
+    dtype = messages.dtype
+    if top > math.sqrt(torch.finfo(dtype).max / (16.0 * max(d, 1))):
+        dtype = torch.float64
+    bound = math.sqrt(torch.finfo(dtype).max / (16.0 * max(d, 1)))
+    scale = 2.0 ** math.ceil(math.log2(top / bound)) if top > bound else 1.0
+    return dtype, scale
+
+
+def _raw_gram(messages: torch.Tensor, center: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """(n, n) float64 CPU: <m_i - c, m_j - c> / scale^2, the product in ``dtype``.
+
+    Wide inputs are centred block by block into a small buffer that feeds the product directly,
+    instead of writing and re-reading an n x d copy."""
+    n, d = messages.shape
+    if center < 0 and dtype == messages.dtype and scale == 1.0:
+        g = messages @ messages.T
+    elif d <= _CHUNK_FROM:
+        x = scratch((n, d), dtype, messages.device)
+        if dtype == messages.dtype and center >= 0:
+            torch.sub(messages, messages[center], out=x)
+        else:  # widened: subtract in the wide dtype, where 3.4e38 - (-3.4e38) is finite
+            x.copy_(messages)
+            if center >= 0:
+                x.sub_(x[center].clone())
+        if scale != 1.0:
+            x.mul_(1.0 / scale)
+        g = x @ x.T
+    else:
+        c = torch.zeros(d, dtype=dtype, device=messages.device) if center < 0 else messages[center].to(dtype)
+        g = torch.zeros(n, n, dtype=dtype, device=messages.device)
+        buf = scratch((n, _CHUNK), dtype, messages.device)
+        for start in range(0, d, _CHUNK):
+            end = min(start + _CHUNK, d)
+            x = buf[:, : end - start]
+            if dtype == messages.dtype:
+                torch.sub(messages[:, start:end], c[start:end], out=x)
+            else:
+                x.copy_(messages[:, start:end]).sub_(c[start:end])
+            if scale != 1.0:
+                x.mul_(1.0 / scale)
+            g.addmm_(x, x.T)
+    g = g.to(device="cpu", dtype=torch.float64)
+    return (g + g.T) * 0.5
+
+
+def _pair_distances(g: torch.Tensor) -> torch.Tensor:
+    diag = g.diagonal()
+    return (diag[:, None] + diag[None, :] - 2.0 * g).clamp_min_(0.0)
 
 
 def centered_gram(messages: torch.Tensor) -> Gram:
-    """The Gram matrix of the messages, centred at their sketch medoid when that gains precision.
+    """The Gram matrix of the messages, centred at a message inside the bulk of them.
 
-    The matrix product runs in the messages' dtype. Wide inputs are centred block by block into a
-    small buffer that feeds the product directly, instead of writing and re-reading an n x d copy.
+    The first guess of the centre comes from a coordinate sketch; it is then checked on every
+    coordinate: if some message's median squared distance to the others is over 16x smaller
+    than the centre's (the centre is far from the bulk: a crafted row, or no centring where the
+    messages share a large common part), the matrix is recomputed once, centred at that message.
+    The product runs in the messages' dtype unless their magnitude could overflow it.
     """
     n, d = messages.shape
+    dtype, scale = _work_format(messages)
     center, worth = sketch_center(messages) if n > 2 else (0, False)
-    if not worth:
-        g, center = messages @ messages.T, -1
-    elif d <= _CHUNK_FROM:
-        c = messages[center]
-        x = torch.sub(messages, c, out=scratch((n, d), messages.dtype, messages.device))
-        g = x @ x.T
-    else:
-        c = messages[center]
-        g = torch.zeros(n, n, dtype=messages.dtype, device=messages.device)
-        buf = scratch((n, _CHUNK), messages.dtype, messages.device)
-        for start in range(0, d, _CHUNK):
-            end = min(start + _CHUNK, d)
-            x = torch.sub(messages[:, start:end], c[start:end], out=buf[:, : end - start])
-            g.addmm_(x, x.T)
-    g = g.to(device="cpu", dtype=torch.float64)
-    g = (g + g.T) * 0.5
+    center = center if worth else -1
+    g = _raw_gram(messages, center, dtype, scale)
+    if n > 2:
+        d2 = _pair_distances(g)
+        typical = d2.median(dim=1).values  # each message's median squared distance to the others
+        best = int(torch.argmin(typical))
+        quality = float(g.diagonal().median())  # the centre's (or the origin's) median squared distance
+        if quality > 16.0 * float(typical[best]) and best != center:
+            center = best
+            g = _raw_gram(messages, center, dtype, scale)
     # A float dot product of length d is off by about eps * sqrt(d) * |x| * |y|.
-    eps = torch.finfo(messages.dtype).eps
-    scale = float(g.diagonal().median()) if n else 0.0
-    return Gram(g, center, 4.0 * eps * math.sqrt(d) * max(scale, 0.0))
+    eps = 4.0 * torch.finfo(dtype).eps * math.sqrt(d)
+    typical_sq = float(g.diagonal().median()) if n else 0.0
+    return Gram(g, center, eps * max(typical_sq, 0.0), eps, wide=dtype != messages.dtype, scale=scale)
 
 
 def squared_distances(gram: Gram) -> torch.Tensor:
-    """(n, n) float64 squared distances ||m_i - m_j||^2, exact zeros on the diagonal and for
-    pairs closer than the Gram matrix resolves."""
+    """(n, n) float64 squared distances ||m_i - m_j||^2 (divided by scale^2), exact zeros on the
+    diagonal and for pairs closer than their own magnitudes let the Gram matrix resolve."""
     g = gram.matrix
     diag = g.diagonal()
     d2 = diag[:, None] + diag[None, :] - 2.0 * g
-    d2[d2 < gram.resolution] = 0.0
+    d2[d2 < gram.eps * torch.maximum(diag[:, None], diag[None, :])] = 0.0
+    d2.clamp_min_(0.0)
     d2.fill_diagonal_(0.0)
     return d2
 
 
-def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.ndarray, int, float]:
-    """Weiszfeld iterations on the coefficients alpha of z = sum_i alpha_i m_i, from the mean.
+def _median_sq_distance(g: np.ndarray, alpha: np.ndarray) -> float:
+    """Median over i of ||m_i - z||^2 for z = sum_j alpha_j m_j."""
+    ga = g @ alpha
+    return float(np.median(np.diag(g) - 2.0 * ga + alpha @ ga))
 
-    Returns (alpha, iterations used, length of the last step).
+
+def robust_start(g: np.ndarray) -> tuple[np.ndarray, float]:
+    """(weights of Weiszfeld's start, the data's scale) from a Gram matrix.
+
+    The scale is the medoid's median distance to the others (the medoid: the message with the
+    smallest such median). The start is the mean (the paper's) unless it lies outside the bulk
+    of the messages, else the mean of the half of them nearest to the medoid. Both starts lead
+    to the same limit, but attackers far away drag the mean with them, and Weiszfeld then needs
+    about log(distance / spread) iterations to come back (over 80 from 1e38). A start at a
+    message would stall: its own weight is 1 / floor.
+    """
+    n = g.shape[0]
+    mean = np.full(n, 1.0 / n)
+    diag = np.diag(g)
+    d2 = np.maximum(diag[:, None] + diag[None, :] - 2.0 * g, 0.0)
+    typical = np.median(d2, axis=1)
+    medoid = int(np.argmin(typical))
+    scale = math.sqrt(float(typical[medoid]))
+    if scale == 0.0:  # over half the messages coincide: the finest distance present is the scale
+        positive = d2[d2 > 0]
+        scale = math.sqrt(float(positive.min())) if positive.size else 0.0
+    half = np.argsort(d2[medoid], kind="stable")[: max(1, (n + 1) // 2)]
+    bulk = np.zeros(n)
+    bulk[half] = 1.0 / len(half)
+    start = mean if _median_sq_distance(g, mean) <= 4.0 * _median_sq_distance(g, bulk) else bulk
+    return start, scale
+
+
+def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.ndarray, int, float]:
+    """Weiszfeld iterations on the coefficients alpha of z = sum_i alpha_i m_i, from ``robust_start``.
+
+    ``tol`` and ``eps`` are relative to the data's scale (see ``robust_start``): stop when an
+    iterate moves by at most tol * scale. Messages closer to the iterate than eps * scale (or
+    the Gram matrix's resolution) count as sitting on it, handled as Vardi and Zhang do, so
+    coincident messages (copies, or NNM's identical mixtures) are neither divided by zero nor
+    given an arbitrary finite weight. Returns (alpha, iterations used, last step / scale).
     """
     g = gram.matrix.numpy()
-    n = g.shape[0]
     diag = np.diag(g).copy()
-    floor = max(eps, math.sqrt(gram.resolution))
-    alpha = np.full(n, 1.0 / n)
+    alpha, spread = robust_start(g)
+    spread = spread or 1.0  # all messages equal: any tolerance does
+    floor = max(eps * spread, math.sqrt(gram.resolution), np.finfo(np.float64).tiny)
     step, used = math.inf, 0
     for used in range(1, max_iter + 1):  # noqa: B007 - the count is returned
         ga = g @ alpha
         dist = np.sqrt(np.maximum(diag - 2.0 * ga + alpha @ ga, 0.0))
-        np.maximum(dist, floor, out=dist)
-        w = 1.0 / dist
+        at = dist <= floor  # messages the iterate sits on (to the Gram matrix's resolution)
+        if at.all():
+            step = 0.0
+            break
+        w = np.where(at, 0.0, 1.0 / np.maximum(dist, floor))
         new = w / w.sum()
+        if at.any():
+            # Vardi and Zhang (2000): at a point of multiplicity k, move towards the Weiszfeld
+            # point of the others only as far as their pull ||R|| exceeds k; stay if it does not.
+            # (Flooring the distances instead would bias the result by about floor * B / H.)
+            toward = new - alpha
+            pull = w.sum() * math.sqrt(max(float(toward @ g @ toward), 0.0))
+            keep = min(1.0, float(at.sum()) / pull) if pull > 0 else 1.0
+            new = alpha + (1.0 - keep) * toward
         delta = new - alpha
-        step = math.sqrt(max(float(delta @ g @ delta), 0.0))
+        step = math.sqrt(max(float(delta @ g @ delta), 0.0)) / spread
         alpha = new
         if step <= tol:
             break
     return alpha, used, step
 
 
-def combine(messages: torch.Tensor, alpha: np.ndarray) -> torch.Tensor:
-    """sum_i alpha_i m_i as a (d,) tensor in the messages' dtype and device."""
+def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram | None = None) -> torch.Tensor:
+    """sum_i alpha_i m_i as a (d,) tensor in the messages' dtype and device.
+
+    The float64 weights lose their sum when cast to the messages' dtype (by up to n * eps, which
+    is many ulps of the result); the lost weight is given back on a central message, so the
+    combination keeps its total weight. Inputs whose magnitude could overflow are combined in
+    float64.
+    """
+    wide = gram.wide if gram is not None else not bool(torch.isfinite(messages.sum()))
+    if wide:
+        a = torch.from_numpy(alpha).to(device=messages.device)
+        return (a @ messages.to(torch.float64)).to(messages.dtype)
     a = torch.from_numpy(alpha).to(device=messages.device, dtype=messages.dtype)
-    return a @ messages
+    out = a @ messages
+    lost = float(alpha.sum()) - float(a.double().sum())
+    if lost:
+        pivot = gram.center if gram is not None and gram.center >= 0 else int(np.argmax(np.abs(alpha)))
+        out.add_(messages[pivot], alpha=lost)
+    return out
 
 
 def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
@@ -199,14 +327,20 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
     if not 0 <= lo < hi <= n:
         raise ValueError(f"order statistics {lo}..{hi - 1} are outside 0..{n - 1}")
     if messages.device.type != "cpu":
-        return messages.sort(dim=0).values[lo:hi].mean(dim=0)
+        picked = messages.sort(dim=0).values[lo:hi]
+        out = picked.mean(dim=0)
+        return out if bool(torch.isfinite(out).all()) else picked.mean(dim=0, dtype=torch.float64).to(messages.dtype)
     a = messages.detach().contiguous().numpy()
     out = np.empty(d, dtype=a.dtype)
     kth = (lo, hi - 1) if hi - 1 > lo else (lo,)
 
     def block(start: int, end: int) -> None:
-        part = np.partition(a[:, start:end], kth, axis=0)
-        out[start:end] = part[lo:hi].mean(axis=0)
+        part = np.partition(a[:, start:end], kth, axis=0)[lo:hi]
+        with np.errstate(over="ignore"):
+            mean = part.mean(axis=0)
+        if not np.isfinite(mean).all():  # values near the dtype's limit: their sum overflows it
+            mean = part.mean(axis=0, dtype=np.float64)
+        out[start:end] = mean
 
     workers = _pool()._max_workers
     if workers == 1 or d < 8192:

@@ -20,8 +20,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from strategies.aggregators import AggregationError, Rule, make_rule
+from strategies.aggregators import Rule, make_rule
 from strategies.npy import NUMPY_STYPE, decode, npy_bytes
+from strategies.step import server_step
 
 DROP_REASONS = ("error", "malformed", "nonfinite")
 
@@ -45,8 +46,8 @@ class RobustSGD(Strategy):
             rule = make_rule(rule)
         if not isinstance(rule, Rule):
             raise TypeError(f"rule must be a Rule or a rule name, got {type(rule).__name__}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         self.rule = rule
         self.lr = float(lr)
         self.device = torch.device(device)
@@ -127,31 +128,21 @@ class RobustSGD(Strategy):
                 n += 1
         metrics = {"received": len(replies), "aggregated": n}
         metrics.update({f"dropped-{k}": v for k, v in counts.items()})
-        if n < self.rule.min_messages():
+        assert self._point is not None
+        outcome = server_step(self._point, torch.from_numpy(buffer[:n]).to(self.device), self.rule, self.lr)
+        self.last_aggregate = outcome.aggregate
+        if outcome.failed:
             log(
                 ERROR,
-                "round %s failed: %s needs at least %s valid messages, got %s (%s); the model is unchanged",
+                "round %s failed: %s (%s); the model is unchanged",
                 server_round,
-                self.rule.name,
-                self.rule.min_messages(),
-                n,
+                outcome.failure,
                 ", ".join(f"{k}={v}" for k, v in metrics.items()),
             )
-            self.last_metrics = MetricRecord({**metrics, "failed": 1})
-            self.last_aggregate = None
+            self.last_metrics = MetricRecord({**metrics, "failed": 1, f"failed-{outcome.reason}": 1})
             return None, self.last_metrics
-        messages = torch.from_numpy(buffer[:n]).to(self.device)
-        try:
-            result = self.rule(messages)
-        except AggregationError as exc:
-            log(ERROR, "round %s failed: %s; the model is unchanged", server_round, exc)
-            self.last_metrics = MetricRecord({**metrics, "failed": 1})
-            self.last_aggregate = None
-            return None, self.last_metrics
-        assert self._point is not None
-        self._point = self._point - self.lr * result.vector
-        self.last_aggregate = result.vector
-        self.last_metrics = MetricRecord({**metrics, "failed": 0, **{f"rule-{k}": v for k, v in result.info.items()}})
+        self._point = outcome.point
+        self.last_metrics = MetricRecord({**metrics, "failed": 0, **{f"rule-{k}": v for k, v in outcome.info.items()}})
         return self._to_arrays(self._point), self.last_metrics
 
     def configure_evaluate(

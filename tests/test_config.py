@@ -1,3 +1,4 @@
+import math
 import tomllib
 from pathlib import Path
 
@@ -59,13 +60,49 @@ def test_planned_choices_say_not_available_yet():
                 assert "not available yet" in _problems({key.name: name})
 
 
-def test_bad_numbers_name_key_and_value():
-    assert "num-server-rounds=0 must be > 0" in _problems({"num-server-rounds": 0})
-    assert "eval-every=-5 must be > 0" in _problems({"eval-every": -5})
-    assert "lr=-0.1 must be >= 0" in _problems({"lr": -0.1})
-    assert "batch-size=-1 must be >= 0" in _problems({"batch-size": -1})
+def test_bad_numbers_name_key_value_and_range():
+    assert "num-server-rounds=0 is outside the allowed range: an integer > 0" in _problems({"num-server-rounds": 0})
+    assert "eval-every=-5 is outside the allowed range: an integer > 0" in _problems({"eval-every": -5})
+    assert "lr=-0.1 is outside the allowed range: a finite number >= 0" in _problems({"lr": -0.1})
+    assert "batch-size=-1 is outside the allowed range: an integer >= 0" in _problems({"batch-size": -1})
     assert "num-honest=0 must be >= 1" in _problems({"num-honest": 0})
-    assert "dirichlet-alpha=0.0 must be > 0" in _problems({"dirichlet-alpha": 0.0})
+    assert "dirichlet-alpha=0.0 is outside the allowed range: a finite number > 0" in _problems(
+        {"dirichlet-alpha": 0.0}
+    )
+    assert "attack-std=1e+38 is outside the allowed range: a finite number >= 0 and <= 1e+37" in _problems(
+        {"attack-std": 1e38}
+    )
+
+
+FLOAT_KEYS = [k for k in KEYS.values() if k.kind is float]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("key", FLOAT_KEYS, ids=lambda k: k.name)
+def test_no_number_key_accepts_nan_or_inf(key, value):
+    text = _problems({key.name: value})
+    assert f"{key.name}={value!r} is outside the allowed range: a finite number" in text
+
+
+@pytest.mark.parametrize("key", [k for k in KEYS.values() if k.maximum is not None], ids=lambda k: k.name)
+def test_every_declared_maximum_is_enforced(key):
+    past = key.maximum * 10 if key.kind is float else int(key.maximum) + 1
+    assert f"{key.name}={past!r} is outside the allowed range" in _problems({key.name: past})
+    resolve({key.name: key.kind(key.maximum)} if key.name != "seed" else {"seed": 2**63 - 1})
+
+
+def test_multi_krum_m_beyond_the_workers_names_krum_m():
+    text = _problems({"aggregator": "multi-krum", "krum-m": 1000})
+    assert "krum-m=1000 exceeds the run's 70 workers" in text
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/abs", "a/b", "..", ".hidden", "", "x" * 129, "tab\tname"])
+def test_run_name_is_one_safe_folder_name(name):
+    if name == "":
+        assert resolve({"run-name": name})["run-name"] == ""
+        return
+    assert "must be one folder name inside results-dir" in _problems({"run-name": name})
+    assert resolve({"run-name": "saga-gm_b10.s1=ok,+"})
 
 
 def test_types_are_checked():
@@ -106,7 +143,7 @@ def test_rules_that_cannot_run_with_the_worker_count_are_rejected_up_front():
     assert "aggregator='krum' needs n > 2f + 2 with f = 2" in text and "the run has 6 workers" in text
     text = _problems({"aggregator": "bulyan", "num-honest": 50, "aggregator-f": 20})
     assert "n >= 4f + 3 with f = 20" in text and "at least 83 messages" in text
-    assert "aggregator-f=-2 must be >= -1" in _problems({"aggregator-f": -2})
+    assert "aggregator-f=-2 is outside the allowed range: an integer >= -1" in _problems({"aggregator-f": -2})
 
 
 def test_byzantine_ids_are_validated():
@@ -124,7 +161,7 @@ def test_byzantine_ids_are_validated():
 def test_attack_settings_are_checked():
     assert "needs num-byzantine >= 1" in _problems({"attack": "sign-flip", "num-byzantine": 0})
     assert "num-honest=0 must be >= 1" in _problems({"num-honest": 0, "attack": "alie"})
-    assert "ipm-eps=0.0 must be > 0" in _problems({"ipm-eps": 0.0})
+    assert "ipm-eps=0.0 is outside the allowed range: a finite number > 0" in _problems({"ipm-eps": 0.0})
     assert "attack='nope' is not valid" in _problems({"attack": "nope"})
 
 
@@ -139,9 +176,9 @@ def test_breakdown_settings_run_with_a_warning():
 
 
 def test_a_batch_larger_than_a_workers_data_is_rejected_before_the_run(mnist):
-    from byzflower.factory import check_against_data
+    from byzflower.factory import preflight
 
     cfg = resolve({"partitioner": "pathological", "num-honest": 50, "batch-size": 2000})
     with pytest.raises(ConfigError, match=r"batch-size=2000 exceeds the .* samples of honest worker"):
-        check_against_data(cfg)
-    check_against_data(resolve({}))  # the defaults fit
+        preflight(cfg)
+    preflight(resolve({}))  # the defaults fit

@@ -96,9 +96,41 @@ def test_a_round_without_valid_messages_fails_and_keeps_the_model(round_one):
 
 
 def test_strategy_validates_its_parameters():
-    with pytest.raises(ValueError, match="lr must be > 0"):
-        RobustSGD("mean", lr=0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            RobustSGD("mean", lr=bad)
     with pytest.raises(ValueError, match="choose one of"):
         RobustSGD("no-such-rule")
     with pytest.raises(TypeError, match="rule must be a Rule"):
         RobustSGD(torch.mean)
+
+
+@pytest.mark.parametrize("rule", ["gm", "centered-clipping", "krum", "median", "mean"])
+def test_huge_finite_replies_never_make_the_model_non_finite(task_identity, rule):
+    """Replies with entries of 1e18..3.4e38 (finite, so not screened out) against 5 honest ones."""
+    from strategies.aggregators import make_rule
+
+    strategy = RobustSGD(make_rule(rule, f=2), lr=0.1)
+    (m, _) = list(strategy.configure_train(1, _model(1.0), ConfigRecord({}), _Grid()))
+    gen = np.random.default_rng(0)
+    honest = [_reply(m, _gradient(1.0 + 0.01 * gen.standard_normal(8))) for _ in range(5)]
+    huge = [
+        _reply(m, _gradient(np.full(8, 1e18))),
+        _reply(m, _gradient(np.geomspace(1e18, 3.4e38, 8) * np.array([1, -1] * 4))),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, honest + huge)
+    if arrays is None:  # the mean's step overflows float32: the round fails, the model stays
+        assert rule == "mean" and metrics["failed"] == 1 and metrics["failed-nonfinite"] == 1
+        return
+    flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
+    assert np.isfinite(flat).all() and metrics["failed"] == 0
+    if rule != "mean":
+        np.testing.assert_allclose(flat, 1.0 - 0.1 * 1.0, atol=0.1 * (0.05 + (rule == "centered-clipping") * 10))
+
+
+def test_a_step_that_overflows_fails_the_round_and_keeps_the_model(round_one):
+    strategy, (m, _) = round_one
+    strategy.lr = 1e30
+    arrays, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(np.full(8, 1e20)))])
+    assert arrays is None and metrics["failed"] == 1 and metrics["failed-nonfinite"] == 1
+    assert np.all(strategy._point.numpy() == 1.0)

@@ -1,0 +1,250 @@
+"""Every rule, alone and behind NNM, at the extremes of float32: attackers at +-1e20 and +-3.4e38,
+identical copies, one huge reply, and copies crafted against the centre's coordinate sketch.
+
+Each result must be finite, agree with a plain float64 reference written from the rule's paper
+(differences computed directly, no Gram matrix, no centring), and stay within the rule's
+guarantee around the honest messages."""
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from strategies import kernels
+from strategies.aggregators import (
+    NNM,
+    Bulyan,
+    CenteredClipping,
+    GeometricMedian,
+    Krum,
+    Mean,
+    Median,
+    MultiKrum,
+    TrimmedMean,
+)
+
+H, B, D = 60, 14, 640  # n = 74 >= 4B + 3: every rule is within its assumptions with f = B
+BIG = torch.finfo(torch.float32).max
+
+
+# -- plain float64 references --------------------------------------------------------------------
+def plain_d2(m: torch.Tensor) -> torch.Tensor:
+    diff = m[:, None, :] - m[None, :, :]
+    return (diff * diff).sum(-1)
+
+
+def ref_gm(m: torch.Tensor) -> torch.Tensor:
+    """Weiszfeld (1937) from the mean, run to convergence."""
+    z = m.mean(0)
+    spread = float(plain_d2(m).sqrt().median())
+    for _ in range(2000):
+        w = 1.0 / (m - z).norm(dim=1).clamp_min(1e-12 * spread)
+        nz = (w[:, None] * m).sum(0) / w.sum()
+        moved = float((nz - z).norm())
+        z = nz
+        if moved <= 1e-10 * spread:
+            break
+    return z
+
+
+def krum_scores(m: torch.Tensor, f: int) -> torch.Tensor:
+    """Blanchard et al. 2017: sum of squared distances to the n - f - 2 nearest others."""
+    d2 = plain_d2(m).fill_diagonal_(math.inf)
+    return d2.sort(dim=1).values[:, : len(m) - f - 2].sum(1)
+
+
+def ref_multi_krum(m: torch.Tensor, f: int) -> torch.Tensor:
+    best = krum_scores(m, f).argsort(stable=True)[: len(m) - f]
+    return m[best].mean(0)
+
+
+def ref_median(m: torch.Tensor) -> torch.Tensor:
+    s = m.sort(dim=0).values
+    n = len(m)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
+
+
+def ref_trimmed(m: torch.Tensor, f: int) -> torch.Tensor:
+    return m.sort(dim=0).values[f : len(m) - f].mean(0)
+
+
+def ref_bulyan(m: torch.Tensor, f: int) -> torch.Tensor:
+    """El Mhamdi et al. 2018: theta = n - 2f picks by iterated Krum, then per coordinate the mean
+    of the beta = theta - 2f values closest to the picks' median."""
+    full = plain_d2(m)
+    remaining, picked = list(range(len(m))), []
+    for _ in range(len(m) - 2 * f):
+        d2 = full[remaining][:, remaining].clone()
+        d2.fill_diagonal_(math.inf)
+        k = max(1, len(remaining) - f - 2)
+        picked.append(remaining.pop(int(d2.sort(dim=1).values[:, :k].sum(1).argmin())))
+    s = m[picked]
+    beta = len(picked) - 2 * f
+    closest = (s - ref_median(s)).abs().argsort(dim=0, stable=True)[:beta]
+    return torch.gather(s, 0, closest).mean(0)
+
+
+def ref_cc(m: torch.Tensor, tau: float, iterations: int) -> torch.Tensor:
+    """Karimireddy et al. 2021 from zero."""
+    v = torch.zeros(m.shape[1], dtype=m.dtype)
+    for _ in range(iterations):
+        diff = m - v
+        v = v + (diff * (tau / diff.norm(dim=1).clamp_min(tau))[:, None]).mean(0)
+    return v
+
+
+def ref_nnm(m: torch.Tensor, f: int) -> torch.Tensor:
+    """Allouah et al. 2023: each message -> the mean of its n - f nearest (itself included)."""
+    d2 = plain_d2(m)
+    return torch.stack([m[d2[i].argsort(stable=True)[: len(m) - f]].mean(0) for i in range(len(m))])
+
+
+RULES = {
+    "mean": (lambda: Mean(), lambda m: m.mean(0)),
+    "gm": (lambda: GeometricMedian(), ref_gm),
+    "krum": (lambda: Krum(B), None),  # checked by its score (ties between copies are legitimate)
+    "multi-krum": (lambda: MultiKrum(B), lambda m: ref_multi_krum(m, B)),
+    "median": (lambda: Median(), ref_median),
+    "trimmed-mean": (lambda: TrimmedMean(B), lambda m: ref_trimmed(m, B)),
+    "bulyan": (lambda: Bulyan(B), lambda m: ref_bulyan(m, B)),
+    "centered-clipping": (lambda: CenteredClipping(tau=1.0, iterations=3, init="zero"), lambda m: ref_cc(m, 1.0, 3)),
+}
+
+
+# -- the inputs --------------------------------------------------------------------------------------
+def sketched_coordinates(d: int) -> torch.Tensor:
+    """The coordinates the centre's first guess looks at (an attacker can read the code)."""
+    probe = torch.arange(d, dtype=torch.float64).expand(2, -1)
+    return kernels._sketch(probe)[0].long()
+
+
+def attack(name: str, honest: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    mean = honest.double().mean(0)
+    ones = torch.ones(B, D, dtype=torch.float64)
+    if name == "copies+1e20":
+        return 1e20 * ones
+    if name == "sign-flip-1e20":
+        return (-1e20 * mean).expand(B, -1)
+    if name == "copies+3.4e38":
+        return BIG * ones
+    if name == "copies-3.4e38":
+        return -BIG * ones
+    if name == "spread+-3.4e38":  # anywhere in float32's range, both signs
+        return (2 * torch.rand(B, D, generator=g, dtype=torch.float64) - 1) * BIG
+    if name == "one-huge":  # one reply at the limit, the other attackers plausible
+        bad = mean + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64)
+        bad[0] = BIG
+        return bad
+    if name == "steer-sketch":  # the honest mean where the sketch looks, +1 everywhere else
+        copy = mean.clone() + 1.0
+        copy[sketched_coordinates(D)] = mean[sketched_coordinates(D)]
+        return copy.expand(B, -1)
+    raise ValueError(name)
+
+
+ATTACKS = [
+    "copies+1e20",
+    "sign-flip-1e20",
+    "copies+3.4e38",
+    "copies-3.4e38",
+    "spread+-3.4e38",
+    "one-huge",
+    "steer-sketch",
+]
+
+
+@functools.cache
+def inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    # variance-reduced honest messages: a large common part and a small spread
+    honest = (0.3 + 0.01 * torch.randn(H, D, generator=g, dtype=torch.float64)).float()
+    bad = attack(name, honest).clamp(-BIG, BIG).float()
+    perm = torch.randperm(H + B, generator=g)
+    return torch.cat([honest, bad])[perm], honest
+
+
+@functools.cache
+def fed_to_rule(attack_name: str, pre: str) -> torch.Tensor:
+    """What the rule itself aggregates, in float64: the messages, or their NNM mixtures."""
+    x = inputs(attack_name)[0].double()
+    return ref_nnm(x, B) if pre == "nnm" else x
+
+
+@pytest.mark.parametrize("attack_name", ATTACKS)
+@pytest.mark.parametrize("pre", ["none", "nnm"])
+@pytest.mark.parametrize("rule_name", list(RULES))
+def test_rules_at_the_extremes_of_float32(rule_name, pre, attack_name):
+    m, honest = inputs(attack_name)
+    assert bool(torch.isfinite(m).all())
+    build, reference = RULES[rule_name]
+    rule = NNM(build(), B) if pre == "nnm" else build()
+    out = rule(m).vector
+    assert out.dtype == torch.float32 and bool(torch.isfinite(out).all()), f"{rule_name}: non-finite output"
+
+    h = honest.double()
+    radius = float((h - h.mean(0)).norm(dim=1).max())  # the honest messages' radius
+    fed = fed_to_rule(attack_name, pre)
+    got = out.double()
+    if rule_name == "krum":
+        scores = krum_scores(fed, B)
+        chosen = int((fed - got).norm(dim=1).argmin())
+        assert float((fed[chosen] - got).norm()) <= 1e-5 * (1 + float(got.norm()))  # an input (mixed) row
+        assert float(scores[chosen]) <= float(scores.min()) * (1 + 1e-5) + 1e-12
+    else:
+        want = reference(fed)
+        if rule_name == "mean":
+            assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-3 * radius
+        else:
+            assert float((got - want).norm()) <= 1e-3 * radius, f"{rule_name}: off its float64 reference"
+
+    # the rule's guarantee around the honest messages
+    distance = float((got - h.mean(0)).norm())
+    if rule_name in ("gm", "krum", "multi-krum", "bulyan"):
+        alpha = B / (H + B)
+        assert distance <= (2 * (1 - alpha) / (1 - 2 * alpha)) * radius
+    elif rule_name in ("median", "trimmed-mean"):  # each coordinate within the honest range
+        lo, hi = h.min(0).values, h.max(0).values
+        assert bool(((got >= lo - 1e-6) & (got <= hi + 1e-6)).all())
+    elif rule_name == "centered-clipping":  # each of the 3 iterations moves by at most tau
+        assert float(got.norm()) <= 3 * 1.0 + 1e-5
+
+
+def test_a_crafted_centre_does_not_zero_honest_distances():
+    """Copies that fool the sketch must not become the centre: honest distances stay resolved."""
+    m, _ = inputs("steer-sketch")
+    gram = kernels.centered_gram(m)
+    d2 = kernels.squared_distances(gram)
+    exact = plain_d2(m.double())
+    honest_rows = [i for i in range(len(m)) if float(exact[i].sort().values[1]) > 0]  # not a copy
+    sub = d2[honest_rows][:, honest_rows]
+    want = exact[honest_rows][:, honest_rows]
+    off = ~torch.eye(len(honest_rows), dtype=torch.bool)
+    assert bool((sub[off] > 0).all())  # no honest pair collapsed to 0
+    assert float(((sub - want).abs()[off] / want[off]).max()) < 1e-2
+
+
+def test_combination_weights_keep_their_sum():
+    """Messages whose spread is a few float32 steps of their values: weights cast to float32 would
+    lose up to n * eps of their sum, many ulps of the result."""
+    g = torch.Generator().manual_seed(5)
+    base = 1000.0 + torch.zeros(70, 64, dtype=torch.float64)
+    m = (base + 1e-4 * torch.randn(70, 64, generator=g, dtype=torch.float64)).float()
+    alpha = torch.rand(70, generator=g, dtype=torch.float64).numpy()
+    alpha /= alpha.sum()
+    gram = kernels.centered_gram(m)
+    got = kernels.combine(m, alpha, gram).double()
+    want = torch.from_numpy(alpha) @ m.double()
+    ulp = 1000.0 * torch.finfo(torch.float32).eps
+    assert float((got - want).abs().max()) <= 4 * ulp
+
+
+def test_centered_clipping_at_a_message_raises_no_warning():
+    m = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        out = CenteredClipping(tau=1.0, iterations=2, init="zero")(m).vector
+    assert torch.allclose(out.double(), ref_cc(m.double(), 1.0, 2))

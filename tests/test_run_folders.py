@@ -1,0 +1,152 @@
+"""Run folders and the limits of the input, through the ``byzflower`` command (local engine).
+
+Bad input is refused before any folder exists, one process owns a run folder at a time, a run
+that fails or is interrupted after its folder exists says so in summary.json, and attackers at
+the extremes of float32 never make the model non-finite."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from byzflower.config import resolve
+from byzflower.engine import RunExists, open_run, run_local
+from byzflower.results import RunDirectory, RunFolderError
+
+SMALL = {"num-honest": 8, "num-byzantine": 2, "seed": 3, "num-server-rounds": 6, "eval-every": 3}
+
+
+def _config(**extra) -> str:
+    values = {**SMALL, **{k.replace("_", "-"): v for k, v in extra.items()}}
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+
+
+def _cli(tmp_path, config: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path / "results")},
+    )
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("lr=nan", "lr=nan is outside the allowed range: a finite number >= 0"),
+        ("attack-std=inf", "attack-std=inf is outside the allowed range"),
+        ("run-name='../../escape'", "run-name='../../escape' must be one folder name inside results-dir"),
+        ("device='cuda'", "device='cuda' but this machine shows no GPU"),
+        ("num-honest=70000", "num-honest=70000 exceeds the 60000 training samples"),
+        ("aggregator='multi-krum' krum-m=1000", "krum-m=1000 exceeds the run's 70 workers"),
+    ],
+)
+def test_bad_input_is_refused_before_any_folder_exists(tmp_path, mnist, config, message):
+    if "cuda" in config and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device='cuda' is valid here")
+    result = _cli(tmp_path, config)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+    assert not (tmp_path / "escape").exists()
+
+
+def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = _cli(tmp_path, f"results-dir='{blocker}/runs'")
+    assert result.returncode == 2 and f"results-dir='{blocker}/runs' cannot be written" in result.stderr
+
+
+def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_path):
+    first = RunDirectory.create(tmp_path, "shared", {"k": 1})
+    code = (
+        "import sys\n"
+        "from byzflower.results import RunDirectory, RunFolderError\n"
+        f"try:\n    RunDirectory({str(first.path)!r}).lock()\n"
+        "except RunFolderError as exc:\n    print(exc); sys.exit(3)\n"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 3 and f"in use by another run (process {os.getpid()})" in other.stdout
+    first.unlock()  # released: the folder can be taken again
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_two_runs_started_at_once_with_one_name_never_share_a_folder(tmp_path, mnist):
+    config = _config(run_name="twin", num_server_rounds=30)
+    env = {**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path / "results")}
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    folder = tmp_path / "results" / "twin"
+    deadline = time.monotonic() + 120
+    while not (folder / "metrics.jsonl").exists() and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert codes[0] == 0, outputs[0][1]
+    if codes[1] != 0:  # refused while the first ran
+        assert f"in use by another run (process {procs[0].pid})" in outputs[1][1]
+    else:  # or it came after the first had finished, and found it finished
+        assert "already finished" in outputs[1][0]
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]  # once each, in order
+
+
+def test_a_changed_config_for_a_named_run_is_one_line_naming_the_keys(tmp_path, mnist):
+    base = {**SMALL, "results-dir": str(tmp_path), "run-name": "named"}
+    run_local(resolve(base), log=lambda _: None)
+    with pytest.raises(RunExists, match=r"differing in lr \(0.1 there, 0.05 now\), seed \(3 there, 4 now\)"):
+        open_run(resolve({**base, "lr": 0.05, "seed": 4}))
+    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in base.items())
+    result = _cli(tmp_path, config + " lr=0.05")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "differing in lr" in result.stderr
+    assert isinstance(RunExists("x"), RunFolderError)
+
+
+def test_an_interrupted_run_says_so_in_its_summary(tmp_path, mnist):
+    config = _config(run_name="stopped", num_server_rounds=100000)
+    env = {**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (not metrics.exists() or metrics.read_text().count("\n") < 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    assert "interrupted" in out + err
+
+
+@pytest.mark.parametrize(
+    "attack, aggregator",
+    [
+        ("attack='sign-flip' attack-scale=-1e20", "gm"),
+        ("attack='sign-flip' attack-scale=-1e20", "centered-clipping"),
+        ("attack='noise' attack-std=1e18", "gm"),
+        ("attack='sign-flip' attack-scale=3e38", "median"),
+    ],
+)
+def test_attackers_at_float32_extremes_leave_a_finite_model(tmp_path, mnist, attack, aggregator):
+    from byzflower.cli import parse_run_config
+
+    text = f"{attack} aggregator='{aggregator}' results-dir='{tmp_path}' num-server-rounds=40 eval-every=20"
+    summary = run_local(resolve({**SMALL, **parse_run_config(text)}), log=lambda _: None)
+    assert summary["status"] == "finished" and summary["totals"].get("failed", 0) == 0
+    final = summary["final"]
+    start = json.loads((next(tmp_path.iterdir()) / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(final["test_loss"]) and final["test_accuracy"] > start["test_accuracy"]
+    model = torch.load(next(tmp_path.iterdir()) / "model.pt")
+    assert all(bool(torch.isfinite(v).all()) for v in model.values())
