@@ -64,6 +64,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--supernodes={args.supernodes} must be >= 1 (or 0 for the default, 2)")
     if args.engine == "local" and (args.supernodes or args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--supernodes / --gpus-per-client / --cpus-per-client need --engine flower or deployment")
+    if args.insecure and args.engine != "deployment":
+        raise ConfigError("--insecure is a deployment setting (the simulation's SuperLink listens on loopback only)")
     if args.engine == "deployment" and (args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
     ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
@@ -84,7 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         overrides["results-dir"] = str(default_results_dir().resolve())
     federation: dict[str, Any] = {}
     if args.engine == "deployment":
-        link: LocalSuperLink = LocalDeployment(args.supernodes or 2)
+        link: LocalSuperLink = LocalDeployment(args.supernodes or 2, insecure=args.insecure)
     else:
         link = LocalSuperLink()
         if args.supernodes:
@@ -97,6 +99,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         outcome = link.run(APP_DIR, overrides, federation, echo=True)
     print(f"run {outcome.run_id}: {outcome.status}")
     return 0 if outcome.ok else 1
+
+
+def _cmd_credentials(args: argparse.Namespace) -> int:
+    from byzflower.credentials import make_credentials
+
+    if args.supernodes < 1:
+        raise ConfigError(f"--supernodes={args.supernodes} must be >= 1")
+    c = make_credentials(args.folder, args.host, args.supernodes)
+    print(f"CA certificate (to every device and the flwr CLI): {c.ca_cert}")
+    print(f"SuperLink certificate and key: {c.server_cert}, {c.server_key}  (valid for {', '.join(args.host)})")
+    for i, key in enumerate(c.node_keys):
+        print(f"SuperNode {i}: private key {key} (to device {i} only), public key {c.node_public_key(i)} (register it)")
+    return 0
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -166,7 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--supernodes", type=int, default=0, help="number of SuperNodes (default 2)")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.1)")
     run.add_argument("--cpus-per-client", type=int, default=0, help="CPU cores per ClientApp (default: Flower's 2)")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="deployment: plain HTTP and no SuperNode authentication (a lab only; default: TLS + authentication)",
+    )
     run.set_defaults(func=_cmd_run)
+
+    creds = sub.add_parser("credentials", help="a CA, a SuperLink certificate and SuperNode keys for a deployment")
+    creds.add_argument("folder", help="where to write them (private keys are mode 600)")
+    creds.add_argument(
+        "--host", action="append", required=True, help="the SuperLink's host name or IP address, as devices reach it"
+    )
+    creds.add_argument("--supernodes", type=int, required=True, help="how many SuperNode key pairs")
+    creds.set_defaults(func=_cmd_credentials)
 
     sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack")
     sweep.add_argument("--optimizer", default="sgd,batch-sgd,saga", help="comma-separated optimizers")

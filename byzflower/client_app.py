@@ -3,7 +3,8 @@
 Message types:
 - ``query.discover``: reply with the node's partition and hosted workers.
 - ``train`` with ``config["phase"] == "honest"``: the honest workers' messages at the model (and the
-  Byzantine workers' too when their attack needs no knowledge of the honest messages).
+  Byzantine workers' too when their attack needs no knowledge of the honest messages). With
+  ``config["rebuild"]`` (a node that joined mid-run) the workers' state is first rebuilt at the model.
 - ``train`` with ``config["phase"] == "byzantine"``: the omniscient attack's messages, crafted from the
   honest messages' statistics in ``content["stats"]`` (mean, std) and ``config["honest-count"]``.
 - ``query.cleanup``: delete this run's worker state from the node's disk.
@@ -89,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
     phase = config.get("phase")
     iteration = int(config["server-round"])
     if phase == "honest":
+        if config.get("rebuild", False):  # this node (re)joined mid-run: its state is rebuilt at x
+            node.rebuild()
         x = _flat(msg.content["arrays"], node.grads.names)
         workers, rows = list(node.honest), [node.honest_messages(x, iteration)]
         if node.byzantine and not node.omniscient:  # attacks that need no knowledge go in the same round

@@ -162,6 +162,21 @@ _KEYS = [
         "standard: mean of the two middle values for even n; lower: the notebook's.",
         choices=("standard", "lower"),
     ),
+    Key(
+        "round-timeout",
+        300.0,
+        "Flower engines: seconds to wait for the nodes' replies in a round; then the round aggregates what "
+        "arrived and the missing workers are recorded.",
+        positive=True,
+        maximum=86400.0,
+    ),
+    Key(
+        "min-workers",
+        0,
+        "Flower engines: fewest workers' messages a round may aggregate; fewer stops the run (failed, naming "
+        "the missing workers); 0 = what the rule needs.",
+        minimum=0,
+    ),
     Key("cc-tau", 10.0, "Centred clipping: clipping radius tau.", positive=True),
     Key("cc-iters", 3, "Centred clipping: clipping iterations per aggregation.", positive=True),
     Key(
@@ -317,6 +332,8 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
     except (ValueError, AggregationError) as exc:
         return [str(exc)]
     n = cfg.num_workers
+    if cfg["min-workers"] > n:
+        return [f"min-workers={cfg['min-workers']} exceeds the run's {n} workers"]
     if cfg["aggregator"] == "multi-krum" and cfg["krum-m"] > n:
         return [f"krum-m={cfg['krum-m']} exceeds the run's {n} workers; use 1..{n}, or 0 for n - f"]
     if n < rule.min_messages():
@@ -437,6 +454,11 @@ def attack_of(cfg: RunConfig):
     if name == "ipm":
         return IPM(float(cfg["ipm-eps"]))
     return LabelFlip()
+
+
+def min_workers_of(cfg: RunConfig) -> int:
+    """The fewest workers' messages a round may aggregate: min-workers, else what the rule needs."""
+    return int(cfg["min-workers"]) or rule_of(cfg).min_messages()
 
 
 def warnings_of(cfg: RunConfig) -> list[str]:

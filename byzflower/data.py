@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -307,10 +308,11 @@ def partition(
     The split is a pure function of its arguments, so every node computes the same one; it is
     cached in the data folder because building it takes seconds.
     """
-    import flwr_datasets
-
+    # The version keys the cache; reading it from the package metadata instead of importing
+    # flwr_datasets saves ~3 s in every deployment ClientApp process (one per message).
+    version = importlib.metadata.version("flwr-datasets")
     labels = load_dataset(dataset, data_dir).train_labels
-    args = [dataset, len(labels), num_partitions, partitioner, seed, pathological_classes, flwr_datasets.__version__]
+    args = [dataset, len(labels), num_partitions, partitioner, seed, pathological_classes, version]
     if partitioner == "dirichlet":
         args.append(float(dirichlet_alpha))
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]

@@ -141,7 +141,12 @@ class LocalRun:
     def step(self, t: int) -> None:
         honest, stats, everything = self.messages(t)
         valid = finite_rows(everything)
-        counts = {"dropped-nonfinite": int((~valid).sum()), "dropped-malformed": 0, "dropped-error": 0}
+        counts = {
+            "dropped-nonfinite": int((~valid).sum()),
+            "dropped-malformed": 0,
+            "dropped-error": 0,
+            "missing-messages": 0,  # in-process: every worker's message always arrives
+        }
         kept = everything[valid] if counts["dropped-nonfinite"] else everything
         outcome = server_step(self.x, kept, self.rule, float(self.cfg.lr))
         self.x = outcome.point

@@ -88,9 +88,11 @@ class Recorder:
         self.byzantine_ids: list[int] = []
         self.warnings: list[str] = []
         self.totals: dict[str, float] = {}  # dropped / failed counts over the whole run
+        self.finished = False
 
     def _reset_interval(self) -> None:
         self._variances: list[float] = []
+        self._missing: set[int] = set()
         self._counts: dict[str, float] = {}
         self._latest: dict[str, Any] = {}
 
@@ -102,9 +104,12 @@ class Recorder:
         counts: dict[str, float],
         rule_info: dict[str, float],
         honest_mean: torch.Tensor | None = None,
+        missing: list[int] | None = None,
     ) -> None:
         """Note one iteration: the honest messages (H, d) (and their mean, when known), the
-        aggregate (d,), strategy counts."""
+        aggregate (d,), strategy counts, the workers whose message did not arrive."""
+        if missing:
+            self._missing.update(missing)
         for k, v in counts.items():
             self._counts[k] = self._counts.get(k, 0) + v
             self.totals[k] = self.totals.get(k, 0) + v
@@ -124,6 +129,7 @@ class Recorder:
         return {
             "variances": list(self._variances),
             "counts": dict(self._counts),
+            "missing": sorted(self._missing),
             "totals": dict(self.totals),
             "latest": dict(self._latest),
             "last_eval_iteration": self._last_eval_iteration,
@@ -134,6 +140,7 @@ class Recorder:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._variances = list(state["variances"])
         self._counts = dict(state["counts"])
+        self._missing = set(state.get("missing", []))
         self.totals = dict(state.get("totals", {}))
         self._latest = dict(state["latest"])
         self._last_eval_iteration = int(state["last_eval_iteration"])
@@ -166,6 +173,7 @@ class Recorder:
             "aggregate_distance": self._latest.get("aggregate_distance"),
             "attack": self.cfg["attack"],
             "byzantine_ids": list(self.byzantine_ids),
+            "missing_workers": sorted(self._missing),
             **{k: v for k, v in self._latest.items() if k.startswith("rule_")},
             **{k.replace("-", "_"): v for k, v in self._counts.items()},
         }
@@ -197,6 +205,7 @@ class Recorder:
         }
         self.run.finish(summary)
         self.run.unlock()
+        self.finished = True
         return summary
 
     def _fault_warnings(self) -> list[str]:
@@ -205,7 +214,10 @@ class Recorder:
         failed = int(self.totals.get("failed", 0))
         if failed:
             out.append(f"{failed} round(s) failed and left the model unchanged (see failed_* in metrics.jsonl)")
-        dropped = {k: int(v) for k, v in self.totals.items() if k.startswith("dropped-") and v}
+        lost = int(self.totals.get("missing-messages", 0))
+        if lost:
+            out.append(f"{lost} worker message(s) never arrived (see missing_workers in metrics.jsonl)")
+        dropped = {k: int(v) for k, v in self.totals.items() if k.startswith(("dropped-", "rejected-")) and v}
         if dropped:
             out.append(
                 "messages dropped: " + ", ".join(f"{k.removeprefix('dropped-')} {v}" for k, v in dropped.items())

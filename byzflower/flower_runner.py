@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from byzflower.credentials import Credentials, make_credentials
 
 
 def toml_value(value: Any) -> str:
@@ -88,9 +91,10 @@ class LocalSuperLink:
     """A SuperLink on a free port, in simulation mode unless told otherwise; a context manager."""
 
     simulation = True
+    secure = False  # TLS (and SuperNode authentication, where nodes join) instead of --insecure
 
     def __init__(self, home: str | Path | None = None, env: dict[str, str] | None = None) -> None:
-        self._tmp = None if home else tempfile.TemporaryDirectory(prefix="byzflower-flwr-")
+        self._tmp = None if home else tempfile.TemporaryDirectory(prefix=HOME_PREFIX)
         self.home = Path(home or self._tmp.name)
         self.port = _free_port()
         self.name = "byzflower"
@@ -104,6 +108,8 @@ class LocalSuperLink:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             **(env or {}),
         }
+        # worker state lives in this home, so it goes with it (and with a stale home, see reap_stale)
+        self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
         self.process: subprocess.Popen | None = None
         self.pids: set[int] = set()
 
@@ -114,17 +120,39 @@ class LocalSuperLink:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _security_args(self) -> tuple[list[str], str]:
+        """(SuperLink flags, the CLI connection's security line)."""
+        return ["--insecure"], "insecure = true"
+
+    def _healthy(self) -> bool:
+        ca = getattr(self, "credentials", None)
+        if ca is None:
+            url, context = f"http://127.0.0.1:{self.port}/health", None
+        else:
+            url, context = f"https://127.0.0.1:{self.port}/health", ssl.create_default_context(cafile=str(ca.ca_cert))
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
+            return r.status == 200
+
+    def _remember(self, pid: int) -> None:
+        """Note a process we started, on disk too: if this process dies hard, the next start stops it."""
+        self.pids.add(pid)
+        owner = {"owner": os.getpid(), "pids": sorted(self.pids)}
+        (self.home / OWNER_FILE).write_text(json.dumps(owner))
+
     def start(self, timeout: float = 60.0) -> None:
+        for line in reap_stale():
+            print(f"[byzflower] {line}", file=sys.stderr)
         self.home.mkdir(parents=True, exist_ok=True)
+        flags, connection = self._security_args()
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{connection}\n'
         )
         log = open(self.home / "superlink.log", "ab")
         self.process = subprocess.Popen(
             [
                 _bin("flower-superlink"),
-                "--insecure",
+                *flags,
                 *(["--simulation"] if self.simulation else []),
                 "--isolation",
                 "subprocess",
@@ -141,7 +169,7 @@ class LocalSuperLink:
             start_new_session=True,
         )
         log.close()
-        self.pids.add(self.process.pid)
+        self._remember(self.process.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -149,11 +177,11 @@ class LocalSuperLink:
                     f"flower-superlink exited with {self.process.returncode}; see {self.home}/superlink.log"
                 )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+                if self._healthy():
+                    return
             except OSError:
-                time.sleep(0.3)
+                pass
+            time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"flower-superlink did not become ready in {timeout:.0f} s")
 
@@ -235,43 +263,47 @@ class LocalDeployment(LocalSuperLink):
 
     simulation = False
 
-    def __init__(self, supernodes: int = 2, home: str | Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        supernodes: int = 2,
+        home: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        insecure: bool = False,
+    ):
         if int(supernodes) < 1:
             raise ValueError(f"supernodes={supernodes} must be >= 1")
         super().__init__(home, env)
         self.supernodes = int(supernodes)
-        self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
-        self.nodes: list[subprocess.Popen] = []
+        self.secure = not insecure
+        self.nodes: list[subprocess.Popen | None] = []
+        self.credentials: Credentials | None = None
+
+    def _security_args(self) -> tuple[list[str], str]:
+        if not self.secure:
+            return super()._security_args()
+        self.credentials = make_credentials(self.home / "credentials", ["127.0.0.1", "localhost"], self.supernodes)
+        c = self.credentials
+        flags = [
+            "--ssl-ca-certfile",
+            str(c.ca_cert),
+            "--ssl-certfile",
+            str(c.server_cert),
+            "--ssl-keyfile",
+            str(c.server_key),
+            "--enable-supernode-auth",
+        ]
+        return flags, f'root-certificates = "{c.ca_cert}"'
 
     def start(self, timeout: float = 60.0) -> None:
         super().start(timeout)
         try:
+            if self.credentials is not None:
+                for i in range(self.supernodes):
+                    self.register(self.credentials.node_public_key(i), f"supernode-{i}")
             for i in range(self.supernodes):
-                home = self.home / f"supernode-{i}"
-                home.mkdir(parents=True, exist_ok=True)
-                with open(home / "supernode.log", "ab") as log:
-                    node = subprocess.Popen(
-                        [
-                            _bin("flower-supernode"),
-                            "--insecure",
-                            "--superlink",
-                            f"127.0.0.1:{self.port}",
-                            "--host",
-                            "127.0.0.1",
-                            "--port",
-                            str(_free_port()),
-                            "--node-config",
-                            f"partition-id={i} num-partitions={self.supernodes}",
-                        ],
-                        env={**self.env, "FLWR_HOME": str(home)},
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                self.nodes.append(node)
-                self.pids.add(node.pid)
+                self.start_node(i)
             time.sleep(1.0)
-            dead = [i for i, n in enumerate(self.nodes) if n.poll() is not None]
+            dead = [i for i, n in enumerate(self.nodes) if n is not None and n.poll() is not None]
             if dead:
                 raise RuntimeError(
                     f"flower-supernode {dead[0]} exited with {self.nodes[dead[0]].returncode}; "
@@ -281,11 +313,115 @@ class LocalDeployment(LocalSuperLink):
             self.stop()
             raise
 
+    def register(self, public_key: Path, name: str) -> None:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``)."""
+        out = self.flwr("supernode", "register", str(public_key), self.name, "--name", name, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {public_key} failed: {out.stdout}{out.stderr}")
+
+    def node_command(self, i: int, *, key: Path | None = None, root_certificates: Path | None = None) -> list[str]:
+        """The ``flower-supernode`` command of node ``i`` (its registered key and the CA by default)."""
+        if self.credentials is None:
+            security = ["--insecure"]
+        else:
+            security = [
+                "--root-certificates",
+                str(root_certificates or self.credentials.ca_cert),
+                "--auth-supernode-private-key",
+                str(key or self.credentials.node_keys[i]),
+            ]
+        return [
+            _bin("flower-supernode"),
+            *security,
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_free_port()),
+            "--node-config",
+            f"partition-id={i} num-partitions={self.supernodes}",
+        ]
+
+    def start_node(self, i: int, command: list[str] | None = None) -> subprocess.Popen:
+        """Start (or restart) SuperNode ``i``; it is stopped by PID with the others."""
+        home = self.home / f"supernode-{i}"
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / "supernode.log", "ab") as log:
+            node = subprocess.Popen(
+                command or self.node_command(i),
+                env={**self.env, "FLWR_HOME": str(home)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while len(self.nodes) <= i:
+            self.nodes.append(None)
+        self.nodes[i] = node
+        self._remember(node.pid)
+        return node
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and its process tree (a device lost mid-run), by PID."""
+        node = self.nodes[i]
+        if node is None:
+            return
+        pids = [node.pid, *descendants(node.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.wait(timeout=30)
+        self.nodes[i] = None
+
     def stop(self, grace: float = 15.0) -> None:
         for node in self.nodes:
-            self.pids.update(_terminate_tree(node, grace))
+            if node is not None:
+                self.pids.update(_terminate_tree(node, grace))
         self.nodes = []
         super().stop(grace)
+
+
+OWNER_FILE = "owner.json"
+HOME_PREFIX = "byzflower-flwr-"
+
+
+def reap_stale(root: str | Path | None = None) -> list[str]:
+    """Stop what a ``byzflower run`` killed hard left behind, and delete its folder.
+
+    Every SuperLink home we create records its owner's PID and the PIDs it started. A home whose
+    owner is gone has its processes (and their descendants) stopped by PID, if they are still
+    Flower's, and is deleted with the worker state inside. Returns what was done, in words."""
+    done = []
+    for home in sorted(Path(root or tempfile.gettempdir()).glob(f"{HOME_PREFIX}*")):
+        try:
+            owner = json.loads((home / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(int(owner.get("owner", 0))):
+            continue
+        stopped = []
+        for pid in [int(p) for p in owner.get("pids", [])]:
+            if _alive(pid) and _is_flower(pid):
+                for child in [pid, *descendants(pid)]:
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                        stopped.append(child)
+                    except ProcessLookupError:
+                        pass
+        shutil.rmtree(home, ignore_errors=True)
+        done.append(f"removed {home} of a run whose process {owner.get('owner')} is gone; stopped {stopped}")
+    return done
+
+
+def _is_flower(pid: int) -> bool:
+    """Whether ``pid`` still runs one of Flower's programs (a recycled PID is left alone)."""
+    try:
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "flower-" in cmdline or "flwr" in cmdline
 
 
 def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:

@@ -9,7 +9,7 @@ Strategy itself stays a plain Flower Strategy driving ``grid.send_and_receive``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,12 +23,25 @@ from flwr.supercore.run import Run
 from byzflower.layout import Layout
 from clients.attacks import HonestStats
 from clients.rng import derive_seed
-from strategies.npy import decode
+from strategies.npy import NUMPY_STYPE, npy_header
 from strategies.strategy import _array
 
 
 class HarnessError(RuntimeError):
-    """The SuperNodes do not match the run (missing partitions, inconsistent node configs)."""
+    """The run cannot go on: no valid set of SuperNodes, or fewer workers' messages than needed."""
+
+
+#: why a node's reply was dropped whole (counted per round, never a crash)
+REJECT_REASONS = (
+    "error",  # the node's ClientApp failed, or Flower reports the node unavailable
+    "unexpected",  # a reply to no message of this round, or from another node than asked
+    "duplicate",  # a second reply to one message
+    "foreign-ids",  # rows for workers the node was not asked for (or not all it was asked for)
+    "repeated-ids",  # one worker id listed twice
+    "wrong-dtype",  # rows not float32
+    "wrong-shape",  # not (asked workers, model dimension)
+    "undecodable",  # missing records, or bytes that do not match their header
+)
 
 
 @dataclass
@@ -40,7 +53,8 @@ class RoundRecord:
     honest_ids: list[int]
     byzantine_ids: list[int]
     order: list[int]  # worker ids in the order the Strategy received them
-    missing: list[int] = field(default_factory=list)  # workers whose node failed
+    missing: list[int] = field(default_factory=list)  # workers whose message did not arrive
+    rejected: dict[str, int] = field(default_factory=dict)  # dropped node replies by reason
 
     @property
     def honest_mean(self) -> torch.Tensor:
@@ -54,9 +68,15 @@ class RoundRecord:
         return float((self.honest - self.honest_mean).pow(2).sum(dim=1).mean())
 
 
-def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """Push and wait for the replies, polling fast at first (Flower's own loop sleeps 0.1-3 s)."""
-    ids = set(grid.push_messages(messages))
+def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
+    """Push ``messages``; message id -> the node it went to."""
+    ids = list(grid.push_messages(messages))
+    return {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+
+
+def _pull(grid: Grid, ids: set[str], timeout: float | None) -> list[Message]:
+    """Wait for replies to ``ids``, polling fast at first (Flower's own loop sleeps 0.1-3 s)."""
+    ids = set(ids)
     replies: list[Message] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.002
@@ -70,18 +90,47 @@ def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Me
     return replies
 
 
+def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Push and wait for the replies."""
+    return _pull(grid, set(_push(grid, messages)), timeout)
+
+
+Log = Callable[[str], None]
+
+
 class Harness(Grid):
-    """Wraps ``grid``; ``discover()`` must be called once before the first round."""
+    """Wraps ``grid``; ``discover()`` must be called once before the first round.
+
+    The trust boundary of the server: it decides which workers each node hosts (from the node's
+    partition claim, checked against the others), and accepts from a node exactly the rows of
+    the workers it asked that node for, checked from the array's header before any data is
+    copied. Anything else is dropped whole and counted by reason in the round's record.
+    """
 
     def __init__(
-        self, grid: Grid, layout: Layout, seed: int, omniscient: bool = False, timeout: float | None = 3600.0
+        self,
+        grid: Grid,
+        layout: Layout,
+        seed: int,
+        omniscient: bool = False,
+        timeout: float | None = 300.0,
+        min_workers: int = 1,
+        log: Log | None = None,
     ) -> None:
         self.grid = grid
         self.layout = layout
         self.seed = int(seed)
         self.omniscient = bool(omniscient)
         self.timeout = timeout
+        self.min_workers = int(min_workers)
+        self.log = log or (lambda _: None)
+        self.num_partitions: int | None = None
+        self.partition_of: dict[int, int] = {}  # admitted node id -> its partition
         self.nodes: dict[int, tuple[list[int], list[int]]] = {}  # node id -> (honest, byzantine)
+        self.refused: list[dict[str, Any]] = []  # claims refused, with the reason
+        self.rebuild: set[int] = set()  # nodes that rejoined: their workers' state is rebuilt
+        self._asked: set[int] = set()  # every node id ever asked for its partition
+        self._claims: dict[int, tuple[int, int]] = {}  # node id -> (partition-id, num-partitions)
         self.last_round: RoundRecord | None = None
 
     # -- Grid pass-through ------------------------------------------------------------------
@@ -109,70 +158,167 @@ class Harness(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    # -- set-up -----------------------------------------------------------------------------
+    # -- which node hosts which workers ----------------------------------------------------------
     def discover(self, wait: float = 120.0) -> None:
-        """Ask every node which partition it is; check they cover the workers exactly.
+        """Ask every node which partition it holds, until partitions 0..K-1 all have a node.
 
         Real SuperNodes join when they are up, so a missing partition is waited for (up to
-        ``wait`` seconds, asking only newly connected nodes); contradictions fail at once.
+        ``wait`` seconds, asking only newly connected nodes). A claim that contradicts the
+        others (another K, a partition out of range or already held) is refused and reported;
+        the run goes on with the rightful nodes.
         """
         deadline = time.monotonic() + wait
-        infos: dict[int, Any] = {}
         while True:
-            new = [n for n in self.grid.get_node_ids() if n not in infos]
-            if new:
-                infos.update(self._ask_partitions(new))
-            problem = _coverage_problem(infos)
+            self._ask_new_nodes(self.timeout)
+            problem = self._admit()
             if problem is None:
                 break
             if time.monotonic() > deadline:
-                raise HarnessError(f"{problem} (waited {wait:.0f} s for SuperNodes to connect)")
+                refused = "; ".join(f"node {r['node']}: {r['reason']}" for r in self.refused)
+                raise HarnessError(
+                    f"{problem} (waited {wait:.0f} s for SuperNodes to connect)"
+                    + (f"; refused: {refused}" if refused else "")
+                )
             time.sleep(0.5)
-        self.nodes = {
-            nid: ([int(w) for w in i["honest"]], [int(w) for w in i["byzantine"]]) for nid, i in infos.items()
-        }
-        hosted = sorted(w for h, b in self.nodes.values() for w in h + b)
-        if hosted != list(range(self.layout.num_workers)):
-            raise HarnessError(f"nodes host workers {hosted}, expected 0..{self.layout.num_workers - 1}")
+        for r in self.refused:
+            self.log(f"refused SuperNode {r['node']}: {r['reason']}")
 
-    def _ask_partitions(self, node_ids: list[int]) -> dict[int, Any]:
+    def _ask_new_nodes(self, timeout: float | None) -> None:
+        new = [n for n in self.grid.get_node_ids() if n not in self._asked]
+        if not new:
+            return
+        self._asked.update(new)
         query = [
             Message(
                 RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover"
             )
-            for n in node_ids
+            for n in new
         ]
-        replies = _poll(self.grid, query, self.timeout)
-        failed = [r for r in replies if r.has_error()]
-        if failed:
-            raise HarnessError(f"{len(failed)} node(s) failed to start: {failed[0].error.reason}")
-        return {r.metadata.src_node_id: r.content["node"] for r in replies}
+        sent = _push(self.grid, query)
+        replies = _pull(self.grid, set(sent), timeout)
+        errors = []
+        order = {nid: i for i, nid in enumerate(new)}  # earlier-connected nodes keep a contested partition
+        replies.sort(key=lambda r: order.get(sent.get(r.metadata.reply_to_message_id), len(order)))
+        for reply in replies:
+            nid = sent.get(reply.metadata.reply_to_message_id)
+            if nid is None:
+                continue
+            if reply.has_error():
+                errors.append(reply.error.reason)
+                self._refuse(nid, None, f"failed to start: {reply.error.reason}")
+                continue
+            try:
+                info = reply.content["node"]
+                claim = (int(info["partition-id"]), int(info["num-partitions"]))
+            except Exception:
+                self._refuse(nid, None, "sent no readable partition claim")
+                continue
+            self._claims[nid] = claim
+        if errors and len(errors) == len(new) and not self._claims:
+            raise HarnessError(f"{len(errors)} node(s) failed to start: {errors[0]}")
+
+    def _refuse(self, nid: int, claim: tuple[int, int] | None, reason: str) -> None:
+        if all(r["node"] != nid for r in self.refused):
+            entry = {"node": nid, "reason": reason}
+            if claim is not None:
+                entry.update({"partition-id": claim[0], "num-partitions": claim[1]})
+            self.refused.append(entry)
+
+    def _admit(self) -> str | None:
+        """Admit claims in arrival order; None once every partition has a node."""
+        if not self._claims and not self.partition_of:
+            return "no SuperNode connected"
+        if self.num_partitions is None:
+            counts: dict[int, int] = {}
+            for _, k in self._claims.values():
+                counts[k] = counts.get(k, 0) + 1
+            self.num_partitions = max(counts, key=lambda k: (counts[k], -k))
+        k = self.num_partitions
+        held = set(self.partition_of.values())
+        for nid, (pid, claimed_k) in list(self._claims.items()):
+            if nid in self.partition_of:
+                continue
+            if claimed_k != k:
+                reason = f"claims num-partitions={claimed_k}, the federation has {k}"
+            elif not 0 <= pid < k:
+                reason = f"claims partition-id={pid}, outside 0..{k - 1}"
+            elif pid in held:
+                reason = f"claims partition-id={pid}, already held by another node"
+            else:
+                self.partition_of[nid] = pid
+                held.add(pid)
+                workers = self.layout.node_workers(pid, k)
+                self.nodes[nid] = self.layout.split(workers)
+                continue
+            del self._claims[nid]
+            self._refuse(nid, (pid, claimed_k), reason)
+        missing = sorted(set(range(k)) - held)
+        if missing:
+            return f"nodes must have partition-id 0..{k - 1} once each; missing {missing}"
+        return None
+
+    def _replace_lost_nodes(self) -> None:
+        """Nodes Flower no longer lists lose their partition; newly connected nodes may take it
+        (a restarted device gets a new node id). Their workers' state is rebuilt next round."""
+        live = set(self.grid.get_node_ids())
+        lost = [nid for nid in self.partition_of if nid not in live]
+        for nid in lost:
+            self.log(f"SuperNode {nid} (partition {self.partition_of[nid]}) is gone; its workers are missing")
+            del self.partition_of[nid], self.nodes[nid]
+            self._claims.pop(nid, None)
+            self._asked.discard(nid)  # with authentication a restarted device comes back with this id
+        if live - self._asked and (len(self.partition_of) < (self.num_partitions or 0) or self.rebuild):
+            # A node that was silent last round yields its partition to a newcomer claiming it (a
+            # restarted device without authentication gets a new node id before Flower notices
+            # the old one is gone).
+            claims = self._claims.copy()
+            self._ask_new_nodes(min(self.timeout or 30.0, 30.0))
+            for nid, (pid, _) in list(self._claims.items()):
+                holder = next((h for h, p in self.partition_of.items() if p == pid), None)
+                if nid not in claims and holder in self.rebuild:
+                    self.log(f"SuperNode {holder} (partition {pid}) was silent; node {nid} takes its place")
+                    del self.partition_of[holder], self.nodes[holder]
+                    self._claims.pop(holder, None)
+            before = set(self.partition_of)
+            self._admit()
+            for nid in set(self.partition_of) - before:
+                self.rebuild.add(nid)
+                self.log(f"SuperNode {nid} joined as partition {self.partition_of[nid]}; its workers' state is rebuilt")
 
     # -- rounds -----------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        timeout = self.timeout if timeout is None else timeout
+        if self.timeout is not None:  # round-timeout bounds Flower's own (an hour by default)
+            timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
             return _poll(self.grid, messages, timeout)
-        config = messages[0].content["config"]
+        self._replace_lost_nodes()
+        anchor = messages[0]  # the strategy's instruction the built replies answer
+        config = anchor.content["config"]
         iteration = int(config["server-round"])
-        template = messages[0].content["arrays"]
-        by_node = {m.metadata.dst_node_id: m for m in messages}
+        template = anchor.content["arrays"]
+        keys = list(template.keys())
+        shapes = [tuple(template[k].shape) for k in keys]
+        dim = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+        rows: dict[int, np.ndarray] = {}
+        rejected: dict[str, int] = {}
 
         # Phase 1: honest workers (and Byzantine ones whose attack needs no knowledge of others).
+        expected: dict[int, list[int]] = {}
         phase1 = []
-        for nid, msg in by_node.items():
-            honest, byzantine = self.nodes.get(nid, ([], []))
-            if honest or (byzantine and not self.omniscient):
-                msg.content["config"] = ConfigRecord({**config, "phase": "honest"})
-                phase1.append(msg)
-        rows: dict[int, np.ndarray] = {}
-        reply_to: dict[int, Message] = {}
-        passthrough: list[Message] = []
-        answered: set[int] = set()
-        self._collect(_poll(self.grid, phase1, timeout), by_node, rows, reply_to, passthrough, answered)
+        for nid, (honest, byzantine) in self.nodes.items():
+            asked = honest + ([] if self.omniscient else byzantine)
+            if asked:
+                expected[nid] = asked
+                phase_config = {**config, "phase": "honest", "rebuild": nid in self.rebuild}
+                content = RecordDict({"arrays": template, "config": ConfigRecord(phase_config)})
+                phase1.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
+        self._exchange(phase1, expected, dim, timeout, rows, rejected)
+        # A node that did not answer may have restarted (with authentication it keeps its node id):
+        # its workers' state is rebuilt at the model when it answers again.
+        self.rebuild = {nid for nid, asked in expected.items() if asked[0] not in rows}
         honest_ids = [w for w in self.layout.honest_ids if w in rows]
-        honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, 0)
+        honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, dim)
 
         # Phase 2: omniscient attackers see the honest messages' statistics, nothing else.
         if self.omniscient and honest_ids:
@@ -185,50 +331,87 @@ class Harness(Grid):
                     ),
                 }
             )
-            phase2 = [
-                Message(content, dst_node_id=nid, message_type=MessageType.TRAIN)
-                for nid, (_, byzantine) in self.nodes.items()
-                if byzantine and nid in by_node
-            ]
-            targets = {m.metadata.dst_node_id: m for m in phase2}
-            self._collect(_poll(self.grid, phase2, timeout), targets, rows, reply_to, passthrough, answered)
+            expected = {nid: byz for nid, (_, byz) in self.nodes.items() if byz}
+            phase2 = [Message(content, dst_node_id=nid, message_type=MessageType.TRAIN) for nid in expected]
+            self._exchange(phase2, expected, dim, timeout, rows, rejected)
 
         order = [w for w in role_blind_order(self.seed, iteration, self.layout.num_workers) if w in rows]
-        keys = list(template.keys())
-        shapes = [tuple(template[k].shape) for k in keys]
-        out = [
-            Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=reply_to[w]) for w in order
-        ]
-        expected = [w for h, b in self.nodes.values() for w in h + b]
+        out = [Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=anchor) for w in order]
+        missing = sorted(set(range(self.layout.num_workers)) - set(rows))
         self.last_round = RoundRecord(
-            iteration,
-            honest,
-            honest_ids,
-            list(self.layout.byzantine_ids),
-            order,
-            sorted(w for w in expected if w not in rows),
+            iteration, honest, honest_ids, list(self.layout.byzantine_ids), order, missing, rejected
         )
-        return out + passthrough
+        if missing or rejected:
+            shown = ", ".join(f"{k} {v}" for k, v in rejected.items())
+            self.log(
+                f"round {iteration}: no message from workers {missing}"
+                + (f"; replies dropped: {shown}" if shown else "")
+            )
+        if len(rows) < self.min_workers:
+            raise HarnessError(
+                f"round {iteration}: only {len(rows)} of {self.layout.num_workers} workers' messages arrived, "
+                f"fewer than the {self.min_workers} needed (min-workers); missing workers {missing}"
+            )
+        return out
 
-    @staticmethod
-    def _collect(
-        replies: list[Message],
-        sent: dict[int, Message],
+    def _exchange(
+        self,
+        messages: list[Message],
+        expected: dict[int, list[int]],
+        dim: int,
+        timeout: float | None,
         rows: dict[int, np.ndarray],
-        reply_to: dict[int, Message],
-        passthrough: list[Message],
-        answered: set[int],
+        rejected: dict[str, int],
     ) -> None:
-        for reply in replies:
-            answered.add(reply.metadata.src_node_id)
-            got = _split(reply)
-            if got is None:
-                passthrough.append(reply)  # the Strategy counts it as an error / malformed reply
-                continue
-            rows.update(got)
-            instruction = sent.get(reply.metadata.src_node_id)
-            for w in got:
-                reply_to[w] = instruction if instruction is not None else reply
+        """Send one phase and keep, from each asked node's first reply, exactly the asked rows."""
+        if not messages:
+            return
+        sent = _push(self.grid, messages)
+        answered: set[str] = set()
+        for reply in _pull(self.grid, set(sent), timeout):
+            nid = sent.get(reply.metadata.reply_to_message_id)
+            reason = None
+            if nid is None or (not reply.has_error() and reply.metadata.src_node_id != nid):
+                reason = "unexpected"
+            elif reply.metadata.reply_to_message_id in answered:
+                reason = "duplicate"
+            elif reply.has_error():
+                reason = "error"
+            if reason is None:
+                got, reason = node_rows(reply, expected[nid], dim)
+                if got is not None:
+                    rows.update(got)
+            if nid is not None:
+                answered.add(reply.metadata.reply_to_message_id)
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+
+
+def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.ndarray] | None, str | None]:
+    """worker id -> row of a node's reply, or (None, reason) when it must be dropped whole.
+
+    The ids must be exactly ``asked`` (any order, none repeated); the rows array must be float32
+    of shape (len(asked), dim), checked from its header before any data is read; the data is
+    then viewed in place, not copied."""
+    try:
+        ids = [int(w) for w in reply.content["workers"]["ids"]]
+        array = reply.content["rows"]["rows"]
+        dtype, shape, data = np.dtype(array.dtype), tuple(int(s) for s in array.shape), array.data
+    except Exception:
+        return None, "undecodable"
+    if len(set(ids)) != len(ids):
+        return None, "repeated-ids"
+    if sorted(ids) != sorted(asked):
+        return None, "foreign-ids"
+    if dtype != np.float32:
+        return None, "wrong-dtype"
+    if shape != (len(ids), dim):
+        return None, "wrong-shape"
+    header = npy_header(dtype.str, shape)
+    if array.stype != NUMPY_STYPE or len(data) != len(header) + 4 * len(ids) * dim or not data.startswith(header):
+        return None, "undecodable"
+    block = np.frombuffer(data, dtype=np.float32, offset=len(header)).reshape(shape)
+    return {w: block[i] for i, w in enumerate(ids)}, None
 
 
 def role_blind_order(seed: int, iteration: int, num_workers: int) -> list[int]:
@@ -238,49 +421,11 @@ def role_blind_order(seed: int, iteration: int, num_workers: int) -> list[int]:
     return [int(w) for w in torch.randperm(num_workers, generator=gen)]
 
 
-def _split(reply: Message) -> dict[int, np.ndarray] | None:
-    """worker id -> message row of a node's reply, or None when the reply is unusable."""
-    if reply.has_error():
-        return None
-    try:
-        ids = [int(w) for w in reply.content["workers"]["ids"]]
-        block = decode(reply.content["rows"]["rows"])
-    except Exception:
-        return None
-    if block.ndim != 2 or block.shape[0] != len(ids):
-        return None
-    return {w: block[i] for i, w in enumerate(ids)}
-
-
 def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
-    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects); a row of the
-    wrong length stays one flat array, which the strategy drops as malformed."""
-    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    if row.size != sum(sizes):
-        return ArrayRecord({"flat": _array(row)})
+    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects)."""
     record, offset = ArrayRecord(), 0
-    for key, shape, n in zip(keys, shapes, sizes, strict=True):
+    for key, shape in zip(keys, shapes, strict=True):
+        n = int(np.prod(shape, dtype=np.int64))
         record[key] = _array(row[offset : offset + n].reshape(shape))
         offset += n
     return record
-
-
-def _coverage_problem(infos: dict[int, Any]) -> str | None:
-    """None when the nodes are partitions 0..K-1 once each; a message if some are missing.
-
-    Raises when the nodes contradict each other (no later node can fix that).
-    """
-    if not infos:
-        return "no SuperNode connected"
-    ks = {int(i["num-partitions"]) for i in infos.values()}
-    if len(ks) != 1:
-        raise HarnessError(f"nodes disagree on num-partitions: {sorted(ks)}")
-    (k,) = ks
-    pids = sorted(int(i["partition-id"]) for i in infos.values())
-    dup = sorted({p for p in pids if pids.count(p) > 1})
-    if dup:
-        raise HarnessError(f"nodes must have partition-id 0..{k - 1} once each; repeated {dup}")
-    missing = sorted(set(range(k)) - set(pids))
-    if missing:
-        return f"nodes must have partition-id 0..{k - 1} once each; missing {missing}"
-    return None

@@ -42,6 +42,13 @@ class NodeWorkers:
             poisoned = byzantine_data(cfg, data, self.byzantine, self.device, data.spec.classes)
             self.poisoned = make_estimator(cfg, self.grads, poisoned, mapped_allocator(folder))
 
+    def rebuild(self) -> None:
+        """Forget the workers' state: the next step rebuilds it at the current model (SAGA's
+        table and average recomputed, SVRG's snapshot retaken, SARAH restarted)."""
+        for estimator in (self.estimator, self.poisoned):
+            if estimator is not None:
+                estimator.state["step"].zero_()
+
     @property
     def omniscient(self) -> bool:
         return self.attack is not None and self.attack.omniscient

@@ -11,11 +11,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from byzflower.config import ConfigError, attack_of, resolve, rule_of, warnings_of
+from byzflower.config import ConfigError, attack_of, min_workers_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
 from byzflower.harness import Harness, HarnessError, _poll
+from byzflower.results import status_of
 from strategies.strategy import RobustSGD
 
 app = ServerApp()
@@ -47,50 +48,33 @@ def main(grid: Grid, context: Context) -> None:
     layout = layout_of(cfg)
     grads = gradients_of(cfg, data, device)
     recorder = Recorder(cfg, Evaluator(cfg, data, grads, device), _say)
-    recorder.byzantine_ids = list(layout.byzantine_ids)
-    _say(f"results: {recorder.run.path}")
-    if cfg["attack"] == "none" and cfg["num-byzantine"]:
-        _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
-
-    attack = attack_of(cfg)
-    harness = Harness(grid, layout, int(cfg["seed"]), omniscient=attack is not None and attack.omniscient)
-    recorder.warnings = warnings_of(cfg)
-    for warning in recorder.warnings:
-        log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
-    strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
-    rounds = int(cfg["num-server-rounds"])
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round > 0:
-            metrics = dict(strategy.last_metrics or {})
-            rec = harness.last_round
-            info = {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")}
-            if rec is not None:
-                name_selected(info, strategy.last_valid, rec.order, rec.byzantine_ids)
-            recorder.observe(
-                server_round,
-                None if rec is None else rec.honest,
-                strategy.last_aggregate,
-                {k: v for k, v in metrics.items() if k.startswith(("dropped-", "failed"))},
-                info,
-            )
-        if not recorder.due(server_round):
-            return None
-        x = grads.flatten(
-            {k: torch.from_numpy(a) for k, a in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
-        )
-        record = recorder.evaluate(server_round, x)
-        if server_round == rounds:
-            recorder.run.save_model(grads.unflatten(x))
-        return MetricRecord(
-            {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        )
-
+    status, error = "failed", None
     quiet = _QuietStrategyLoop()
     flwr_logger = logging.getLogger("flwr")
-    status, error = "failed", None
-    try:
+    harness = None
+    try:  # the run folder exists from here on: whatever happens, summary.json says how it ended
+        recorder.byzantine_ids = list(layout.byzantine_ids)
+        _say(f"results: {recorder.run.path}")
+        if cfg["attack"] == "none" and cfg["num-byzantine"]:
+            _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
+        attack = attack_of(cfg)
+        harness = Harness(
+            grid,
+            layout,
+            int(cfg["seed"]),
+            omniscient=attack is not None and attack.omniscient,
+            timeout=float(cfg["round-timeout"]),
+            min_workers=min_workers_of(cfg),
+            log=lambda line: log(WARNING, "[byzflower] %s", line),
+        )
+        recorder.warnings = warnings_of(cfg)
+        for warning in recorder.warnings:
+            log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
+        strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
+        rounds = int(cfg["num-server-rounds"])
+        evaluate = _evaluation(cfg, recorder, strategy, harness, grads, rounds)
         harness.discover()
+        recorder.warnings += [f"refused SuperNode {r['node']}: {r['reason']}" for r in harness.refused]
         _say(
             f"{layout.num_workers} workers ({cfg['num-honest']} honest, {layout.num_byzantine} Byzantine) on "
             f"{len(harness.nodes)} SuperNodes; optimizer={cfg['optimizer']} aggregator={cfg['aggregator']} "
@@ -104,15 +88,62 @@ def main(grid: Grid, context: Context) -> None:
         status = "finished"
     except HarnessError as exc:
         error = str(exc)
+        _finish(recorder, status, error, harness, grid)
         _abort(exc)
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        status, error = status_of(exc)
         raise
     finally:
         flwr_logger.removeFilter(quiet)
-        summary = recorder.finish(status, error)
-        _cleanup(grid)
-        _say(f"{status}: final test accuracy {summary['final'].get('test_accuracy')}; results in {recorder.run.path}")
+        if not recorder.finished:
+            _finish(recorder, status, error, harness, grid)
+
+
+def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness | None, grid: Grid) -> None:
+    if harness is not None:  # refusals seen later (a stray node during the run) are reported too
+        seen = set(recorder.warnings)
+        recorder.warnings += [
+            w for w in (f"refused SuperNode {r['node']}: {r['reason']}" for r in harness.refused) if w not in seen
+        ]
+    summary = recorder.finish(status, error)
+    _cleanup(grid)
+    _say(f"{status}: final test accuracy {summary['final'].get('test_accuracy')}; results in {recorder.run.path}")
+
+
+def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, grads, rounds: int):
+    """The ``evaluate_fn`` of Flower's round loop: record the round, evaluate when due."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            metrics = dict(strategy.last_metrics or {})
+            rec = harness.last_round
+            info = {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")}
+            counts = {k: v for k, v in metrics.items() if k.startswith(("dropped-", "failed"))}
+            if rec is not None:
+                name_selected(info, strategy.last_valid, rec.order, rec.byzantine_ids)
+                counts["missing-messages"] = len(rec.missing)
+                counts.update({f"rejected-{k}": v for k, v in rec.rejected.items()})
+            recorder.observe(
+                server_round,
+                None if rec is None else rec.honest,
+                strategy.last_aggregate,
+                counts,
+                info,
+                missing=None if rec is None else rec.missing,
+            )
+        if not recorder.due(server_round):
+            return None
+        x = grads.flatten(
+            {k: torch.from_numpy(a) for k, a in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
+        )
+        record = recorder.evaluate(server_round, x)
+        if server_round == rounds:
+            recorder.run.save_model(grads.unflatten(x))
+        return MetricRecord(
+            {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
+
+    return evaluate
 
 
 def _abort(exc: Exception) -> None:

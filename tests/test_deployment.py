@@ -2,13 +2,17 @@
 
 import json
 import os
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from byzflower.config import resolve
+from byzflower.credentials import make_node_key
 from byzflower.engine import run_local
-from byzflower.flower_runner import LocalDeployment, _alive
-from byzflower.harness import HarnessError, _coverage_problem
+from byzflower.flower_runner import LocalDeployment, _alive, descendants, reap_stale
 
 APP = os.path.join(os.path.dirname(__file__), "..")
 TIMING = {"elapsed_s", "iters_per_s"}
@@ -34,13 +38,20 @@ def _metrics(run_dir):
 
 @pytest.mark.flower
 def test_deployment_on_real_supernodes_matches_the_local_engine(tmp_path):
-    deployment = LocalDeployment(supernodes=2)
+    deployment = LocalDeployment(supernodes=2)  # TLS and SuperNode authentication: the default
     with deployment:
+        # Before the run: a node with an unregistered key, and one that does not trust our CA, are refused.
+        stranger = deployment.start_node(5, deployment.node_command(0, key=make_node_key(tmp_path / "stranger")))
+        no_ca = deployment.start_node(6, deployment.node_command(1, root_certificates=tmp_path / "missing.crt"))
+        assert stranger.wait(timeout=120) != 0 and no_ca.wait(timeout=120) != 0
+        logs = [(deployment.home / f"supernode-{i}" / "supernode.log").read_text() for i in (5, 6)]
+        assert "Failed to activate SuperNode" in logs[0] or "must be registered" in logs[0], logs[0][-2000:]
+        assert "missing.crt" in logs[1] or "CERTIFICATE" in logs[1].upper(), logs[1][-2000:]
         outcome = deployment.run(APP, {**CONFIG, "results-dir": str(tmp_path), "run-name": "dep"}, timeout=400)
         leftover = list((deployment.home / "node-state").glob("run-*/*"))
-        nodes = [n.pid for n in deployment.nodes]
+        nodes = [n.pid for n in deployment.nodes[:2]]
     assert outcome.ok, outcome.output[-3000:]
-    assert len(nodes) == 2
+    assert len(nodes) == 2 and "--insecure" not in " ".join(deployment.node_command(0))
     assert not any(_alive(p) for p in deployment.pids)  # SuperLink, SuperNodes, ClientApps: all stopped
     assert leftover == []  # the nodes deleted the run's worker state at the end
 
@@ -51,19 +62,95 @@ def test_deployment_on_real_supernodes_matches_the_local_engine(tmp_path):
     assert deployed == local  # bit for bit, across processes and machines' worth of isolation
 
 
-def test_coverage_waits_for_missing_partitions_and_rejects_contradictions():
-    def node(pid, k):
-        return {"partition-id": pid, "num-partitions": k}
-
-    assert _coverage_problem({}) == "no SuperNode connected"
-    assert "missing [1]" in _coverage_problem({10: node(0, 3), 11: node(2, 3)})
-    assert _coverage_problem({10: node(1, 2), 11: node(0, 2)}) is None
-    with pytest.raises(HarnessError, match="repeated \\[0\\]"):
-        _coverage_problem({10: node(0, 2), 11: node(0, 2)})
-    with pytest.raises(HarnessError, match="disagree on num-partitions: \\[2, 3\\]"):
-        _coverage_problem({10: node(0, 2), 11: node(1, 3)})
-
-
 def test_deployment_needs_at_least_one_supernode():
     with pytest.raises(ValueError, match="supernodes=0 must be >= 1"):
         LocalDeployment(supernodes=0)
+
+
+@pytest.mark.flower
+def test_a_supernode_lost_mid_run_is_recorded_and_rejoins(tmp_path):
+    """kill -9 one real SuperNode mid-run: the rounds go on with the other node's workers, the
+    missing ones are written in the records and the summary, and the restarted node rejoins."""
+    config = {
+        **CONFIG,
+        "optimizer": "sgd",
+        "attack": "none",
+        "aggregator": "mean",
+        "num-server-rounds": 6,
+        "round-timeout": 30.0,
+        "results-dir": str(tmp_path),
+        "run-name": "faulty",
+    }
+    deployment = LocalDeployment(supernodes=2)
+    metrics = tmp_path / "faulty" / "metrics.jsonl"
+    result: dict = {}
+    with deployment:
+        runner = threading.Thread(target=lambda: result.update(outcome=deployment.run(APP, config, timeout=600)))
+        runner.start()
+        _wait_for(lambda: _iterations(metrics) >= 1, runner)
+        killed = [deployment.nodes[1].pid, *descendants(deployment.nodes[1].pid)]
+        deployment.kill_node(1)
+        deployment.start_node(1)  # the device reboots and comes back with its registered key
+        _wait_for(lambda: any(r.get("missing_workers") for r in _records(metrics)), runner)
+        while runner.is_alive():  # until the SuperLink lets the old session go, a restart may be refused
+            if deployment.nodes[1].poll() is not None:
+                deployment.start_node(1)
+            runner.join(timeout=1.0)
+        pids = set(deployment.pids)
+    outcome = result["outcome"]
+    assert outcome.ok, outcome.output[-3000:]
+    records = _records(metrics)
+    missing = [r["missing_workers"] for r in records]
+    assert [2, 3] in missing  # node 1 hosts workers 2 and 3
+    assert missing[-1] == []  # it rejoined before the end
+    summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["totals"]["missing_messages"] >= 2
+    assert any("never arrived" in w for w in summary["warnings"])
+    assert not any(_alive(p) for p in pids | set(killed))  # the killed node's tree too
+
+
+def _records(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _iterations(path) -> int:
+    records = _records(path)
+    return records[-1]["iteration"] if records else -1
+
+
+def _wait_for(condition, runner, timeout: float = 400.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert runner.is_alive(), "the run ended early"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.flower
+def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
+    """A ``byzflower run`` killed with SIGKILL cannot stop its SuperLink (a new session, so it
+    survives under PID 1): the next start finds the home whose owner is gone, stops what it
+    recorded by PID, and deletes the folder with the worker state in it."""
+    code = (
+        "import sys, time\n"
+        "from byzflower.flower_runner import LocalSuperLink\n"
+        f"link = LocalSuperLink(home={str(tmp_path / 'byzflower-flwr-killed')!r})\n"
+        "link.start()\n"
+        "print(link.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    superlink = int(owner.stdout.readline())
+    (tmp_path / "byzflower-flwr-killed" / "node-state" / "run-1").mkdir(parents=True)
+    owner.kill()
+    owner.wait(timeout=30)
+    assert _alive(superlink)  # orphaned, still running
+    done = reap_stale(tmp_path)
+    assert len(done) == 1 and str(superlink) in done[0]
+    deadline = time.monotonic() + 30
+    while _alive(superlink) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(superlink) and not (tmp_path / "byzflower-flwr-killed").exists()
+    assert reap_stale(tmp_path) == []

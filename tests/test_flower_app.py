@@ -72,7 +72,7 @@ def test_bad_config_fails_the_run_with_a_clear_message(superlink, tmp_path):
     outcome, run_dir = _run(superlink, tmp_path, "bad", 2, optimizer="adamw", lr=-1.0)
     assert outcome.status == "finished:failed"
     assert "optimizer='adamw' is not valid; choose one of: sgd, batch-sgd" in outcome.output
-    assert "lr=-1.0 must be >= 0" in outcome.output
+    assert "lr=-1.0 is outside the allowed range: a finite number >= 0" in outcome.output
     assert 'File "' not in outcome.output  # no traceback frames from Flower or torch
     assert not run_dir.exists()  # no work started
 

@@ -1,0 +1,140 @@
+"""TLS certificates and SuperNode keys for a secure deployment, made with ``cryptography``.
+
+A private CA signs the SuperLink's certificate (its host names and IP addresses in the subject
+alternative names); each SuperNode gets an ECDSA P-384 key pair, whose OpenSSH public key is
+registered with the SuperLink (``flwr supernode register``) so that only those nodes may join.
+Nothing here is hand-rolled cryptography: keys, signatures and encodings are the library's.
+
+Command line: ``byzflower credentials DIR --host NAME_OR_IP ... --supernodes K``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of the files a secure deployment uses."""
+
+    folder: Path
+    ca_cert: Path  # give to every SuperNode and to the flwr CLI (root-certificates)
+    server_cert: Path  # the SuperLink's
+    server_key: Path
+    node_keys: tuple[Path, ...]  # one private key per SuperNode (--auth-supernode-private-key)
+
+    def node_public_key(self, i: int) -> Path:
+        return self.node_keys[i].with_suffix(".pub")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "byzflower"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
+    )
+
+
+def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def make_credentials(folder: str | Path, hosts: list[str], supernodes: int, days: int = 365) -> Credentials:
+    """A CA, a SuperLink certificate valid for ``hosts`` and ``supernodes`` node key pairs in ``folder``."""
+    if not hosts:
+        raise ValueError("the SuperLink certificate needs at least one host name or IP address")
+    if supernodes < 0:
+        raise ValueError(f"supernodes={supernodes} must be >= 0")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("byzflower CA"))
+        .issuer_name(_name("byzflower CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    pem = serialization.Encoding.PEM
+    ca_path, cert_path, key_path = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    ca_path.write_bytes(ca.public_bytes(pem))
+    cert_path.write_bytes(server.public_bytes(pem))
+    _write_private(
+        key_path,
+        server_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()),
+    )
+    _write_private(
+        folder / "ca.key",
+        ca_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()),
+    )
+    node_keys = tuple(make_node_key(folder / f"supernode-{i}") for i in range(supernodes))
+    return Credentials(folder, ca_path, cert_path, key_path, node_keys)
+
+
+def make_node_key(path: str | Path) -> Path:
+    """An ECDSA P-384 key pair: ``path`` (private, OpenSSH format, mode 600) and ``path.pub``."""
+    path = Path(path)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path.with_suffix(".pub").write_bytes(public + b"\n")
+    return path

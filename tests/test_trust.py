@@ -1,0 +1,234 @@
+"""The server's trust boundary: which node hosts which workers, and which rows a reply may carry.
+
+The harness runs against a scripted Grid whose nodes answer as byzflower's ClientApp does, or as a
+rogue node would (every worker id, a wider row, float64, repeated ids, the same reply twice,
+bytes that do not match their header, a stray partition claim, silence). Real SuperLink and
+SuperNode processes are exercised in test_deployment.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from byzflower.harness import Harness, HarnessError, node_rows
+from byzflower.layout import Layout
+from strategies.npy import NUMPY_STYPE, npy_bytes
+
+D = 6  # model dimension: "w" (2, 2) + "b" (2,)
+LAYOUT = Layout.last(4, 2)  # workers 0..3 honest, 4..5 Byzantine
+
+
+def _rows_array(rows: np.ndarray) -> Array:
+    return Array(dtype=str(rows.dtype), shape=tuple(rows.shape), stype=NUMPY_STYPE, data=npy_bytes(rows))
+
+
+class ScriptedGrid:
+    """Nodes answer synchronously; ``behave[node]`` may rewrite a node's honest reply."""
+
+    def __init__(self, claims: dict[int, tuple[int, int]], behave=None, omniscient=False):
+        self.claims = dict(claims)
+        self.behave = behave or {}
+        self.pending: dict[str, list[Message]] = {}
+        self.ids = itertools.count()
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.claims)
+
+    def push_messages(self, messages):
+        out = []
+        for msg in messages:
+            mid = f"m{next(self.ids)}"
+            msg.metadata._message_id = mid
+            self.sent.append(msg)
+            reply = self._answer(msg)
+            self.pending[mid] = reply if isinstance(reply, list) else ([] if reply is None else [reply])
+            out.append(mid)
+        return out
+
+    def pull_messages(self, ids):
+        got = []
+        for mid in ids:
+            got.extend(self.pending.pop(mid, []))
+        return got
+
+    def _honest_reply(self, msg: Message, node: int) -> Message:
+        pid, k = self.claims[node]
+        workers = list(LAYOUT.node_workers(pid, k))
+        honest, byzantine = LAYOUT.split(workers)
+        ids = honest + byzantine if msg.content["config"]["phase"] == "honest" else byzantine
+        rows = np.stack([np.full(D, float(w), dtype=np.float32) for w in ids])
+        return self.reply(msg, ids, _rows_array(rows))
+
+    @staticmethod
+    def reply(msg: Message, ids, array: Array) -> Message:
+        content = RecordDict({"rows": ArrayRecord({"rows": array}), "workers": ConfigRecord({"ids": list(ids)})})
+        reply = Message(content, reply_to=msg)
+        reply.metadata._src_node_id = msg.metadata.dst_node_id
+        return reply
+
+    def _answer(self, msg: Message):
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type.endswith("discover"):
+            pid, k = self.claims[node]
+            reply = Message(
+                RecordDict({"node": ConfigRecord({"partition-id": pid, "num-partitions": k})}), reply_to=msg
+            )
+            reply.metadata._src_node_id = node
+            return reply
+        honest = self._honest_reply(msg, node)
+        rule = self.behave.get(node)
+        return honest if rule is None else rule(self, msg, honest)
+
+
+def _instruction():
+    arrays = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32)), "b": Array(np.zeros(2, dtype=np.float32))})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def _round(grid: ScriptedGrid, min_workers: int = 1, lines=None):
+    log = None if lines is None else lines.append
+    harness = Harness(grid, LAYOUT, seed=1, timeout=1.0, min_workers=min_workers, log=log)
+    harness.discover(wait=1.0)
+    replies = list(harness.send_and_receive([_instruction()]))
+    return harness, replies
+
+
+def _workers_seen(replies) -> dict[float, int]:
+    """The value each delivered row carries (each honest node fills worker w's row with w)."""
+    values = [float(r.content["gradient"]["b"].numpy()[0]) for r in replies]
+    return {v: values.count(v) for v in values}
+
+
+TWO_NODES = {10: (0, 2), 11: (1, 2)}  # node 10: workers 0..2, node 11: workers 3..5
+
+
+def test_honest_nodes_deliver_every_worker_once(task_identity):
+    harness, replies = _round(ScriptedGrid(TWO_NODES))
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    assert harness.last_round.missing == [] and harness.last_round.rejected == {}
+    assert harness.nodes == {10: ([0, 1, 2], []), 11: ([3], [4, 5])}
+
+
+def _rogue(ids=None, rows=None, array=None):
+    def behave(grid, msg, honest):
+        use_ids = ids if ids is not None else honest.content["workers"]["ids"]
+        if array is not None:
+            return grid.reply(msg, use_ids, array)
+        return grid.reply(msg, use_ids, _rows_array(rows))
+
+    return behave
+
+
+CASES = {
+    # a node that lists every worker id, to replace every honest message with its own value
+    "foreign-ids": _rogue(ids=list(range(6)), rows=np.full((6, D), 1e6, dtype=np.float32)),
+    "wrong-shape": _rogue(rows=np.ones((3, D + 1), dtype=np.float32)),
+    "wrong-dtype": _rogue(rows=np.ones((3, D), dtype=np.float64)),
+    "repeated-ids": _rogue(ids=[0, 0, 1], rows=np.ones((3, D), dtype=np.float32)),
+    "undecodable": _rogue(
+        array=Array(dtype="float32", shape=(3, D), stype=NUMPY_STYPE, data=b"\x93NUMPY garbage" + b"\0" * 80)
+    ),
+}
+
+
+@pytest.mark.parametrize("reason", list(CASES))
+def test_a_bad_reply_is_dropped_whole_counted_and_touches_no_other_node(task_identity, reason):
+    lines = []
+    harness, replies = _round(ScriptedGrid(TWO_NODES, behave={10: CASES[reason]}), lines=lines)
+    assert harness.last_round.rejected == {reason: 1}
+    assert harness.last_round.missing == [0, 1, 2]  # the rogue node's own workers, nobody else's
+    assert _workers_seen(replies) == {3.0: 1, 4.0: 1, 5.0: 1}  # node 11's rows, untouched
+    assert any("no message from workers [0, 1, 2]" in line and reason in line for line in lines)
+
+
+def test_the_same_reply_twice_counts_once(task_identity):
+    def twice(grid, msg, honest):
+        return [honest, grid.reply(msg, [0, 1, 2], _rows_array(np.full((3, D), 9.0, dtype=np.float32)))]
+
+    harness, replies = _round(ScriptedGrid(TWO_NODES, behave={10: twice}))
+    assert harness.last_round.rejected == {"duplicate": 1}
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}  # the first reply's rows
+
+
+def test_rows_are_checked_from_the_header_and_viewed_not_copied(task_identity):
+    msg = _instruction()
+    rows = np.arange(3 * D, dtype=np.float32).reshape(3, D)
+    reply = ScriptedGrid.reply(msg, [7, 8, 9], _rows_array(rows))
+    got, reason = node_rows(reply, [9, 8, 7], D)
+    assert reason is None and np.array_equal(got[8], rows[1])
+    assert not got[8].flags.writeable and got[8].base is not None  # a view of the received bytes
+    assert node_rows(reply, [7, 8], D) == (None, "foreign-ids")
+    assert node_rows(reply, [7, 8, 9], D + 1) == (None, "wrong-shape")
+    huge = ScriptedGrid.reply(
+        msg, [7], Array(dtype="float32", shape=(1, 10**12), stype=NUMPY_STYPE, data=b"")
+    )  # a header promising 4 TB is refused before anything is allocated
+    assert node_rows(huge, [7], D) == (None, "wrong-shape")
+
+
+@pytest.mark.parametrize(
+    "stray, reason",
+    [
+        ((0, 2), "claims partition-id=0, already held by another node"),
+        ((5, 2), "claims partition-id=5, outside 0..1"),
+        ((1, 3), "claims num-partitions=3, the federation has 2"),
+    ],
+)
+def test_a_stray_node_is_refused_and_the_run_goes_on(task_identity, stray, reason):
+    harness, replies = _round(ScriptedGrid({**TWO_NODES, 12: stray}))
+    assert harness.refused == [{"node": 12, "reason": reason, "partition-id": stray[0], "num-partitions": stray[1]}]
+    assert set(harness.nodes) == {10, 11} and _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    assert all(m.metadata.dst_node_id != 12 for m in harness.grid.sent if m.metadata.message_type == "train")
+
+
+def test_a_silent_node_leaves_its_workers_missing_and_min_workers_stops_the_run(task_identity):
+    silent = {11: lambda grid, msg, honest: None}
+    harness, replies = _round(ScriptedGrid(TWO_NODES, behave=silent), min_workers=3)
+    assert harness.last_round.missing == [3, 4, 5] and len(replies) == 3
+    with pytest.raises(HarnessError, match=r"only 3 of 6 workers' messages arrived.*missing workers \[3, 4, 5\]"):
+        _round(ScriptedGrid(TWO_NODES, behave=silent), min_workers=4)
+
+
+def test_a_lost_node_is_replaced_by_a_new_one_whose_state_is_rebuilt(task_identity):
+    grid = ScriptedGrid(TWO_NODES)
+    harness, _ = _round(grid)
+    del grid.claims[11]  # node 11 is lost; the device restarts with a new node id
+    grid.claims[13] = (1, 2)
+    replies = list(harness.send_and_receive([_instruction()]))
+    assert harness.nodes == {10: ([0, 1, 2], []), 13: ([3], [4, 5])}
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    train = [m for m in grid.sent if m.metadata.message_type == "train"][-2:]
+    assert {m.metadata.dst_node_id: m.content["config"]["rebuild"] for m in train} == {10: False, 13: True}
+
+
+def test_a_lost_node_that_comes_back_with_its_id_is_asked_again(task_identity):
+    """With SuperNode authentication a restarted device keeps its node id."""
+    grid = ScriptedGrid(TWO_NODES)
+    harness, _ = _round(grid)
+    claim = grid.claims.pop(11)
+    replies = list(harness.send_and_receive([_instruction()]))  # node 11 is gone this round
+    assert harness.last_round.missing == [3, 4, 5] and len(replies) == 3
+    grid.claims[11] = claim  # back, same id
+    replies = list(harness.send_and_receive([_instruction()]))
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    train = [m for m in grid.sent if m.metadata.dst_node_id == 11 and m.metadata.message_type == "train"]
+    assert train[-1].content["config"]["rebuild"] is True
+
+
+def test_a_silent_node_yields_its_partition_to_a_newcomer_claiming_it(task_identity):
+    """Without authentication a restarted device has a new node id while Flower still lists the
+    old one: the silent holder gives way; a node that answered keeps its partition."""
+    grid = ScriptedGrid(TWO_NODES, behave={11: lambda grid, msg, honest: None})
+    harness, _ = _round(grid)
+    assert harness.last_round.missing == [3, 4, 5]
+    grid.claims[13] = (1, 2)  # the restarted device
+    grid.claims[14] = (0, 2)  # a stray claim on a partition whose holder answers
+    del grid.behave[11]
+    replies = list(harness.send_and_receive([_instruction()]))
+    assert harness.nodes == {10: ([0, 1, 2], []), 13: ([3], [4, 5])}
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    assert any(r["node"] == 14 and "already held" in r["reason"] for r in harness.refused)
