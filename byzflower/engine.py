@@ -200,7 +200,7 @@ class LocalRun:
             "x": self.x.cpu(),
             "honest": self.honest.state_dict(),
             "poisoned": self.poisoned.state_dict() if self.poisoned is not None else None,
-            "rule": {k: v for k, v in vars(self.rule).items() if k.startswith("_previous")},
+            "rule": self.rule.state_dict(),
             "recorder": self.recorder.state_dict(),
         }
         tmp = self.run_dir.path / f".{CHECKPOINT}.tmp"
@@ -214,8 +214,7 @@ class LocalRun:
         self.honest.load_state_dict(state["honest"])
         if self.poisoned is not None:
             self.poisoned.load_state_dict(state["poisoned"])
-        for k, v in state["rule"].items():
-            setattr(self.rule, k, v)
+        self.rule.load_state_dict(state["rule"])
         self.recorder.load_state_dict(state["recorder"])
         self.run_dir.truncate_records(after=t)  # records written after the checkpoint are recomputed
         self.start = t + 1

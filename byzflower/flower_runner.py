@@ -366,7 +366,7 @@ class LocalDeployment(LocalSuperLink):
         node = self.nodes[i]
         if node is None:
             return
-        pids = [node.pid, *descendants(node.pid)]
+        pids = sorted({node.pid, *descendants(node.pid), *_group(node.pid)})
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -403,8 +403,10 @@ def reap_stale(root: str | Path | None = None) -> list[str]:
             continue
         stopped = []
         for pid in [int(p) for p in owner.get("pids", [])]:
-            if _alive(pid) and _is_flower(pid):
-                for child in [pid, *descendants(pid)]:
+            leader = [pid, *descendants(pid)] if _alive(pid) and _is_flower(pid) else []  # not a recycled PID
+            group = [p for p in _group(pid) if _is_flower(p)]  # the leader may be gone, its group not
+            if leader or group:
+                for child in sorted({*leader, *group}):
                     try:
                         os.kill(child, signal.SIGKILL)
                         stopped.append(child)
@@ -424,11 +426,32 @@ def _is_flower(pid: int) -> bool:
     return "flower-" in cmdline or "flwr" in cmdline
 
 
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group ``pgid`` (Linux /proc): what a session leader we started
+    left behind, even after it died and its children were reparented to PID 1."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
 def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
-    """SIGTERM ``process`` and its descendants, SIGKILL whatever is left after ``grace`` s.
+    """SIGTERM ``process``, its descendants and its process group, SIGKILL whatever is left after
+    ``grace`` s. Every process we start leads its own session, so its group also holds the
+    children of a node that already died (reparented to PID 1, no longer its descendants).
 
     Returns every pid it signalled."""
-    pids = [process.pid, *descendants(process.pid)]
+
+    def members() -> list[int]:
+        return sorted({process.pid, *descendants(process.pid), *_group(process.pid)})
+
+    pids = members()
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -438,7 +461,7 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         process.poll()
         time.sleep(0.1)
-    pids += descendants(process.pid)
+    pids = sorted(set(pids) | set(members()))
     for pid in pids:
         if _alive(pid):
             try:

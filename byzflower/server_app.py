@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from logging import ERROR, INFO, WARNING
 
@@ -35,8 +36,16 @@ def _say(message: str) -> None:
     log(INFO, "[byzflower] %s", message)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    try:  # a SuperLink stopped (or a run stopped) by SIGTERM: unwind, so summary.json says so
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (an in-process simulation): leave signals alone
+        pass
     try:
         cfg = resolve(context.run_config)
         data = dataset_of(cfg)

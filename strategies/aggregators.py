@@ -81,6 +81,15 @@ class Rule:
     def reset(self) -> None:
         """Forget any state kept between calls (a new run)."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The state kept between calls (tensors), for checkpoints; empty for stateless rules."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise KeyError(f"{self.name} keeps no state, got {sorted(state)}")
+
     def tolerance_problem(self, n: int, byzantine: int) -> str | None:
         """Why the rule cannot tolerate ``byzantine`` of ``n`` messages in theory (None if it can)."""
         if byzantine == 0:
@@ -314,6 +323,15 @@ class CenteredClipping(Rule):
     def reset(self) -> None:
         self._previous = None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._previous is None else {"previous": self._previous.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = set(state) - {"previous"}
+        if unknown:
+            raise KeyError(f"centered-clipping state has unknown entries {sorted(unknown)}")
+        self._previous = state["previous"].clone() if "previous" in state else None
+
     def _start(self, messages: torch.Tensor) -> torch.Tensor:
         d = messages.shape[1]
         if self.init == "previous" and self._previous is not None and self._previous.shape == (d,):
@@ -384,6 +402,12 @@ class NNM(Rule):
 
     def reset(self) -> None:
         self.rule.reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.rule.state_dict()  # NNM itself keeps nothing between calls
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.rule.load_state_dict(state)
 
     def tolerance_problem(self, n: int, byzantine: int) -> str | None:
         if byzantine > self.f:

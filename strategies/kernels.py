@@ -285,7 +285,8 @@ def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
     k = max(1, n - f - 2)
     others = d2.clone()
     others.fill_diagonal_(math.inf)
-    return torch.topk(others, k, dim=1, largest=False).values.sum(dim=1)
+    scores = torch.topk(others, k, dim=1, largest=False).values.sum(dim=1)
+    return scores.nan_to_num_(nan=math.inf)  # never select a row whose score is undefined
 
 
 def iterated_krum(d2: torch.Tensor, f: int, count: int) -> list[int]:

@@ -69,19 +69,22 @@ def test_deployment_needs_at_least_one_supernode():
 
 @pytest.mark.flower
 def test_a_supernode_lost_mid_run_is_recorded_and_rejoins(tmp_path):
-    """kill -9 one real SuperNode mid-run: the rounds go on with the other node's workers, the
-    missing ones are written in the records and the summary, and the restarted node rejoins."""
+    """kill -9 one real SuperNode mid-run: the round goes on with the other node's workers after
+    round-timeout, the missing ones are written in the records and the summary, and the restarted
+    node rejoins. Without authentication (here, to keep the test short) the restarted device gets a
+    new node id and takes the partition of the silent one at once; with authentication it keeps its
+    id once the SuperLink has let the old session go (about a minute, measured 2026-11-25)."""
     config = {
         **CONFIG,
         "optimizer": "sgd",
         "attack": "none",
         "aggregator": "mean",
-        "num-server-rounds": 6,
-        "round-timeout": 30.0,
+        "num-server-rounds": 3,
+        "round-timeout": 25.0,
         "results-dir": str(tmp_path),
         "run-name": "faulty",
     }
-    deployment = LocalDeployment(supernodes=2)
+    deployment = LocalDeployment(supernodes=2, insecure=True)
     metrics = tmp_path / "faulty" / "metrics.jsonl"
     result: dict = {}
     with deployment:
@@ -90,21 +93,17 @@ def test_a_supernode_lost_mid_run_is_recorded_and_rejoins(tmp_path):
         _wait_for(lambda: _iterations(metrics) >= 1, runner)
         killed = [deployment.nodes[1].pid, *descendants(deployment.nodes[1].pid)]
         deployment.kill_node(1)
-        deployment.start_node(1)  # the device reboots and comes back with its registered key
-        _wait_for(lambda: any(r.get("missing_workers") for r in _records(metrics)), runner)
-        while runner.is_alive():  # until the SuperLink lets the old session go, a restart may be refused
-            if deployment.nodes[1].poll() is not None:
-                deployment.start_node(1)
-            runner.join(timeout=1.0)
+        deployment.start_node(1)  # the device reboots and comes back
+        runner.join(timeout=600)
         pids = set(deployment.pids)
     outcome = result["outcome"]
     assert outcome.ok, outcome.output[-3000:]
     records = _records(metrics)
     missing = [r["missing_workers"] for r in records]
-    assert [2, 3] in missing  # node 1 hosts workers 2 and 3
-    assert missing[-1] == []  # it rejoined before the end
+    assert missing == [[], [], [2, 3], []]  # node 1 hosts workers 2 and 3; back for the last round
+    assert "takes its place" in outcome.output  # the new node id replaced the silent one
     summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["totals"]["missing_messages"] >= 2
+    assert summary["status"] == "finished" and summary["totals"]["missing_messages"] == 2
     assert any("never arrived" in w for w in summary["warnings"])
     assert not any(_alive(p) for p in pids | set(killed))  # the killed node's tree too
 

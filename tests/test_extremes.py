@@ -248,3 +248,14 @@ def test_centered_clipping_at_a_message_raises_no_warning():
         warnings.simplefilter("error")
         out = CenteredClipping(tau=1.0, iterations=2, init="zero")(m).vector
     assert torch.allclose(out.double(), ref_cc(m.double(), 1.0, 2))
+
+
+def test_krum_like_selection_never_picks_an_undefined_score():
+    """A NaN distance (impossible with finite inputs now, but cheap to guard) must not win argmin."""
+    d2 = torch.tensor([[0.0, 1.0, 4.0, 9.0], [1.0, 0.0, 1.0, 4.0], [4.0, 1.0, 0.0, 1.0], [9.0, 4.0, 1.0, 0.0]])
+    d2 = d2.double()
+    d2[1, :] = math.nan
+    d2[:, 1] = math.nan
+    scores = kernels.krum_scores(d2, 0)
+    assert scores[1] == math.inf and int(scores.argmin()) != 1
+    assert 1 not in kernels.iterated_krum(d2, 0, 2)

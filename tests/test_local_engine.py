@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
@@ -190,3 +191,36 @@ def test_the_cnn_and_fashion_mnist_plug_in(tmp_path):
     records = _records(tmp_path / "cnn" / "metrics.jsonl")
     assert summary["status"] == "finished" and records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["honest_variance"] > 0
+
+
+def test_a_stateful_rule_behind_nnm_keeps_its_state_across_a_resume(tmp_path, mnist):
+    """Centred clipping starts from its previous aggregate; behind NNM that state must be in the
+    checkpoint too (it used to be read from attributes of the outer rule only)."""
+    from byzflower.engine import LocalRun
+
+    overrides = {
+        **RUN,
+        "pre-aggregator": "nnm",
+        "aggregator": "centered-clipping",
+        "num-server-rounds": 20,
+        "eval-every": 10,
+        "checkpoint-every": 0,
+        "results-dir": str(tmp_path),
+    }
+    straight = run_local(resolve({**overrides, "run-name": "straight"}), log=lambda _: None)
+    cfg = resolve({**overrides, "run-name": "resumed"})
+    first = LocalRun(cfg, log=lambda _: None)
+    first.recorder.evaluate(0, first.x)
+    for t in range(1, 11):
+        first.step(t)
+        if first.recorder.due(t):
+            first.recorder.evaluate(t, first.x)
+    assert set(first.rule.state_dict()) == {"previous"}
+    first._checkpoint(10)
+    first.run_dir.unlock()  # as if the process had been killed here
+    second = LocalRun(cfg, log=lambda _: None)
+    assert second.start == 11
+    assert torch.equal(second.rule.state_dict()["previous"], first.rule.state_dict()["previous"])
+    resumed = second.run()
+    assert _records(tmp_path / "resumed" / "metrics.jsonl") == _records(tmp_path / "straight" / "metrics.jsonl")
+    assert resumed["final"]["test_loss"] == straight["final"]["test_loss"]

@@ -27,16 +27,6 @@ def _config(**extra) -> str:
     return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
 
 
-def _cli(tmp_path, config: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path / "results")},
-    )
-
-
 @pytest.mark.parametrize(
     "config, message",
     [
@@ -48,21 +38,34 @@ def _cli(tmp_path, config: str, timeout: float = 300) -> subprocess.CompletedPro
         ("aggregator='multi-krum' krum-m=1000", "krum-m=1000 exceeds the run's 70 workers"),
     ],
 )
-def test_bad_input_is_refused_before_any_folder_exists(tmp_path, mnist, config, message):
+def test_bad_input_is_refused_before_any_folder_exists(tmp_path, mnist, monkeypatch, capsys, config, message):
     if "cuda" in config and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: device='cuda' is valid here")
-    result = _cli(tmp_path, config)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setenv("BYZFLOWER_RESULTS_DIR", str(tmp_path / "results"))
+    code = _main(["run", "--engine", "local", "--run-config", config])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
     assert not (tmp_path / "escape").exists()
 
 
-def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist):
+def _main(argv: list[str]) -> int:
+    """``byzflower ARGV`` in this process (its signal handlers restored afterwards)."""
+    from byzflower.cli import main
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return main(argv)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = _cli(tmp_path, f"results-dir='{blocker}/runs'")
-    assert result.returncode == 2 and f"results-dir='{blocker}/runs' cannot be written" in result.stderr
+    code = _main(["run", "--engine", "local", "--run-config", f"results-dir='{blocker}/runs'"])
+    assert code == 2 and f"results-dir='{blocker}/runs' cannot be written" in capsys.readouterr().err
 
 
 def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_path):
@@ -79,55 +82,41 @@ def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_pa
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
-def test_two_runs_started_at_once_with_one_name_never_share_a_folder(tmp_path, mnist):
-    config = _config(run_name="twin", num_server_rounds=30)
-    env = {**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path / "results")}
-    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
-    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    folder = tmp_path / "results" / "twin"
+def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_ends_interrupted(tmp_path, mnist):
+    """Two runs with one run-name at once never share a folder: the second is refused with the
+    first's PID. SIGTERM then stops the first, whose summary says it was interrupted."""
+    env = {**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config"]
+    config = _config(run_name="twin", num_server_rounds=100000)
+    first = subprocess.Popen([*command, config], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "twin" / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (folder / "metrics.jsonl").exists() and procs[0].poll() is None and time.monotonic() < deadline:
+    while (not metrics.exists() or metrics.read_text().count("\n") < 2) and first.poll() is None:
+        assert time.monotonic() < deadline
         time.sleep(0.05)
-    procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    codes = [p.returncode for p in procs]
-    assert codes[0] == 0, outputs[0][1]
-    if codes[1] != 0:  # refused while the first ran
-        assert f"in use by another run (process {procs[0].pid})" in outputs[1][1]
-    else:  # or it came after the first had finished, and found it finished
-        assert "already finished" in outputs[1][0]
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in lines] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30]  # once each, in order
+    second = subprocess.run([*command, config], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and f"in use by another run (process {first.pid})" in second.stderr
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    summary = json.loads((tmp_path / "twin" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+    assert "interrupted" in out + err
+    iterations = [json.loads(x)["iteration"] for x in metrics.read_text().splitlines()]
+    assert iterations == sorted(set(iterations)) and iterations[:2] == [0, 3]  # one writer, in order
 
 
-def test_a_changed_config_for_a_named_run_is_one_line_naming_the_keys(tmp_path, mnist):
+def test_a_changed_config_for_a_named_run_is_one_line_naming_the_keys(tmp_path, mnist, capsys):
     base = {**SMALL, "results-dir": str(tmp_path), "run-name": "named"}
     run_local(resolve(base), log=lambda _: None)
     with pytest.raises(RunExists, match=r"differing in lr \(0.1 there, 0.05 now\), seed \(3 there, 4 now\)"):
         open_run(resolve({**base, "lr": 0.05, "seed": 4}))
     config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in base.items())
-    result = _cli(tmp_path, config + " lr=0.05")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and "differing in lr" in result.stderr
+    code = _main(["run", "--engine", "local", "--run-config", config + " lr=0.05"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().count("\n") == 0 and "differing in lr" in err
     assert isinstance(RunExists("x"), RunFolderError)
-
-
-def test_an_interrupted_run_says_so_in_its_summary(tmp_path, mnist):
-    config = _config(run_name="stopped", num_server_rounds=100000)
-    env = {**os.environ, "BYZFLOWER_RESULTS_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while (not metrics.exists() or metrics.read_text().count("\n") < 2) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
-    assert "interrupted" in out + err
 
 
 @pytest.mark.parametrize(
