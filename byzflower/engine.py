@@ -38,7 +38,8 @@ from strategies.step import server_step
 
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
-_FREE = {"checkpoint-every"}  # keys that may change between a run and its resumption
+# keys that may change between a run and its resumption
+_FREE = {"checkpoint-every", "round-timeout", "min-workers"}
 
 
 class RunExists(RunFolderError):

@@ -14,10 +14,11 @@ from flwr.supercore import log
 
 from byzflower.config import ConfigError, attack_of, min_workers_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
+from byzflower.engine import open_run
 from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
 from byzflower.harness import Harness, HarnessError, _poll
-from byzflower.results import status_of
+from byzflower.results import RunFolderError, status_of
 from strategies.strategy import RobustSGD
 
 app = ServerApp()
@@ -53,10 +54,21 @@ def main(grid: Grid, context: Context) -> None:
     except (ConfigError, DataError) as exc:
         _abort(exc)
 
+    run, resume = None, False
+    if cfg["run-name"]:  # a named run started again on its folder resumes from its checkpoint
+        try:
+            run, resume = open_run(cfg)
+        except RunFolderError as exc:
+            _abort(exc)
+        finished = run.summary()
+        if resume and finished is not None and finished.get("status") == "finished":
+            _say(f"already finished: {run.path}")
+            run.unlock()
+            return
     device = device_of(cfg)
     layout = layout_of(cfg)
     grads = gradients_of(cfg, data, device)
-    recorder = Recorder(cfg, Evaluator(cfg, data, grads, device), _say)
+    recorder = Recorder(cfg, Evaluator(cfg, data, grads, device), _say, run)
     status, error = "failed", None
     quiet = _QuietStrategyLoop()
     flwr_logger = logging.getLogger("flwr")
@@ -81,6 +93,11 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
         strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
         rounds = int(cfg["num-server-rounds"])
+        x0 = grads.initial_point()
+        if resume:
+            x0 = _resume(recorder, strategy) if (recorder.run.path / CHECKPOINT).exists() else x0
+            if strategy.round_offset == 0:
+                recorder.run.truncate_records(after=-1)  # killed before its first checkpoint: start over
         evaluate = _evaluation(cfg, recorder, strategy, harness, grads, rounds)
         harness.discover()
         recorder.warnings += [f"refused SuperNode {r['node']}: {r['reason']}" for r in harness.refused]
@@ -90,10 +107,10 @@ def main(grid: Grid, context: Context) -> None:
             f"attack={cfg['attack']} lr={cfg.lr} batch-size={cfg.batch_size}"
         )
         flwr_logger.addFilter(quiet)
-        initial = ArrayRecord(
-            {n: Array(t.detach().cpu().numpy()) for n, t in grads.unflatten(grads.initial_point()).items()}
-        )
-        strategy.start(grid=harness, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate)
+        initial = ArrayRecord({n: Array(t.detach().cpu().numpy()) for n, t in grads.unflatten(x0).items()})
+        left = rounds - strategy.round_offset
+        strategy.start(grid=harness, initial_arrays=initial, num_rounds=left, evaluate_fn=evaluate)
+        (recorder.run.path / CHECKPOINT).unlink(missing_ok=True)
         status = "finished"
     except HarnessError as exc:
         error = str(exc)
@@ -119,10 +136,45 @@ def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness
     _say(f"{status}: final test accuracy {summary['final'].get('test_accuracy')}; results in {recorder.run.path}")
 
 
-def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, grads, rounds: int):
-    """The ``evaluate_fn`` of Flower's round loop: record the round, evaluate when due."""
+CHECKPOINT = "server-checkpoint.pt"
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+
+def _resume(recorder: Recorder, strategy: RobustSGD) -> torch.Tensor:
+    """Load the server's checkpoint: the model, the rule's state, the recorder; returns the model.
+
+    The nodes of the new Flower run start without worker state, so the first round rebuilds it at
+    this model (SAGA's table, SVRG's snapshot, SARAH's estimate): a resumed run with a stateless
+    estimator (SGD, mini-batch SGD) gives the uninterrupted run's numbers, the others do not."""
+    state = torch.load(recorder.run.path / CHECKPOINT, weights_only=False)
+    t = int(state["iteration"])
+    strategy.rule.load_state_dict(state["rule"])
+    recorder.load_state_dict(state["recorder"])
+    recorder.run.truncate_records(after=t)  # records written after the checkpoint are recomputed
+    strategy.round_offset = t
+    _say(f"resuming {recorder.run.path} at iteration {t + 1}; the nodes rebuild their workers' state at its model")
+    return state["x"]
+
+
+def _checkpoint(recorder: Recorder, strategy: RobustSGD, t: int) -> None:
+    state = {
+        "iteration": t,
+        "x": strategy._point.detach().cpu().clone(),
+        "rule": strategy.rule.state_dict(),
+        "recorder": recorder.state_dict(),
+    }
+    tmp = recorder.run.path / f".{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(recorder.run.path / CHECKPOINT)
+
+
+def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, grads, rounds: int):
+    """The ``evaluate_fn`` of Flower's round loop: record the round, evaluate when due, checkpoint."""
+    every = int(cfg["checkpoint-every"]) if cfg["run-name"] else 0
+
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + strategy.round_offset
+        if flower_round == 0 and strategy.round_offset:
+            return None  # a resumed run: its start was evaluated before the interruption
         if server_round > 0:
             metrics = dict(strategy.last_metrics or {})
             rec = harness.last_round
@@ -140,14 +192,18 @@ def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, 
                 info,
                 missing=None if rec is None else rec.missing,
             )
-        if not recorder.due(server_round):
+        record = None
+        if recorder.due(server_round):
+            x = grads.flatten(
+                {k: torch.from_numpy(a) for k, a in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
+            )
+            record = recorder.evaluate(server_round, x)
+            if server_round == rounds:
+                recorder.run.save_model(grads.unflatten(x))
+        if every and server_round % every == 0 and 0 < server_round < rounds:
+            _checkpoint(recorder, strategy, server_round)  # after the evaluation, as the local engine does
+        if record is None:
             return None
-        x = grads.flatten(
-            {k: torch.from_numpy(a) for k, a in zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)}
-        )
-        record = recorder.evaluate(server_round, x)
-        if server_round == rounds:
-            recorder.run.save_model(grads.unflatten(x))
         return MetricRecord(
             {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         )

@@ -57,6 +57,7 @@ class RobustSGD(Strategy):
         self.last_metrics: MetricRecord | None = None
         self.last_aggregate: torch.Tensor | None = None
         self.last_valid: list[int] = []  # positions, among the last round's replies, of the aggregated ones
+        self.round_offset = 0  # a resumed run: Flower's round r is iteration round_offset + r
 
     # -- model <-> flat vector ---------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
@@ -105,7 +106,7 @@ class RobustSGD(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._load(arrays)
-        config = ConfigRecord({**config, "server-round": server_round})
+        config = ConfigRecord({**config, "server-round": server_round + self.round_offset})
         content = RecordDict({"arrays": arrays, "config": config})
         return [
             Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in grid.get_node_ids()

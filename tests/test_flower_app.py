@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -174,3 +176,44 @@ def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, over
     outcome, run_dir = _run(superlink, tmp_path, "flower", 3, **overrides)
     assert outcome.ok, outcome.output[-3000:]
     _close(_metrics(run_dir), _local_metrics(tmp_path, "local", **overrides))
+
+
+def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
+    """A named run stopped mid-way (``flwr stop``) and started again continues from its last server
+    checkpoint; with a stateless estimator (SGD) it ends with the uninterrupted run's numbers."""
+    overrides = {
+        "num-honest": 6,
+        "num-byzantine": 2,
+        "attack": "gaussian",
+        "aggregator": "gm",
+        "num-server-rounds": 30,
+        "eval-every": 10,
+        "checkpoint-every": 5,
+        "eval-train-samples": 2000,
+    }
+    config = {**BASE, **overrides, "results-dir": str(tmp_path), "run-name": "resumed"}
+    folder = tmp_path / "resumed"
+    first: dict = {}
+    runner = threading.Thread(
+        target=lambda: first.update(outcome=superlink.run(APP, config, {"num-supernodes": 2}, timeout=400))
+    )
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not (folder / "server-checkpoint.pt").exists():
+        assert runner.is_alive() and time.monotonic() < deadline, first
+        time.sleep(0.05)
+    listing = json.loads(superlink.flwr("ls", superlink.name, "--format", "json", timeout=60).stdout)
+    running = [r["run-id"] for r in listing["runs"] if "running" in str(r.get("status", ""))]
+    assert running, listing
+    superlink.flwr("stop", str(running[0]), superlink.name, timeout=60)
+    runner.join(timeout=300)
+    records = _metrics(folder)
+    assert records[-1]["iteration"] < 30  # it was stopped before the end
+    outcome, _ = _run(superlink, tmp_path, "resumed", 2, **overrides)  # the same command again
+    assert outcome.ok, outcome.output[-3000:]
+    assert "resuming" in outcome.output
+    resumed = _metrics(folder)
+    assert [r["iteration"] for r in resumed] == [0, 10, 20, 30]  # each once
+    assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
+    assert not (folder / "server-checkpoint.pt").exists()
+    _close(resumed, _local_metrics(tmp_path, "straight", **overrides))
