@@ -36,7 +36,7 @@ t2 = time.perf_counter()
 from byzflower.config import resolve
 from byzflower.node import NodeWorkers
 cfg = resolve(json.loads(sys.argv[1]))
-node = NodeWorkers(cfg, 0, int(sys.argv[2]), 4242)
+node = NodeWorkers(cfg, 0, int(sys.argv[2]), int(sys.argv[3]))  # a new run id: no state on disk yet
 t3 = time.perf_counter()
 x = node.grads.initial_point()
 node.honest_messages(x, 1)  # the first step fills SAGA's table
@@ -53,10 +53,10 @@ def parts(supernodes: int, reps: int) -> dict[str, float]:
     runs = []
     with tempfile.TemporaryDirectory() as state:
         env = {**os.environ, "BYZFLOWER_STATE_DIR": state}
-        for _ in range(reps):
+        for rep in range(reps):
             t = _time([sys.executable, "-c", "pass"], env)
             out = subprocess.run(
-                [sys.executable, "-c", PARTS, json.dumps(CONFIG), str(supernodes)],
+                [sys.executable, "-c", PARTS, json.dumps(CONFIG), str(supernodes), str(4242 + rep)],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -101,10 +101,12 @@ def main() -> None:
         print(f"\n== {k} SuperNodes, SAGA + Gaussian, 4 + 2 workers: {per_iteration:.1f} s per iteration")
         for name, value in p.items():
             print(f"  {name:<30}{value:>7.2f} s  (in a fresh process, median of {args.reps})")
+        per_message = process + ours
+        floor = 2 * -(-k // 2) * per_message  # 2 phases, K messages each, 2 cores
         print(f"  per message: process + torch {process:.2f} s, ours (imports, rebuild, step) {ours:.2f} s")
         print(
-            f"  per iteration, 2 phases: processes and our work {2 * (process + ours):.1f} s if the nodes ran one "
-            f"after the other on 2 cores; the rest of {per_iteration:.1f} s is Flower's polling and message passing"
+            f"  per iteration: 2 phases x {k} messages of {per_message:.2f} s on 2 cores take at least {floor:.1f} s; "
+            f"the rest of {per_iteration:.1f} s is Flower's (polling, SuperExec and ClientApp process start)"
         )
 
 

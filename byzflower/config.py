@@ -220,7 +220,8 @@ _KEYS = [
     Key(
         "checkpoint-every",
         1000,
-        "Local engine: iterations between checkpoints (a named run started again resumes); 0 = never.",
+        "Iterations between checkpoints of a named run (started again, it resumes; the Flower engines rebuild "
+        "the workers' state at the checkpoint's model); 0 = never.",
         minimum=0,
     ),
 ]
