@@ -47,17 +47,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children(pid: int) -> list[int]:
+def _processes() -> list[tuple[int, list[str]]]:
+    """(pid, fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) of every process."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                out.append((int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()))
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
     return out
+
+
+def _children(pid: int) -> list[int]:
+    return [p for p, fields in _processes() if int(fields[1]) == pid]
 
 
 def descendants(pid: int) -> list[int]:
@@ -429,16 +432,7 @@ def _is_flower(pid: int) -> bool:
 def _group(pgid: int) -> list[int]:
     """Live processes of process group ``pgid`` (Linux /proc): what a session leader we started
     left behind, even after it died and its children were reparented to PID 1."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return out
+    return [p for p, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
