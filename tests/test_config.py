@@ -48,7 +48,7 @@ def _problems(overrides):
 def test_unknown_names_list_the_valid_choices():
     text = _problems({"optimizer": "adam"})
     assert "optimizer='adam'" in text and "sgd, batch-sgd" in text
-    assert "model='vgg'" in _problems({"model": "vgg"}) and "mlp, cnn" in _problems({"model": "vgg"})
+    assert "model='vgg'" in _problems({"model": "vgg"}) and "mlp, mlp-notebook, cnn" in _problems({"model": "vgg"})
     assert "iid, dirichlet, pathological" in _problems({"partitioner": "shards"})
     assert "mnist, fashion-mnist" in _problems({"dataset": "cifar10"})
 

@@ -18,7 +18,7 @@ def _reference_per_sample(model, x, inputs, targets):
     return torch.cat([rows[n].reshape(len(inputs), -1) for n in G.names], dim=1)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-notebook", "cnn"])
 def test_factored_per_sample_gradients_are_exact(name):
     torch.manual_seed(0)
     model = build_model(name, seed=5).double()
@@ -38,7 +38,7 @@ def test_factored_per_sample_gradients_are_exact(name):
     assert torch.allclose(G.mean_grad(x, inputs, targets), ref.mean(0), atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-notebook", "cnn"])
 def test_combined_differences_equal_the_difference_of_exact_gradients(name):
     model = build_model(name, seed=2).double()
     G = ModelGradients(model, (1, 28, 28))
@@ -77,5 +77,25 @@ def test_flatten_roundtrip_and_evaluate():
 def test_models_are_seeded():
     a, b, c = (ModelGradients(build_model("mlp", s), (1, 28, 28)).initial_point() for s in (3, 3, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(ValueError, match="choose one of: mlp, cnn"):
+    with pytest.raises(ValueError, match="choose one of: mlp, mlp-notebook, cnn"):
         build_model("resnet", 1)
+
+
+def test_the_notebook_network_is_the_double_softmax_one():
+    """tanh on the input, softmax outputs, cross-entropy on them: the loss is bounded below by
+    ln(e + 9) - 1 (reached by a one-hot output), the signature of the authors' recorded runs."""
+    import math
+
+    model = build_model("mlp-notebook", 1)
+    G = ModelGradients(model, (1, 28, 28))
+    assert G.dim == 39_760 and G.input_is_data == [False, False]  # the first layer sees tanh(x)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        plain = build_model("mlp", 1)
+        plain.load_state_dict(model.state_dict())
+        want = torch.softmax(plain(torch.tanh(x)), dim=1)
+    assert torch.allclose(out.sum(1), torch.ones(5)) and torch.allclose(out, want, atol=1e-6)
+    one_hot = torch.eye(10)[:1]
+    floor = float(torch.nn.functional.cross_entropy(one_hot, torch.tensor([0])))
+    assert floor == pytest.approx(math.log(math.e + 9) - 1, rel=1e-6)
