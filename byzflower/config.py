@@ -460,7 +460,9 @@ def attack_of(cfg: RunConfig):
         return ALIE(z)
     if name == "ipm":
         return IPM(float(cfg["ipm-eps"]))
-    return LabelFlip()
+    if name == "label-flip":
+        return LabelFlip()
+    raise ValueError(f"attack={name!r} has no constructor here; choose one of: {', '.join(ATTACKS)}")
 
 
 def min_workers_of(cfg: RunConfig) -> int:

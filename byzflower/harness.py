@@ -56,17 +56,6 @@ class RoundRecord:
     missing: list[int] = field(default_factory=list)  # workers whose message did not arrive
     rejected: dict[str, int] = field(default_factory=dict)  # dropped node replies by reason
 
-    @property
-    def honest_mean(self) -> torch.Tensor:
-        return self.honest.mean(dim=0)
-
-    @property
-    def honest_variance(self) -> float:
-        """mean_i ||m_i - mean(m_h)||^2 over the honest messages."""
-        if self.honest.shape[0] == 0:
-            return float("nan")
-        return float((self.honest - self.honest_mean).pow(2).sum(dim=1).mean())
-
 
 def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
     """Push ``messages``; message id -> the node it went to."""

@@ -76,10 +76,6 @@ class WorkerData:
         s, e = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.inputs[s:e], self.targets[s:e]
 
-    def with_targets(self, targets: torch.Tensor) -> WorkerData:
-        """The same samples with other labels (e.g. flipped by a data-poisoning attack)."""
-        return WorkerData(self.worker_ids, self.inputs, targets, self.offsets)
-
 
 @dataclass(frozen=True)
 class Chunk:

@@ -91,3 +91,14 @@ def test_the_strategy_sees_a_seeded_permutation_not_honest_first():
         byzantine_positions = [i for i, w in enumerate(o) if w >= 50]
         assert byzantine_positions != list(range(50, 70))
     assert role_blind_order(3, 2, 70) == orders[1]  # seeded
+
+
+def test_every_attack_name_builds_its_own_class():
+    """No attack name falls through to another attack (clients.attacks.ATTACKS is the registry)."""
+    from byzflower.config import ATTACKS, attack_of, resolve
+    from clients.attacks import ATTACKS as CLASSES
+
+    assert set(ATTACKS) - {"none"} == set(CLASSES)
+    for name in CLASSES:
+        assert type(attack_of(resolve({"attack": name}))) is CLASSES[name]
+    assert attack_of(resolve({"attack": "none"})) is None
