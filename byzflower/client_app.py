@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from byzflower.config import resolve
 from byzflower.node import NodeWorkers
-from byzflower.node_state import remove_run_state
+from byzflower.node_state import remove_run_state, state_key
 from clients.attacks import HonestStats
 from strategies.npy import decode
 from strategies.strategy import _array
@@ -92,11 +92,16 @@ def train(msg: Message, context: Context) -> Message:
     if phase == "honest":
         if config.get("rebuild", False):  # this node (re)joined mid-run: its state is rebuilt at x
             node.rebuild()
+        elif int(config.get("resume-from", 0)):  # a resumed named run: the state of its checkpoint
+            node.restore(int(config["resume-from"]))
         x = _flat(msg.content["arrays"], node.grads.names)
         workers, rows = list(node.honest), [node.honest_messages(x, iteration)]
         if node.byzantine and not node.omniscient:  # attacks that need no knowledge go in the same round
             workers += node.byzantine
             rows.append(node.byzantine_messages(x, iteration, None))
+        every = int(node.cfg["checkpoint-every"])
+        if node.cfg["run-name"] and every and iteration % every == 0:
+            node.checkpoint(iteration)  # the server checkpoints this iteration too
         return rows_reply(msg, workers, torch.cat(rows))
     if phase == "byzantine":
         stats_record = msg.content["stats"]
@@ -111,6 +116,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query("cleanup")
 def cleanup(msg: Message, context: Context) -> Message:
-    removed = remove_run_state(context.run_id)
+    removed = remove_run_state(state_key(context.run_config, context.run_id))
     _NODES.clear()
     return Message(RecordDict({"cleanup": ConfigRecord({"removed": removed})}), reply_to=msg)

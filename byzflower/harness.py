@@ -299,7 +299,9 @@ class Harness(Grid):
             asked = honest + ([] if self.omniscient else byzantine)
             if asked:
                 expected[nid] = asked
-                phase_config = {**config, "phase": "honest", "rebuild": nid in self.rebuild}
+                # iteration 1 of a fresh run: whatever a node's disk holds (a named run's folder
+                # from an earlier run) is rebuilt at the initial model
+                phase_config = {**config, "phase": "honest", "rebuild": nid in self.rebuild or iteration == 1}
                 content = RecordDict({"arrays": template, "config": ConfigRecord(phase_config)})
                 phase1.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
         self._exchange(phase1, expected, dim, timeout, rows, rejected)

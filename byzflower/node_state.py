@@ -8,10 +8,13 @@ messages, and never bloats ``context.state``.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,8 +32,18 @@ def state_root() -> Path:
     return Path(tempfile.gettempdir()) / f"byzflower-state-{user}"
 
 
-def run_state_dir(run_id: int) -> Path:
-    return state_root() / f"run-{run_id}"
+def state_key(run_config: Mapping[str, Any], run_id: int) -> str:
+    """The name of a run's state folder on a node: per Flower run, except for a named run
+    (``run-name``), whose state outlives its Flower run so that the run can resume on it."""
+    name = str(run_config.get("run-name", "") or "")
+    if not name:
+        return f"run-{run_id}"
+    digest = hashlib.sha256(f"{run_config.get('results-dir', '')}|{name}".encode()).hexdigest()[:16]
+    return f"named-{digest}"
+
+
+def run_state_dir(key: str | int) -> Path:
+    return state_root() / (key if isinstance(key, str) else f"run-{key}")
 
 
 def mapped_allocator(folder: Path) -> Allocator:
@@ -53,9 +66,9 @@ def mapped_allocator(folder: Path) -> Allocator:
     return allocate
 
 
-def remove_run_state(run_id: int) -> bool:
+def remove_run_state(key: str | int) -> bool:
     """Delete a run's state folder; True if there was one."""
-    folder = run_state_dir(run_id)
+    folder = run_state_dir(key)
     if folder.exists():
         shutil.rmtree(folder, ignore_errors=True)
         return True

@@ -107,6 +107,8 @@ class RobustSGD(Strategy):
     ) -> Iterable[Message]:
         self._load(arrays)
         config = ConfigRecord({**config, "server-round": server_round + self.round_offset})
+        if server_round == 1 and self.round_offset:
+            config["resume-from"] = self.round_offset  # nodes put back their state of that iteration
         content = RecordDict({"arrays": arrays, "config": config})
         return [
             Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in grid.get_node_ids()

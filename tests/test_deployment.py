@@ -153,3 +153,24 @@ def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
         time.sleep(0.1)
     assert not _alive(superlink) and not (tmp_path / "byzflower-flwr-killed").exists()
     assert reap_stale(tmp_path) == []
+
+
+def test_node_checkpoints_keep_two_and_restore_the_state_exactly(tmp_path, monkeypatch, mnist):
+    """A named run's node keeps its workers' state of the last two checkpoint iterations; putting
+    one back gives the very messages that followed it; a missing one means a rebuild."""
+    import torch
+
+    from byzflower.node import NodeWorkers
+
+    monkeypatch.setenv("BYZFLOWER_STATE_DIR", str(tmp_path))
+    cfg = resolve({"optimizer": "saga", "num-honest": 4, "num-byzantine": 2, "run-name": "named", "seed": 3})
+    node = NodeWorkers(cfg, 0, 2, 99)
+    x = node.grads.initial_point()
+    for t in (1, 2, 3):
+        node.honest_messages(x + 0.01 * t, t)
+        node.checkpoint(t)
+    folder = next(tmp_path.glob("named-*/checkpoints-*"))
+    assert sorted(p.name for p in folder.iterdir()) == ["2.pt", "3.pt"]
+    following = node.honest_messages(x + 0.04, 4)
+    assert node.restore(3) and torch.equal(node.honest_messages(x + 0.04, 4), following)
+    assert not node.restore(1) and node.estimator.last_iteration == 0  # rebuilt at the next step

@@ -179,9 +179,11 @@ def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, over
 
 
 def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
-    """A named run stopped mid-way (``flwr stop``) and started again continues from its last server
-    checkpoint; with a stateless estimator (SGD) it ends with the uninterrupted run's numbers."""
+    """A named run stopped mid-way (``flwr stop``) and started again continues from its last
+    checkpoint: the server's, and each node's workers' state (SAGA's tables) where it survived,
+    as here (the nodes' disk is the SuperLink's folder): the uninterrupted run's numbers."""
     overrides = {
+        "optimizer": "saga",
         "num-honest": 6,
         "num-byzantine": 2,
         "attack": "gaussian",

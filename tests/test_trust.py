@@ -84,9 +84,9 @@ class ScriptedGrid:
         return honest if rule is None else rule(self, msg, honest)
 
 
-def _instruction():
+def _instruction(iteration: int = 1):
     arrays = ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32)), "b": Array(np.zeros(2, dtype=np.float32))})
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": iteration})})
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
@@ -198,7 +198,7 @@ def test_a_lost_node_is_replaced_by_a_new_one_whose_state_is_rebuilt(task_identi
     harness, _ = _round(grid)
     del grid.claims[11]  # node 11 is lost; the device restarts with a new node id
     grid.claims[13] = (1, 2)
-    replies = list(harness.send_and_receive([_instruction()]))
+    replies = list(harness.send_and_receive([_instruction(2)]))
     assert harness.nodes == {10: ([0, 1, 2], []), 13: ([3], [4, 5])}
     assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
     train = [m for m in grid.sent if m.metadata.message_type == "train"][-2:]
@@ -210,10 +210,10 @@ def test_a_lost_node_that_comes_back_with_its_id_is_asked_again(task_identity):
     grid = ScriptedGrid(TWO_NODES)
     harness, _ = _round(grid)
     claim = grid.claims.pop(11)
-    replies = list(harness.send_and_receive([_instruction()]))  # node 11 is gone this round
+    replies = list(harness.send_and_receive([_instruction(2)]))  # node 11 is gone this round
     assert harness.last_round.missing == [3, 4, 5] and len(replies) == 3
     grid.claims[11] = claim  # back, same id
-    replies = list(harness.send_and_receive([_instruction()]))
+    replies = list(harness.send_and_receive([_instruction(3)]))
     assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
     train = [m for m in grid.sent if m.metadata.dst_node_id == 11 and m.metadata.message_type == "train"]
     assert train[-1].content["config"]["rebuild"] is True
@@ -228,7 +228,15 @@ def test_a_silent_node_yields_its_partition_to_a_newcomer_claiming_it(task_ident
     grid.claims[13] = (1, 2)  # the restarted device
     grid.claims[14] = (0, 2)  # a stray claim on a partition whose holder answers
     del grid.behave[11]
-    replies = list(harness.send_and_receive([_instruction()]))
+    replies = list(harness.send_and_receive([_instruction(2)]))
     assert harness.nodes == {10: ([0, 1, 2], []), 13: ([3], [4, 5])}
     assert _workers_seen(replies) == {float(w): 1 for w in range(6)}
     assert any(r["node"] == 14 and "already held" in r["reason"] for r in harness.refused)
+
+
+def test_the_first_iteration_rebuilds_whatever_state_a_node_holds(task_identity):
+    """A named run's state folder may survive an earlier run: iteration 1 of a fresh run always
+    rebuilds it at the initial model (a resumed run restores its checkpoint instead)."""
+    grid = ScriptedGrid(TWO_NODES)
+    _round(grid)
+    assert all(m.content["config"]["rebuild"] for m in grid.sent if m.metadata.message_type == "train")
