@@ -115,6 +115,7 @@ class LocalSuperLink:
         self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
         self.process: subprocess.Popen | None = None
         self.pids: set[int] = set()
+        self.current_run: int | None = None  # the id of the run ``run`` streams, as soon as it is known
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -225,12 +226,15 @@ class LocalSuperLink:
         proc = subprocess.Popen(
             [_bin("flwr"), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
+        self.current_run = None
         lines = []
         try:
             assert proc.stdout is not None
             deadline = None if timeout is None else time.monotonic() + timeout
             for line in proc.stdout:
                 lines.append(line)
+                if self.current_run is None and (started := re.search(r"started run\s+(\d+)", line, re.IGNORECASE)):
+                    self.current_run = int(started.group(1))  # known while the run goes on (flwr stop)
                 if echo:
                     sys.stdout.write(line)
                     sys.stdout.flush()

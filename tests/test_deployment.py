@@ -40,14 +40,14 @@ def _metrics(run_dir):
 def test_deployment_on_real_supernodes_matches_the_local_engine(tmp_path):
     deployment = LocalDeployment(supernodes=2)  # TLS and SuperNode authentication: the default
     with deployment:
-        # Before the run: a node with an unregistered key, and one that does not trust our CA, are refused.
+        # During the run: a node with an unregistered key, and one that does not trust our CA, try to join.
         stranger = deployment.start_node(5, deployment.node_command(0, key=make_node_key(tmp_path / "stranger")))
         no_ca = deployment.start_node(6, deployment.node_command(1, root_certificates=tmp_path / "missing.crt"))
-        assert stranger.wait(timeout=120) != 0 and no_ca.wait(timeout=120) != 0
+        outcome = deployment.run(APP, {**CONFIG, "results-dir": str(tmp_path), "run-name": "dep"}, timeout=400)
+        assert stranger.wait(timeout=120) != 0 and no_ca.wait(timeout=120) != 0  # both refused
         logs = [(deployment.home / f"supernode-{i}" / "supernode.log").read_text() for i in (5, 6)]
         assert "Failed to activate SuperNode" in logs[0] or "must be registered" in logs[0], logs[0][-2000:]
         assert "missing.crt" in logs[1] or "CERTIFICATE" in logs[1].upper(), logs[1][-2000:]
-        outcome = deployment.run(APP, {**CONFIG, "results-dir": str(tmp_path), "run-name": "dep"}, timeout=400)
         leftover = list((deployment.home / "node-state").glob("run-*/*"))
         nodes = [n.pid for n in deployment.nodes[:2]]
     assert outcome.ok, outcome.output[-3000:]

@@ -204,10 +204,8 @@ def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
     while not (folder / "server-checkpoint.pt").exists():
         assert runner.is_alive() and time.monotonic() < deadline, first
         time.sleep(0.05)
-    listing = json.loads(superlink.flwr("ls", superlink.name, "--format", "json", timeout=60).stdout)
-    running = [r["run-id"] for r in listing["runs"] if "running" in str(r.get("status", ""))]
-    assert running, listing
-    superlink.flwr("stop", str(running[0]), superlink.name, timeout=60)
+    assert superlink.current_run is not None
+    superlink.flwr("stop", str(superlink.current_run), superlink.name, timeout=60)
     runner.join(timeout=300)
     records = _metrics(folder)
     assert records[-1]["iteration"] < 30  # it was stopped before the end
