@@ -118,7 +118,7 @@ class Mean(Rule):
     breakdown = 0.0
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        return Aggregate(safe_mean(messages))
+        return Aggregate(kernels.safe_mean(messages))
 
     def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
         n = gram.matrix.shape[0]
@@ -151,9 +151,9 @@ class GeometricMedian(GramRule):
     iterations. Stops when an iterate moves by at most ``tol`` times the data's scale (the
     median distance of the messages from their medoid; the paper's 1e-5) or after ``max_iter``
     iterations: scale-free, so the same tolerance means the same accuracy for messages of any
-    size. Distances are floored at ``eps`` times that scale (and at the Gram matrix's numerical
-    resolution), so a message equal to the iterate gets a large finite weight instead of a
-    division by zero.
+    size. Messages closer to the iterate than ``eps`` times that scale (or the Gram matrix's
+    numerical resolution) count as reached and are handled as Vardi and Zhang (2000) do: no
+    division by zero, and no arbitrary finite weight that would bias the result.
     """
 
     name = "gm"
@@ -298,7 +298,7 @@ class Bulyan(Rule):
         if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
             gap = chosen.double() - median.double()
         closest = torch.topk(gap.abs(), beta, dim=0, largest=False).indices
-        return Aggregate(safe_mean(torch.gather(chosen, 0, closest)), {"selected_count": theta})
+        return Aggregate(kernels.safe_mean(torch.gather(chosen, 0, closest)), {"selected_count": theta})
 
 
 class CenteredClipping(Rule):
@@ -427,15 +427,6 @@ class NNM(Rule):
         if gram.wide:  # averages of values near the dtype's limit: mix in float64
             return self.rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
         return self.rule(mix.to(messages.dtype).to(messages.device) @ messages)
-
-
-def safe_mean(messages: torch.Tensor) -> torch.Tensor:
-    """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
-    (a mean of finite values is always representable)."""
-    out = messages.mean(dim=0)
-    if bool(torch.isfinite(out).all()):
-        return out
-    return messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
 
 
 def finite_rows(messages: torch.Tensor) -> torch.Tensor:

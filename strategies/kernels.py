@@ -93,13 +93,15 @@ def magnitude(messages: torch.Tensor) -> float:
 
 def _work_format(messages: torch.Tensor) -> tuple[torch.dtype, float]:
     """(dtype of the product, power-of-2 scale) such that no centred squared norm can overflow."""
-    d = messages.shape[1]
+    d = max(messages.shape[1], 1)
     top = magnitude(messages) if messages.numel() else 0.0
-    dtype = messages.dtype
-    if top > math.sqrt(torch.finfo(dtype).max / (16.0 * max(d, 1))):
-        dtype = torch.float64
-    bound = math.sqrt(torch.finfo(dtype).max / (16.0 * max(d, 1)))
-    scale = 2.0 ** math.ceil(math.log2(top / bound)) if top > bound else 1.0
+
+    def bound(dtype: torch.dtype) -> float:
+        return math.sqrt(torch.finfo(dtype).max / (16.0 * d))
+
+    dtype = messages.dtype if top <= bound(messages.dtype) else torch.float64
+    limit = bound(dtype)
+    scale = 2.0 ** math.ceil(math.log2(top / limit)) if top > limit else 1.0
     return dtype, scale
 
 
@@ -176,11 +178,9 @@ def centered_gram(messages: torch.Tensor) -> Gram:
 def squared_distances(gram: Gram) -> torch.Tensor:
     """(n, n) float64 squared distances ||m_i - m_j||^2 (divided by scale^2), exact zeros on the
     diagonal and for pairs closer than their own magnitudes let the Gram matrix resolve."""
-    g = gram.matrix
-    diag = g.diagonal()
-    d2 = diag[:, None] + diag[None, :] - 2.0 * g
+    diag = gram.matrix.diagonal()
+    d2 = _pair_distances(gram.matrix)
     d2[d2 < gram.eps * torch.maximum(diag[:, None], diag[None, :])] = 0.0
-    d2.clamp_min_(0.0)
     d2.fill_diagonal_(0.0)
     return d2
 
@@ -203,8 +203,7 @@ def robust_start(g: np.ndarray) -> tuple[np.ndarray, float]:
     """
     n = g.shape[0]
     mean = np.full(n, 1.0 / n)
-    diag = np.diag(g)
-    d2 = np.maximum(diag[:, None] + diag[None, :] - 2.0 * g, 0.0)
+    d2 = _pair_distances(torch.from_numpy(g)).numpy()
     typical = np.median(d2, axis=1)
     medoid = int(np.argmin(typical))
     scale = math.sqrt(float(typical[medoid]))
@@ -258,7 +257,7 @@ def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.nda
     return alpha, used, step
 
 
-def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram | None = None) -> torch.Tensor:
+def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram) -> torch.Tensor:
     """sum_i alpha_i m_i as a (d,) tensor in the messages' dtype and device.
 
     The float64 weights lose their sum when cast to the messages' dtype (by up to n * eps, which
@@ -266,17 +265,25 @@ def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram | None = None)
     combination keeps its total weight. Inputs whose magnitude could overflow are combined in
     float64.
     """
-    wide = gram.wide if gram is not None else not bool(torch.isfinite(messages.sum()))
-    if wide:
+    if gram.wide:
         a = torch.from_numpy(alpha).to(device=messages.device)
         return (a @ messages.to(torch.float64)).to(messages.dtype)
     a = torch.from_numpy(alpha).to(device=messages.device, dtype=messages.dtype)
     out = a @ messages
     lost = float(alpha.sum()) - float(a.double().sum())
     if lost:
-        pivot = gram.center if gram is not None and gram.center >= 0 else int(np.argmax(np.abs(alpha)))
+        pivot = gram.center if gram.center >= 0 else int(np.argmax(np.abs(alpha)))
         out.add_(messages[pivot], alpha=lost)
     return out
+
+
+def safe_mean(messages: torch.Tensor) -> torch.Tensor:
+    """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
+    (a mean of finite values is always representable)."""
+    out = messages.mean(dim=0)
+    if bool(torch.isfinite(out).all()):
+        return out
+    return messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
 
 
 def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
@@ -328,9 +335,7 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
     if not 0 <= lo < hi <= n:
         raise ValueError(f"order statistics {lo}..{hi - 1} are outside 0..{n - 1}")
     if messages.device.type != "cpu":
-        picked = messages.sort(dim=0).values[lo:hi]
-        out = picked.mean(dim=0)
-        return out if bool(torch.isfinite(out).all()) else picked.mean(dim=0, dtype=torch.float64).to(messages.dtype)
+        return safe_mean(messages.sort(dim=0).values[lo:hi])
     a = messages.detach().contiguous().numpy()
     out = np.empty(d, dtype=a.dtype)
     kth = (lo, hi - 1) if hi - 1 > lo else (lo,)
