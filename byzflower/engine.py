@@ -204,9 +204,7 @@ class LocalRun:
             "rule": self.rule.state_dict(),
             "recorder": self.recorder.state_dict(),
         }
-        tmp = self.run_dir.path / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run_dir.path / CHECKPOINT)
+        self.run_dir.save_torch(CHECKPOINT, state)
 
     def _restore(self) -> None:
         state = torch.load(self.run_dir.path / CHECKPOINT, weights_only=False)

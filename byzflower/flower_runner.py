@@ -94,7 +94,6 @@ class LocalSuperLink:
     """A SuperLink on a free port, in simulation mode unless told otherwise; a context manager."""
 
     simulation = True
-    secure = False  # TLS (and SuperNode authentication, where nodes join) instead of --insecure
 
     def __init__(self, home: str | Path | None = None, env: dict[str, str] | None = None) -> None:
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix=HOME_PREFIX)
@@ -116,6 +115,7 @@ class LocalSuperLink:
         self.process: subprocess.Popen | None = None
         self.pids: set[int] = set()
         self.current_run: int | None = None  # the id of the run ``run`` streams, as soon as it is known
+        self.credentials: Credentials | None = None  # TLS files, when the SuperLink uses TLS
 
     def __enter__(self) -> LocalSuperLink:
         self.start()
@@ -129,7 +129,7 @@ class LocalSuperLink:
         return ["--insecure"], "insecure = true"
 
     def _healthy(self) -> bool:
-        ca = getattr(self, "credentials", None)
+        ca = self.credentials
         if ca is None:
             url, context = f"http://127.0.0.1:{self.port}/health", None
         else:
@@ -281,12 +281,11 @@ class LocalDeployment(LocalSuperLink):
             raise ValueError(f"supernodes={supernodes} must be >= 1")
         super().__init__(home, env)
         self.supernodes = int(supernodes)
-        self.secure = not insecure
+        self._insecure = bool(insecure)
         self.nodes: list[subprocess.Popen | None] = []
-        self.credentials: Credentials | None = None
 
     def _security_args(self) -> tuple[list[str], str]:
-        if not self.secure:
+        if self._insecure:
             return super()._security_args()
         self.credentials = make_credentials(self.home / "credentials", ["127.0.0.1", "localhost"], self.supernodes)
         c = self.credentials
@@ -373,7 +372,7 @@ class LocalDeployment(LocalSuperLink):
         node = self.nodes[i]
         if node is None:
             return
-        pids = sorted({node.pid, *descendants(node.pid), *_group(node.pid)})
+        pids = _tree(node.pid)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -439,6 +438,11 @@ def _group(pgid: int) -> list[int]:
     return [p for p, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid``, its descendants and the rest of its process group (see ``_group``)."""
+    return sorted({pid, *descendants(pid), *_group(pid)})
+
+
 def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
     """SIGTERM ``process``, its descendants and its process group, SIGKILL whatever is left after
     ``grace`` s. Every process we start leads its own session, so its group also holds the
@@ -446,10 +450,7 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
 
     Returns every pid it signalled."""
 
-    def members() -> list[int]:
-        return sorted({process.pid, *descendants(process.pid), *_group(process.pid)})
-
-    pids = members()
+    pids = _tree(process.pid)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -459,7 +460,7 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         process.poll()
         time.sleep(0.1)
-    pids = sorted(set(pids) | set(members()))
+    pids = sorted(set(pids) | set(_tree(process.pid)))
     for pid in pids:
         if _alive(pid):
             try:

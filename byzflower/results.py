@@ -145,13 +145,17 @@ class RunDirectory:
         path = self.path / "summary.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def save_model(self, state_dict: dict[str, Any]) -> None:
-        """The model's parameters (a torch state dict) as model.pt."""
+    def save_torch(self, filename: str, obj: Any) -> None:
+        """``torch.save`` into the folder atomically (a kill never leaves half a file)."""
         import torch
 
-        tmp = self.path / ".model.pt.tmp"
-        torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, tmp)
-        tmp.replace(self.path / "model.pt")
+        tmp = self.path / f".{filename}.tmp"
+        torch.save(obj, tmp)
+        tmp.replace(self.path / filename)
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        """The model's parameters (a torch state dict) as model.pt."""
+        self.save_torch("model.pt", {k: v.detach().cpu().clone() for k, v in state_dict.items()})
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)

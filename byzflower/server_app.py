@@ -162,9 +162,7 @@ def _checkpoint(recorder: Recorder, strategy: RobustSGD, t: int) -> None:
         "rule": strategy.rule.state_dict(),
         "recorder": recorder.state_dict(),
     }
-    tmp = recorder.run.path / f".{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(recorder.run.path / CHECKPOINT)
+    recorder.run.save_torch(CHECKPOINT, state)
 
 
 def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, grads, rounds: int):
