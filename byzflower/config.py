@@ -214,6 +214,12 @@ _KEYS = [
         "Where workers and server compute: auto (a GPU when Flower/Ray gives one), cpu, cuda.",
         choices=("auto", "cpu", "cuda"),
     ),
+    Key(
+        "cuda-graphs",
+        True,
+        "On a GPU, replay each honest worker group's steady-state step as one CUDA graph (same numbers; "
+        "falls back to plain kernels where a step cannot be captured).",
+    ),
     # -- files -------------------------------------------------------------------------------
     Key("data-dir", "", "Data cache folder; '' = $BYZFLOWER_DATA_DIR or ~/.cache/byzflower."),
     Key("results-dir", "", "Where run folders go; '' = $BYZFLOWER_RESULTS_DIR or ~/byzflower-results."),

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
+from byzflower.core import role_blind_order, role_blind_positions
 from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import (
     byzantine_data,
@@ -30,16 +31,20 @@ from byzflower.factory import (
     preflight,
     worker_data,
 )
-from byzflower.harness import role_blind_order
 from byzflower.results import RunDirectory, RunFolderError, default_results_dir, record_failure, run_name, status_of
 from clients.attacks import HonestStats, LabelFlip
+from clients.graphs import GraphedEstimator
 from strategies.aggregators import finite_rows
-from strategies.step import server_step
+from strategies.step import server_step, speculative_step
 
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
 # keys that may change between a run and its resumption
-_FREE = {"checkpoint-every", "round-timeout", "min-workers"}
+_FREE = {"checkpoint-every", "round-timeout", "min-workers", "cuda-graphs"}
+# a speculative round's counts: a segment is kept only if all its rounds were clean
+_CLEAN = ("dropped-nonfinite", "dropped-malformed", "dropped-error", "missing-messages", "failed")
+# iterations whose role-blind positions are made on the host and sent to the device at once
+_BLOCK = 256
 
 
 class RunExists(RunFolderError):
@@ -104,6 +109,20 @@ class LocalRun:
         if self.byzantine_ids and isinstance(self.attack, LabelFlip):
             poisoned = byzantine_data(cfg, data, self.byzantine_ids, self.device, data.spec.classes)
             self.poisoned = make_estimator(cfg, self.grads, poisoned)
+        if self.device.type == "cuda" and cfg["cuda-graphs"]:
+            self.honest = GraphedEstimator(self.honest)
+            if self.poisoned is not None:
+                self.poisoned = GraphedEstimator(self.poisoned)
+        self._honest_rows = torch.tensor(honest_ids, dtype=torch.long, device=self.device)
+        self._byzantine_rows = torch.tensor(self.byzantine_ids, dtype=torch.long, device=self.device)
+        self._positions: torch.Tensor | None = None  # (_BLOCK, W) on the device, from iteration _first
+        self._first = 0
+        # On a GPU, iterations run ahead of the host: a round is taken as clean and checked at the
+        # next evaluation, checkpoint or block end (one read); a segment with a bad round is
+        # replayed with the exact per-round screening (see _verify). On the CPU reads are free.
+        self.speculate = self.device.type != "cpu"
+        self._suspect: torch.Tensor | None = None
+        self._segment: dict[str, Any] | None = None
         self.rule = rule_of(cfg)
         self.recorder = Recorder(cfg, Evaluator(cfg, data, self.grads, self.device), log, run)
         self.recorder.byzantine_ids = self.byzantine_ids
@@ -121,27 +140,46 @@ class LocalRun:
             self.attack.prefetch(self.byzantine_ids, t, self.grads.dim)  # overlaps with the honest step
         honest = self.honest.step(self.x, t)
         stats = HonestStats.of(honest)
-        self._order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
-        position = torch.empty(self.layout.num_workers, dtype=torch.long)
-        position[torch.tensor(self._order)] = torch.arange(self.layout.num_workers)
+        position = self._position(t)
         if self._messages is None:  # reused: a fresh (W, d) tensor per iteration costs page faults
             self._messages = torch.empty(
                 self.layout.num_workers, self.grads.dim, dtype=honest.dtype, device=honest.device
             )
         everything = self._messages
-        everything.index_copy_(0, position[list(self.layout.honest_ids)].to(honest.device), honest)
+        everything.index_copy_(0, position.index_select(0, self._honest_rows), honest)
         if self.byzantine_ids:
             if self.poisoned is not None:
                 bad = self.poisoned.step(self.x, t)
             else:
                 known = stats if self.attack.omniscient else None
                 bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim).to(honest)
-            everything.index_copy_(0, position[self.byzantine_ids].to(honest.device), bad)
+                if self.speculate:  # a GPU outruns the host's draws: start the next iteration's now
+                    self.attack.prefetch(self.byzantine_ids, t + 1, self.grads.dim)
+            everything.index_copy_(0, position.index_select(0, self._byzantine_rows), bad)
         return honest, stats, everything
 
+    def _position(self, t: int) -> torch.Tensor:
+        """(W,) each worker's position in the role-blind order of iteration t, on the device."""
+        if self._positions is None or not self._first <= t < self._first + _BLOCK:
+            seed, workers = int(self.cfg["seed"]), self.layout.num_workers
+            self._positions = role_blind_positions(seed, t, _BLOCK, workers).to(self.device)
+            self._first = t
+        return self._positions[t - self._first]
+
+    def _name_selected(self, info: dict[str, Any], valid: torch.Tensor | None, t: int) -> None:
+        if "selected" in info:  # Krum-like rules: which worker was chosen (read on the host)
+            rows = valid.nonzero().reshape(-1).tolist() if valid is not None else list(range(self.layout.num_workers))
+            order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+            name_selected(info, rows, order, self.byzantine_ids)
+
     def step(self, t: int) -> None:
+        if self.speculate and self._segment is None:
+            self._begin_segment(t)
         honest, stats, everything = self.messages(t)
         valid = finite_rows(everything)
+        if self.speculate:
+            self._speculative(t, honest, stats, everything, valid)
+            return
         counts = {
             "dropped-nonfinite": int((~valid).sum()),
             "dropped-malformed": 0,
@@ -157,9 +195,61 @@ class LocalRun:
             counts[f"failed-{outcome.reason}"] = 1
             self.log(f"round {t} failed: {outcome.failure}; the model is unchanged")
         else:
-            name_selected(info, valid.nonzero().reshape(-1).tolist(), self._order, self.byzantine_ids)
+            self._name_selected(info, valid, t)
         aggregate = outcome.aggregate
         self.recorder.observe(t, honest, aggregate, counts, info, honest_mean=stats.mean)
+
+    # -- speculation (GPU) ------------------------------------------------------------------------
+    def _speculative(
+        self, t: int, honest: torch.Tensor, stats: HonestStats, everything: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """The round as if every message were finite and the step clean, checked later on the device."""
+        outcome = speculative_step(self.x, everything, valid, self.rule, float(self.cfg.lr))
+        if outcome is None:  # the rule cannot run on all rows blind: this segment goes exact
+            self._replay(t, include_current=True)
+            return
+        self.x = outcome.point
+        self._suspect += ~outcome.ok
+        info = dict(outcome.info)
+        self._name_selected(info, None, t)
+        self.recorder.observe(t, honest, outcome.aggregate, dict.fromkeys(_CLEAN, 0), info, honest_mean=stats.mean)
+
+    def _begin_segment(self, t: int) -> None:
+        self._suspect = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._segment = {
+            "first": t,
+            "x": self.x.clone(),
+            "honest": self.honest.state_dict(),
+            "poisoned": self.poisoned.state_dict() if self.poisoned is not None else None,
+            "rule": self.rule.state_dict(),
+            "recorder": self.recorder.interval_state(),
+        }
+
+    def _verify(self, t: int) -> None:
+        """End the speculative segment at iteration t: if any of its rounds had a non-finite message,
+        aggregate or step, run it again round by round with the exact screening (the records then
+        say what happened, as on the CPU)."""
+        if self._segment is None:
+            return
+        if int(self._suspect) > 0:
+            self._replay(t, include_current=False)
+        self._segment = None
+
+    def _replay(self, t: int, include_current: bool) -> None:
+        seg = self._segment
+        self._segment = None
+        self.x = seg["x"]
+        self.honest.load_state_dict(seg["honest"])
+        if self.poisoned is not None:
+            self.poisoned.load_state_dict(seg["poisoned"])
+        self.rule.load_state_dict(seg["rule"])
+        self.recorder.load_interval_state(seg["recorder"])
+        self.speculate = False
+        try:
+            for s in range(seg["first"], t + (1 if include_current else 0)):
+                self.step(s)
+        finally:
+            self.speculate = True
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -175,9 +265,12 @@ class LocalRun:
                 self.log(f"resuming {self.run_dir.path} at iteration {self.start}")
             for t in range(self.start, rounds + 1):
                 self.step(t)
-                if self.recorder.due(t):
+                due, keep = self.recorder.due(t), every and t % every == 0 and t < rounds
+                if due or keep or t == rounds or (self._segment is not None and t - self._segment["first"] >= _BLOCK):
+                    self._verify(t + 1)
+                if due:
                     self.recorder.evaluate(t, self.x)
-                if every and t % every == 0 and t < rounds:
+                if keep:
                     self._checkpoint(t)
             self.run_dir.save_model(self.grads.unflatten(self.x))
             (self.run_dir.path / CHECKPOINT).unlink(missing_ok=True)

@@ -107,7 +107,10 @@ class Recorder:
         missing: list[int] | None = None,
     ) -> None:
         """Note one iteration: the honest messages (H, d) (and their mean, when known), the
-        aggregate (d,), strategy counts, the workers whose message did not arrive."""
+        aggregate (d,), strategy counts, the workers whose message did not arrive.
+
+        The figures stay tensors on the messages' device until an evaluation reads them, so
+        observing an iteration never waits for a GPU."""
         if missing:
             self._missing.update(missing)
         for k, v in counts.items():
@@ -116,22 +119,22 @@ class Recorder:
         latest: dict[str, Any] = {f"rule_{k.replace('-', '_')}": v for k, v in rule_info.items()}
         if honest is not None and honest.shape[0] > 0:
             mean = honest.mean(dim=0) if honest_mean is None else honest_mean
-            variance = float(torch.linalg.vector_norm(honest - mean) ** 2) / honest.shape[0]
+            variance = torch.linalg.vector_norm(honest - mean).square().double() / honest.shape[0]
             self._variances.append(variance)
             latest["honest_variance"] = variance
-            latest["honest_mean_norm"] = float(mean.norm())
+            latest["honest_mean_norm"] = mean.norm()
             if aggregate is not None:
-                latest["aggregate_distance"] = float((aggregate.to(mean.device) - mean).norm())
+                latest["aggregate_distance"] = (aggregate.to(mean.device) - mean).norm()
         self._latest = latest
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to keep recording as if it had never stopped."""
         return {
-            "variances": list(self._variances),
+            "variances": _floats(self._variances),
             "counts": dict(self._counts),
             "missing": sorted(self._missing),
             "totals": dict(self.totals),
-            "latest": dict(self._latest),
+            "latest": _plain(self._latest),
             "last_eval_iteration": self._last_eval_iteration,
             "elapsed": time.perf_counter() - self.started,
             "eval_seconds": self._eval_seconds,
@@ -148,6 +151,23 @@ class Recorder:
         self._interval_start = time.perf_counter()
         self._eval_seconds = float(state["eval_seconds"])
 
+    def interval_state(self) -> dict[str, Any]:
+        """What the current interval has gathered (to take back a speculative segment)."""
+        return {
+            "variances": list(self._variances),
+            "counts": dict(self._counts),
+            "missing": set(self._missing),
+            "totals": dict(self.totals),
+            "latest": dict(self._latest),
+        }
+
+    def load_interval_state(self, state: dict[str, Any]) -> None:
+        self._variances = list(state["variances"])
+        self._counts = dict(state["counts"])
+        self._missing = set(state["missing"])
+        self.totals = dict(state["totals"])
+        self._latest = dict(state["latest"])
+
     def due(self, iteration: int) -> bool:
         return (
             iteration == 0
@@ -162,13 +182,15 @@ class Recorder:
         t0 = time.perf_counter()
         metrics = self.evaluator(x)
         self._eval_seconds += time.perf_counter() - t0
+        self._latest = _plain(self._latest)
+        variances = _floats(self._variances)
         record: dict[str, Any] = {
             "iteration": iteration,
             "elapsed_s": round(now - self.started, 3),
             "iters_per_s": steps / busy if steps and busy > 0 else None,
             **metrics,
             "honest_variance": self._latest.get("honest_variance"),
-            "honest_variance_interval_mean": float(np.mean(self._variances)) if self._variances else None,
+            "honest_variance_interval_mean": float(np.mean(variances)) if variances else None,
             "honest_mean_norm": self._latest.get("honest_mean_norm"),
             "aggregate_distance": self._latest.get("aggregate_distance"),
             "attack": self.cfg["attack"],
@@ -225,6 +247,19 @@ class Recorder:
         for line in out:
             self.log(f"warning: {line}")
         return out
+
+
+def _floats(values: list) -> list[float]:
+    """Per-iteration figures (0-d tensors, on any device, or floats) as floats: one device read."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if len(tensors) < len(values):
+        return [float(v) for v in values]
+    return torch.stack(tensors).cpu().tolist() if tensors else []
+
+
+def _plain(figures: dict[str, Any]) -> dict[str, Any]:
+    """The figures with 0-d tensors read as Python numbers."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in figures.items()}
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -20,9 +20,9 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from byzflower.core import role_blind_order
 from byzflower.layout import Layout
 from clients.attacks import HonestStats
-from clients.rng import derive_seed
 from strategies.npy import NUMPY_STYPE, npy_header
 from strategies.strategy import _array
 
@@ -403,13 +403,6 @@ def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.
         return None, "undecodable"
     block = np.frombuffer(data, dtype=np.float32, offset=len(header)).reshape(shape)
     return {w: block[i] for i, w in enumerate(ids)}, None
-
-
-def role_blind_order(seed: int, iteration: int, num_workers: int) -> list[int]:
-    """The order in which the Strategy receives the workers' messages at ``iteration``: a seeded
-    permutation, so position says nothing about role."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, "order", iteration))
-    return [int(w) for w in torch.randperm(num_workers, generator=gen)]
 
 
 def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:

@@ -82,7 +82,7 @@ class NodeWorkers:
         """Forget the workers' state: the next step rebuilds it at the current model (SAGA's
         table and average recomputed, SVRG's snapshot retaken, SARAH restarted)."""
         for estimator in self._estimators():
-            estimator.state["step"].zero_()
+            estimator.reset()
 
     @property
     def omniscient(self) -> bool:

@@ -11,7 +11,7 @@ estimator lives with the honest ones; this module provides the label map). Rando
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
 
 import torch
@@ -202,7 +202,7 @@ class LabelFlip(Attack):
 
 
 _POOL: ThreadPoolExecutor | None = None
-_PREFETCHED: dict[tuple, Future] = {}
+_PREFETCHED: dict[tuple, _Draws] = {}
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -212,20 +212,23 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _draw(key: tuple, parallel: bool) -> torch.Tensor:
-    """(k, d) standard normal draws, worker w's from its own (seed, purpose, w, iteration) stream."""
-    seed, purpose, worker_ids, iteration, dim = key
-    out = torch.empty(len(worker_ids), dim)
+class _Draws:
+    """(k, d) standard normal draws, worker w's from its own (seed, purpose, w, iteration) stream,
+    filled row by row by the pool's threads (torch releases the GIL while it fills a tensor)."""
 
-    def one(i: int) -> None:
-        torch.randn(dim, generator=generator(seed, purpose, worker_ids[i], iteration), out=out[i])
+    def __init__(self, key: tuple) -> None:
+        seed, purpose, worker_ids, iteration, dim = key
+        self.out = torch.empty(len(worker_ids), dim)
 
-    if parallel:  # torch releases the GIL while it fills a tensor
-        list(_pool().map(one, range(len(worker_ids))))
-    else:
-        for i in range(len(worker_ids)):
-            one(i)
-    return out
+        def one(i: int) -> None:
+            torch.randn(dim, generator=generator(seed, purpose, worker_ids[i], iteration), out=self.out[i])
+
+        self._rows = [_pool().submit(one, i) for i in range(len(worker_ids))]
+
+    def result(self) -> torch.Tensor:
+        for row in self._rows:
+            row.result()
+        return self.out
 
 
 def _key(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> tuple:
@@ -238,14 +241,14 @@ def prefetch_noise(seed: int, purpose: str, worker_ids: list[int], iteration: in
     key = _key(seed, purpose, worker_ids, iteration, dim)
     if key not in _PREFETCHED:
         _PREFETCHED.clear()
-        _PREFETCHED[key] = _pool().submit(_draw, key, False)
+        _PREFETCHED[key] = _Draws(key)
 
 
 def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
     """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU)."""
     key = _key(seed, purpose, worker_ids, iteration, dim)
-    future = _PREFETCHED.pop(key, None)
-    return future.result() if future is not None else _draw(key, True)
+    draws = _PREFETCHED.pop(key, None)
+    return (draws or _Draws(key)).result()
 
 
 ATTACKS = {

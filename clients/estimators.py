@@ -2,8 +2,12 @@
 
 An estimator serves a group of workers at once (one worker per SuperNode, a node's share, or all
 honest workers in the in-process engine): ``step(x, t)`` returns their (k, d) messages for
-iteration t. Like a torch optimizer it keeps an explicit state (``state_dict``), held in tensors
-that an allocator provides, e.g. memory-mapped files that outlive the process. Sampling is a
+iteration t. A step is ``prepare(x, t)`` (host-side decisions: table fills, snapshots, restarts,
+the iteration's sampling base written into a device tensor) then ``compute(x)`` (the math alone,
+reading only tensors, with no host round-trip); when ``prepare`` says so, ``compute`` is a fixed
+sequence of kernels that a CUDA graph can capture once and replay. Like a torch optimizer it
+keeps an explicit state (``state_dict``), held in tensors that an allocator provides, e.g.
+memory-mapped files that outlive the process. Sampling is a
 pure function of (seed, worker id, iteration), and weight decay lambda * x is added exactly to
 every message (the variance-reduced corrections apply to the data term only).
 """
@@ -15,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from clients.gradients import ModelGradients, SampleGrads
-from clients.rng import derive_seed, uniform_ints
+from clients.rng import derive_seed, draw_base, uniform_ints_at
 from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks
 
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
@@ -57,12 +61,19 @@ class Estimator:
         self._allocate = allocate or memory_allocator(data.device)
         self._chunks = [c.to(data.device) for c in chunks(data.worker_ids.cpu())]
         self._sample_seed = derive_seed(self.seed, "sample")
+        self._base = torch.zeros((), dtype=torch.int64, device=data.device)  # this iteration's draw base
         self.state: dict[str, torch.Tensor] = {}
-        self._add_state("step", (1,), torch.int64)
+        self._add_state("step", (1,), torch.int64, host=True)
 
     # -- state --------------------------------------------------------------------------------
-    def _add_state(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _add_state(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None, host: bool = False
+    ) -> torch.Tensor:
+        """Allocate a state tensor; ``host``: a counter the host decides with, kept on the CPU so
+        that reading it never waits for the device."""
         t = self._allocate(name, tuple(int(s) for s in shape), dtype or self.grads.dtype)
+        if host and t.device.type != "cpu":
+            t = torch.zeros(t.shape, dtype=t.dtype)
         self.state[name] = t
         return t
 
@@ -84,12 +95,37 @@ class Estimator:
     @property
     def last_iteration(self) -> int:
         """The last iteration this estimator stepped (0 before the first step)."""
-        return int(self.state["step"][0])
+        return int(self.state["step"].numpy()[0])  # a host counter (see _add_state)
+
+    def reset(self) -> None:
+        """Forget the state: the next step rebuilds it at its point (tables, snapshots, restarts)."""
+        self.state["step"].zero_()
+
+    # -- one step ------------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
+        """The workers' (k, d) messages at the point x (d,) for iteration >= 1."""
+        self.prepare(x, iteration)
+        out = self.compute(x)
+        self.state["step"].fill_(iteration)
+        return out
+
+    def prepare(self, x: torch.Tensor, iteration: int) -> bool:
+        """Host-side work before ``iteration``'s math. Returns True when ``compute`` is then a fixed
+        sequence of kernels (no host value, no data-dependent shape): capturable in a CUDA graph."""
+        self._base.fill_(draw_base(self._sample_seed, iteration))
+        return True
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The (k, d) messages at x for the prepared iteration."""
+        raise NotImplementedError
 
     # -- sampling and gradients --------------------------------------------------------------
-    def sample_rows(self, iteration: int) -> torch.Tensor:
-        """(k, batch_size) rows of ``data`` drawn uniformly, with replacement, per worker."""
-        local = uniform_ints(self._sample_seed, self.data.worker_ids, iteration, self.batch_size, self.data.sizes)
+    def sample_rows(self, iteration: int | None = None) -> torch.Tensor:
+        """(k, batch_size) rows of ``data`` drawn uniformly, with replacement, per worker, for
+        ``iteration`` (None: the prepared one)."""
+        if iteration is not None:
+            self._base.fill_(draw_base(self._sample_seed, iteration))
+        local = uniform_ints_at(self._base, self.data.worker_ids, self.batch_size, self.data.sizes)
         return local + self.data.offsets[:-1, None]
 
     def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
@@ -115,7 +151,7 @@ class Estimator:
             combine(grads, weights, out=out[ch.span[0] : ch.span[1]])
             return None
         block = combine(grads, weights)
-        out[ch.targets] = block[ch.valid]
+        out.index_copy_(0, ch.targets, block.index_select(0, ch.slots))
         return block
 
     def _difference(self, x_new: torch.Tensor, x_old: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -157,15 +193,10 @@ class Estimator:
             out[i] = acc
         return out
 
-    def _finish(self, messages: torch.Tensor, x: torch.Tensor, iteration: int) -> torch.Tensor:
-        self.state["step"].fill_(iteration)
+    def _finish(self, messages: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.weight_decay:
             messages += self.weight_decay * x
         return messages
-
-    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
-        """The workers' (k, d) messages at the point x (d,) for iteration >= 1."""
-        raise NotImplementedError
 
 
 class SGD(Estimator):
@@ -173,8 +204,8 @@ class SGD(Estimator):
 
     name = "sgd"
 
-    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
-        return self._finish(self._mean_grads(x, self.sample_rows(iteration)), x, iteration)
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(self._mean_grads(x, self.sample_rows()), x)
 
 
 class SAGA(Estimator):
@@ -200,6 +231,7 @@ class SAGA(Estimator):
         if grads.dense_dim:
             self._add_state("table.dense", (n, grads.dense_dim))
         self._add_state("gbar", (data.num_workers, grads.dim))
+        self._sample_index = [ch.sample_index(self.batch_size) for ch in self._chunks]
 
     def _table_rows(self, rows: torch.Tensor) -> SampleGrads:
         dev = self.data.device
@@ -226,16 +258,20 @@ class SAGA(Estimator):
     def _fill_table(self, x: torch.Tensor) -> None:
         self.state["gbar"].copy_(self.full_gradients(x, store=self._store_rows))
 
-    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, iteration: int) -> bool:
         if self.last_iteration == 0:
             self._fill_table(x)
-        rows = self.sample_rows(iteration)
+        super().prepare(x, iteration)
+        return self.batch_size == 1  # b > 1 fixes repeated draws exactly, which depends on the draws
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.sample_rows()
         b = self.batch_size
         sizes = self.data.sizes.to(x.device, self.grads.dtype)
         w = torch.full((CHUNK, b), 1.0 / b, dtype=self.grads.dtype, device=x.device)
         delta = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         exact: dict[int, torch.Tensor] = {}
-        for ch in self._chunks:
+        for ch, samples in zip(self._chunks, self._sample_index, strict=True):
             r = rows[ch.rows]
             new = self._chunk_grads(x, r)
             old = self._table_rows(r.reshape(-1))
@@ -249,7 +285,7 @@ class SAGA(Estimator):
                 update = self.grads.combine_difference(new, old, u)
                 for slot in repeated.nonzero().reshape(-1).tolist():
                     exact[int(ch.rows[slot])] = update[slot]
-            self._store_rows(r[ch.valid].reshape(-1), new.select(_valid_sample_index(ch.valid, b)))
+            self._store_rows(r.index_select(0, ch.slots).reshape(-1), new.select(samples))
         gbar = self.state["gbar"].to(x.device)
         fixed = list(exact)
         before = gbar[fixed].clone() if fixed else None
@@ -260,7 +296,7 @@ class SAGA(Estimator):
             gbar[fixed] = before + torch.stack([exact[i] for i in fixed])
         if gbar.data_ptr() != self.state["gbar"].data_ptr():
             self.state["gbar"].copy_(gbar)
-        return self._finish(out, x, iteration)
+        return self._finish(out, x)
 
 
 class SVRG(Estimator):
@@ -278,14 +314,17 @@ class SVRG(Estimator):
         self._add_state("snapshot", (grads.dim,))
         self._add_state("mu", (data.num_workers, grads.dim))
 
-    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, iteration: int) -> bool:
         if self.last_iteration == 0 or (iteration - 1) % self.snapshot_interval == 0:
             self.state["snapshot"].copy_(x)
             self.state["mu"].copy_(self.full_gradients(x))
+        return super().prepare(x, iteration)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         snapshot = self.state["snapshot"].to(x.device)
-        out = self._difference(x, snapshot, self.sample_rows(iteration))
+        out = self._difference(x, snapshot, self.sample_rows())
         out += self.state["mu"].to(x.device)
-        return self._finish(out, x, iteration)
+        return self._finish(out, x)
 
 
 class SARAH(Estimator):
@@ -321,7 +360,8 @@ class SARAH(Estimator):
         self.restart = restart
         self._add_state("v", (data.num_workers, grads.dim))
         self._add_state("previous", (grads.dim,))
-        self._add_state("next_restart", (1,), torch.int64)
+        self._add_state("next_restart", (1,), torch.int64, host=True)
+        self._restarting = False
 
     def next_restart_after(self, iteration: int) -> int:
         """The iteration of the restart that follows one at ``iteration``."""
@@ -330,16 +370,22 @@ class SARAH(Estimator):
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "sarah-restart", iteration))
         return iteration + int(torch.randint(1, self.restart_interval, (1,), generator=gen))
 
-    def step(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
-        if self.last_iteration == 0 or iteration >= int(self.state["next_restart"][0]):
-            v = self.full_gradients(x)
+    def prepare(self, x: torch.Tensor, iteration: int) -> bool:
+        self._restarting = self.last_iteration == 0 or iteration >= int(self.state["next_restart"].numpy()[0])
+        if self._restarting:
             self.state["next_restart"].fill_(self.next_restart_after(iteration))
+        super().prepare(x, iteration)
+        return not self._restarting  # a restart's full gradients loop over the workers
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if self._restarting:
+            v = self.full_gradients(x)
         else:
             previous = self.state["previous"].to(x.device)
-            v = self.state["v"].to(x.device) + self._difference(x, previous, self.sample_rows(iteration))
+            v = self.state["v"].to(x.device) + self._difference(x, previous, self.sample_rows())
         self.state["v"].copy_(v)
         self.state["previous"].copy_(x)
-        return self._finish(v, x, iteration)
+        return self._finish(v, x)
 
 
 def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:
@@ -347,12 +393,6 @@ def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:
     same = rows[:, :, None] == rows[:, None, :]
     earlier = torch.ones(rows.shape[1], rows.shape[1], dtype=torch.bool, device=rows.device).tril(-1)
     return ~(same & earlier).any(dim=2)
-
-
-def _valid_sample_index(valid: torch.Tensor, b: int) -> torch.Tensor:
-    """Indices of the samples of valid chunk slots in a group-major (c * b) layout."""
-    slots = valid.nonzero().reshape(-1)
-    return (slots[:, None] * b + torch.arange(b, device=valid.device)).reshape(-1)
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {"sgd": SGD, "saga": SAGA, "svrg": SVRG, "sarah": SARAH}

@@ -51,6 +51,11 @@ def _splitmix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
+def draw_base(seed: int, counter: int) -> int:
+    """The base of ``uniform_ints``' draws for (seed, counter), as a signed int64 value."""
+    return _signed(derive_seed(seed, "uniform-ints", counter))
+
+
 def uniform_ints(seed: int, streams: torch.Tensor, counter: int, count: int, high: torch.Tensor) -> torch.Tensor:
     """Integers uniform on ``[0, high[s])`` for every stream ``s``.
 
@@ -64,9 +69,15 @@ def uniform_ints(seed: int, streams: torch.Tensor, counter: int, count: int, hig
     Returns:
         (k, count) int64 tensor on ``streams.device``.
     """
-    base = derive_seed(seed, "uniform-ints", counter)
+    return uniform_ints_at(torch.full_like(streams, draw_base(seed, counter)), streams, count, high)
+
+
+def uniform_ints_at(base: torch.Tensor, streams: torch.Tensor, count: int, high: torch.Tensor) -> torch.Tensor:
+    """``uniform_ints`` from its base (``draw_base``) held in a tensor: () or (k,) int64 on the
+    streams' device. With the base in a tensor the draws are a fixed sequence of kernels (no
+    host value in them), which a CUDA graph can replay for any counter."""
     slots = torch.arange(count, dtype=torch.int64, device=streams.device)
-    z = _splitmix(torch.full_like(streams, _signed(base)) ^ (streams.to(torch.int64) * _MIX1))
+    z = _splitmix(base ^ (streams.to(torch.int64) * _MIX1))
     z = _splitmix(z[:, None] + slots[None, :] * _GOLDEN)
     # The top 53 bits give an exact float64 in [0, 1); scaling by an int is exact enough to
     # keep the draws identical on every device.

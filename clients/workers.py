@@ -85,15 +85,23 @@ class Chunk:
         rows: (CHUNK,) group rows to compute (edge slots repeat a row of the chunk).
         valid: (CHUNK,) bool, True where the slot is one of the group's workers.
         targets: group rows the valid slots map to, in order.
+        slots: (len(targets),) int64 indices of the valid slots (fixed-shape selections need no mask).
     """
 
     rows: torch.Tensor
     valid: torch.Tensor
     targets: torch.Tensor
+    slots: torch.Tensor
     span: tuple[int, int] | None = None  # (start, stop) when the slots are exactly rows start..stop-1
 
     def to(self, device: torch.device | str) -> Chunk:
-        return Chunk(self.rows.to(device), self.valid.to(device), self.targets.to(device), self.span)
+        return Chunk(
+            self.rows.to(device), self.valid.to(device), self.targets.to(device), self.slots.to(device), self.span
+        )
+
+    def sample_index(self, b: int) -> torch.Tensor:
+        """Indices of the valid slots' samples in a slot-major (CHUNK * b) layout."""
+        return (self.slots[:, None] * b + torch.arange(b, device=self.slots.device)).reshape(-1)
 
 
 def chunks(worker_ids: torch.Tensor) -> Iterator[Chunk]:
@@ -111,5 +119,6 @@ def chunks(worker_ids: torch.Tensor) -> Iterator[Chunk]:
             torch.tensor(rows, dtype=torch.int64),
             torch.tensor([w in row_of for w in slots]),
             torch.tensor(present, dtype=torch.int64),
+            torch.tensor([i for i, w in enumerate(slots) if w in row_of], dtype=torch.int64),
             (present[0], present[0] + CHUNK) if full else None,
         )

@@ -78,11 +78,35 @@ def sketch_center(messages: torch.Tensor) -> tuple[int, bool]:
     messages share a common part: when their squared norms are over 4x their squared distances
     to the medoid, an uncentred Gram matrix would resolve distances more than 4x (2 bits) worse.
     """
+    return _center_of(*_sketch_distances(messages))
+
+
+def _sketch_distances(messages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared norms (n,), pairwise squared distances (n, n)) of the sketch, float64, on the messages' device."""
     s = _sketch(messages)
     sq = (s * s).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (s @ s.T)).clamp_min_(0.0)
+    return sq, (sq[:, None] + sq[None, :] - 2.0 * (s @ s.T)).clamp_min_(0.0)
+
+
+def _center_of(sq: torch.Tensor, d2: torch.Tensor) -> tuple[int, bool]:
     medoid = int(torch.argmin(d2.sqrt().sum(dim=1)))
     return medoid, bool(sq.median() > 4.0 * d2[medoid].median())
+
+
+def _survey(messages: torch.Tensor) -> tuple[float, tuple[int, bool]]:
+    """(max |m_ij|, the sketch's centre as ``sketch_center`` gives it) from one read of the device:
+    a GPU is waited for once, not once per figure."""
+    n = messages.shape[0]
+    lo, hi = torch.aminmax(messages)
+    parts = [torch.stack([lo, hi]).to(torch.float64)]
+    if n > 2:
+        sq, d2 = _sketch_distances(messages)
+        parts += [sq, d2.reshape(-1)]
+    host = torch.cat(parts).cpu()
+    top = max(-float(host[0]), float(host[1]))
+    if n <= 2:
+        return top, (0, False)
+    return top, _center_of(host[2 : 2 + n], host[2 + n :].view(n, n))
 
 
 def magnitude(messages: torch.Tensor) -> float:
@@ -91,10 +115,12 @@ def magnitude(messages: torch.Tensor) -> float:
     return max(-float(lo), float(hi))
 
 
-def _work_format(messages: torch.Tensor) -> tuple[torch.dtype, float]:
-    """(dtype of the product, power-of-2 scale) such that no centred squared norm can overflow."""
+def _work_format(messages: torch.Tensor, top: float | None = None) -> tuple[torch.dtype, float]:
+    """(dtype of the product, power-of-2 scale) such that no centred squared norm can overflow
+    (``top``: the messages' magnitude when already known)."""
     d = max(messages.shape[1], 1)
-    top = magnitude(messages) if messages.numel() else 0.0
+    if top is None:
+        top = magnitude(messages) if messages.numel() else 0.0
 
     def bound(dtype: torch.dtype) -> float:
         return math.sqrt(torch.finfo(dtype).max / (16.0 * d))
@@ -157,8 +183,11 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     The product runs in the messages' dtype unless their magnitude could overflow it.
     """
     n, d = messages.shape
-    dtype, scale = _work_format(messages)
-    center, worth = sketch_center(messages) if n > 2 else (0, False)
+    if n:
+        top, (center, worth) = _survey(messages)
+    else:
+        top, (center, worth) = 0.0, (0, False)
+    dtype, scale = _work_format(messages, top)
     center = center if worth else -1
     g = _raw_gram(messages, center, dtype, scale)
     if n > 2:
@@ -268,19 +297,34 @@ def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram) -> torch.Tens
     if gram.wide:
         a = torch.from_numpy(alpha).to(device=messages.device)
         return (a @ messages.to(torch.float64)).to(messages.dtype)
-    a = torch.from_numpy(alpha).to(device=messages.device, dtype=messages.dtype)
+    if reads_are_free(messages):
+        a = torch.from_numpy(alpha).to(dtype=messages.dtype)
+        lost = float(alpha.sum()) - float(a.double().sum())
+    else:  # the same figures from the host's copy: the device is not waited for
+        cast = alpha.astype(torch.empty((), dtype=messages.dtype).numpy().dtype)
+        lost = float(alpha.sum()) - float(cast.astype(np.float64).sum())
+        a = torch.from_numpy(cast).to(device=messages.device)
     out = a @ messages
-    lost = float(alpha.sum()) - float(a.double().sum())
     if lost:
         pivot = gram.center if gram.center >= 0 else int(np.argmax(np.abs(alpha)))
         out.add_(messages[pivot], alpha=lost)
     return out
 
 
+def reads_are_free(t: torch.Tensor) -> bool:
+    """Whether the host reads ``t``'s values for free (a CPU tensor). Where it does, a branch on a
+    value is the cheap way; on a GPU the same decision is taken by kernels (``torch.where``), so
+    the host never waits for the device."""
+    return t.device.type == "cpu"
+
+
 def safe_mean(messages: torch.Tensor) -> torch.Tensor:
     """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
     (a mean of finite values is always representable)."""
     out = messages.mean(dim=0)
+    if not reads_are_free(out):
+        ok = torch.isfinite(out).all()
+        return torch.where(ok, out, messages.mean(dim=0, dtype=torch.float64).to(messages.dtype))
     if bool(torch.isfinite(out).all()):
         return out
     return messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)

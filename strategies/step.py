@@ -54,3 +54,35 @@ def server_step(point: torch.Tensor, messages: torch.Tensor, rule: Rule, lr: flo
             reason="nonfinite",
         )
     return StepOutcome(moved, result.vector, dict(result.info))
+
+
+@dataclass
+class SpeculativeOutcome:
+    """A step taken without reading anything back: ``ok`` (a 0-d bool tensor on the device) says
+    whether every message, the aggregate and the step were finite; the point moved only if so."""
+
+    point: torch.Tensor
+    aggregate: torch.Tensor
+    ok: torch.Tensor
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def speculative_step(
+    point: torch.Tensor, messages: torch.Tensor, valid: torch.Tensor, rule: Rule, lr: float
+) -> SpeculativeOutcome | None:
+    """``server_step`` on all (n, d) messages as if all were valid (``valid``: (n,) bool from
+    ``finite_rows``), with no host round-trip of its own, so a GPU runs ahead of the host.
+
+    When ``ok`` turns out False the caller must redo the round with ``server_step`` on the valid
+    rows (the engine replays the segment). None: the rule refused the messages outright; run the
+    exact step now.
+    """
+    if messages.shape[0] < rule.min_messages():
+        return None
+    try:
+        result = rule(messages)
+    except Exception:
+        return None
+    moved = point - lr * result.vector.to(point)
+    ok = valid.all() & torch.isfinite(moved).all()  # a non-finite aggregate makes the step non-finite
+    return SpeculativeOutcome(torch.where(ok, moved, point), result.vector, ok, dict(result.info))

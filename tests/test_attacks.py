@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from byzflower.harness import role_blind_order
+from byzflower.core import role_blind_order
 from clients.attacks import ALIE, IPM, Gaussian, HonestStats, LabelFlip, Noise, SignFlip, ZeroGradient, alie_z
 from strategies.aggregators import Mean
 

@@ -27,7 +27,7 @@ def _forced(cls):
     class Forced(cls):
         rows = None
 
-        def sample_rows(self, iteration):
+        def sample_rows(self, iteration=None):
             return self.rows if self.rows is not None else super().sample_rows(iteration)
 
     return Forced

@@ -1,0 +1,196 @@
+"""The in-process engine's steady-state iteration on CPU and GPU, side by side.
+
+For the paper's MNIST setups (50 honest + 20 Byzantine workers, the 784-50-10 MLP, real MNIST) and each
+device given, it prints per iteration: wall time, device-busy time (sum of GPU kernel times; CPU: none),
+kernel launches, synchronisations (host waits on the device: ``.item()``/``bool()`` reads, data-dependent
+shapes, blocking copies), host-to-device copies, and tensors built from host data. The counts come from
+torch.profiler over steady-state iterations (after the first, which fills tables and warms caches), so
+they show what stands between the iteration and the device's speed. On CPU a "synchronisation" costs
+nothing, but the count is the same code path's, so it shows what a GPU run would wait on.
+
+``--check`` also runs the same iterations on CPU and on the GPU from the same start and prints the
+largest difference of the model and of the per-iteration figures (relative to their scale).
+``--full N`` times a whole N-iteration run (evaluations and records included) with ``run_local``.
+
+Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check] [--full 15000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from byzflower.config import resolve  # noqa: E402
+from byzflower.engine import LocalRun, run_local  # noqa: E402
+
+SETUPS = {
+    "saga-gm-gaussian": {"optimizer": "saga", "aggregator": "gm", "attack": "gaussian"},
+    "saga-gm-zero": {"optimizer": "saga", "aggregator": "gm", "attack": "zero-gradient"},
+    "sgd-mean": {"optimizer": "sgd", "aggregator": "mean", "attack": "none"},
+    "batchsgd-median-signflip": {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
+}
+BASE = {"num-honest": 50, "num-byzantine": 20, "seed": 1, "eval-every": 1_000_000, "checkpoint-every": 0}
+
+# Host-side events that mean the host waits for the device, or copies to it.
+SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_consecutive"}
+FIGURES = ("busy_ms", "launches", "syncs", "scalar_reads", "h2d", "host_tensors")
+LAUNCH_EVENTS = {"cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"}
+
+
+def config(setup: dict, device: str, results: str, rounds: int) -> object:
+    """``device`` is cpu, cuda, or cuda-eager (cuda without CUDA graphs)."""
+    extra = {"cuda-graphs": False} if device == "cuda-eager" else {}
+    device = "cuda" if device == "cuda-eager" else device
+    return resolve({**BASE, **setup, **extra, "device": device, "results-dir": results, "num-server-rounds": rounds})
+
+
+def synchronize(device: object) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(setup: dict, device: str, rounds: int) -> LocalRun:
+    tmp = tempfile.mkdtemp(prefix="byzflower-gpu-")
+    return LocalRun(config(setup, device, tmp, rounds), log=lambda _: None)
+
+
+def timed(run: LocalRun, first: int, count: int) -> float:
+    synchronize(run.cfg["device"])
+    start = time.perf_counter()
+    for t in range(first, first + count):
+        run.step(t)
+    synchronize(run.cfg["device"])
+    return (time.perf_counter() - start) / count
+
+
+def profiled(run: LocalRun, first: int, count: int) -> dict[str, float]:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = run.cfg["device"].startswith("cuda")
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(run.cfg["device"])
+    with torch.profiler.profile(activities=activities) as prof:
+        for t in range(first, first + count):
+            run.step(t)
+        synchronize(run.cfg["device"])
+    names: Counter[str] = Counter()
+    busy_us = 0.0
+    h2d = 0
+    for e in prof.events():
+        names[e.name] += 1
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            if "Memcpy HtoD" in e.name:
+                h2d += 1
+            busy_us += e.device_time
+    final_syncs = 1 if cuda else 0  # the synchronize() that closes the window
+    syncs = sum(names[n] for n in SYNC_EVENTS) - final_syncs if cuda else sum(names[n] for n in SYNC_OPS)
+    return {
+        "busy_ms": busy_us / 1000 / count if cuda else float("nan"),
+        "launches": sum(names[n] for n in LAUNCH_EVENTS) / count,
+        "syncs": max(syncs, 0) / count,
+        "scalar_reads": names["aten::_local_scalar_dense"] / count,
+        "h2d": h2d / count,
+        "host_tensors": names["aten::lift_fresh"] / count,
+    }
+
+
+def check(setup: dict, iterations: int) -> dict[str, float]:
+    """Largest differences between CPU and GPU after the same iterations from the same start."""
+    runs = {d: build(setup, d, iterations + 1) for d in ("cpu", "cuda")}
+    for t in range(1, iterations + 1):
+        for r in runs.values():
+            r.step(t)
+    xc, xg = runs["cpu"].x, runs["cuda"].x.cpu()
+    scale = float(xc.abs().max())
+    lc, lg = runs["cpu"].recorder.evaluate(iterations, xc), runs["cuda"].recorder.evaluate(iterations, runs["cuda"].x)
+    keys = ("test_loss", "honest_variance", "aggregate_distance")
+    out = {"model": float((xc - xg).abs().max()) / scale}
+    for k in keys:
+        if isinstance(lc.get(k), float):
+            out[k] = abs(lc[k] - lg[k]) / max(abs(lc[k]), 1e-30)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated names from: " + ", ".join(SETUPS))
+    p.add_argument("--iterations", type=int, default=300, help="timed steady-state iterations per setup")
+    p.add_argument("--profile", type=int, default=30, help="profiled iterations per setup")
+    p.add_argument("--check", type=int, default=0, help="iterations of the CPU/GPU equality check (0: skip)")
+    p.add_argument("--full", type=int, default=0, help="time a whole run of this many iterations per device")
+    p.add_argument("--json", default="", help="also write the figures to this file")
+    args = p.parse_args()
+    devices = args.devices.split(",")
+    setups = [s.strip() for s in args.setups.split(",")]
+    bad = [s for s in setups if s not in SETUPS]
+    if bad:
+        p.error(f"unknown setups {bad}; valid: {', '.join(SETUPS)}")
+    rows = []
+    print(f"torch {torch.__version__}; " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"))
+    header = f"{'setup':32} {'device':6} {'ms/it':>8} {'busy ms':>8} {'launch':>7} {'sync':>6} {'item':>6} {'h2d':>5}"
+    print(header)
+    for name in setups:
+        for device in devices:
+            warm = 5
+            run = build(SETUPS[name], device, warm + args.iterations + args.profile + 1)
+            timed(run, 1, warm)  # the first iteration fills SAGA's table
+            ms = timed(run, warm + 1, args.iterations) * 1000
+            try:
+                prof = profiled(run, warm + args.iterations + 1, args.profile)
+            except Exception as exc:  # a profiler missing on some machine: keep the timings
+                print(f"  (profiler failed: {exc})")
+                prof = dict.fromkeys(FIGURES, float("nan"))
+            graphs = getattr(run.honest, "fallback", "n/a")
+            if graphs is not None and device != "cpu":
+                print(f"  (CUDA graphs not used: {graphs})")
+            row = {"setup": name, "device": device, "ms_per_iteration": ms, **prof}
+            rows.append(row)
+            print(
+                f"{name:32} {device:6} {ms:8.3f} {prof['busy_ms']:8.3f} {prof['launches']:7.1f} "
+                f"{prof['syncs']:6.1f} {prof['scalar_reads']:6.1f} {prof['h2d']:5.1f}",
+                flush=True,
+            )
+    if len(devices) > 1:
+        print("\nspeed-up of", devices[1], "over", devices[0])
+        for name in setups:
+            a, b = (next(r for r in rows if r["setup"] == name and r["device"] == d) for d in devices[:2])
+            print(f"  {name:32} {a['ms_per_iteration'] / b['ms_per_iteration']:6.1f}x")
+    if args.check:
+        print(f"\nCPU vs GPU after {args.check} iterations (relative differences)")
+        for name in setups:
+            diff = check(SETUPS[name], args.check)
+            rows.append({"setup": name, "check": diff})
+            print(f"  {name:32} " + "  ".join(f"{k} {v:.1e}" for k, v in diff.items()), flush=True)
+    if args.full:
+        print(f"\nwhole runs of {args.full} iterations (run_local, evaluations every 500)")
+        for name in setups:
+            for device in devices:
+                tmp = tempfile.mkdtemp(prefix="byzflower-gpu-")
+                cfg = resolve(
+                    {**BASE, **SETUPS[name], "device": device, "results-dir": tmp, "num-server-rounds": args.full}
+                    | {"eval-every": 500}
+                )
+                start = time.perf_counter()
+                summary = run_local(cfg, log=lambda _: None)
+                wall = time.perf_counter() - start
+                acc = summary["final"].get("test_accuracy")
+                rows.append({"setup": name, "device": device, "full_s": wall, "test_accuracy": acc})
+                print(f"  {name:32} {device:6} {wall:8.1f} s  test accuracy {acc}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The GPU path's promises, checked on the CPU: a steady-state iteration that reads nothing back
+from the device and copies nothing to it, speculation that gives the exact path's records (also
+when rounds go wrong), and graph-ready estimator steps. On a GPU machine, benchmarks/gpu.py
+checks the same numbers and counts the synchronisations with the CUDA profiler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from byzflower.config import resolve
+from byzflower.core import role_blind_order, role_blind_positions
+from byzflower.engine import LocalRun
+from clients.graphs import GraphedEstimator
+from strategies import kernels
+
+RUN = {"num-honest": 12, "num-byzantine": 4, "seed": 7, "checkpoint-every": 0}
+# ops that make the host wait for the device's values, or build tensors from host data
+HOST_ROUND_TRIPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "lift_fresh", "unique"}
+
+
+class HostRoundTrips(TorchDispatchMode):
+    """Counts the ops of HOST_ROUND_TRIPS (and indexing with boolean masks) run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        masked = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if i is not None
+        )
+        if name in HOST_ROUND_TRIPS or name.startswith("unique") or masked:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _run(tmp_path, name, **overrides) -> LocalRun:
+    cfg = resolve({**RUN, "results-dir": str(tmp_path), "run-name": name, **overrides})
+    return LocalRun(cfg, log=lambda _: None)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {"optimizer": "sgd", "aggregator": "mean", "attack": "sign-flip"},
+        {"optimizer": "saga", "aggregator": "mean", "attack": "zero-gradient"},
+        {"optimizer": "svrg", "aggregator": "mean", "attack": "none"},
+        {"optimizer": "sarah", "aggregator": "mean", "attack": "sign-flip", "sarah-restart": "fixed"},
+    ],
+    ids=lambda s: s["optimizer"],
+)
+def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatch, setup):
+    """With the device-side branches (what a GPU takes), an iteration is kernels only: no value read
+    back, no data-dependent shape, no tensor built from host data, no boolean mask."""
+    monkeypatch.setattr(kernels, "reads_are_free", lambda t: False)
+    run = _run(tmp_path, "steady", **setup, **{"num-server-rounds": 20})
+    run.speculate = True
+    for t in range(1, 4):  # SAGA fills its table, SVRG takes its snapshot, SARAH restarts
+        run.step(t)
+    with HostRoundTrips() as probe:
+        for t in range(4, 7):
+            run.step(t)
+    assert probe.seen == []
+    assert run.honest.prepare(run.x, 7)  # and the estimator's step is capturable
+
+
+def test_the_device_side_branches_give_the_host_side_numbers(tmp_path, mnist, monkeypatch):
+    """finite_rows and safe_mean decide on the device on a GPU; on the same data they give the same
+    answers as the host-side branches, overflowing rows and non-finite rows included."""
+    m = torch.randn(9, 300)
+    m[2, 5] = float("nan")
+    m[4, :2] = 3e38  # finite entries whose float32 sum overflows
+    m[6, 7] = float("inf")
+    big = torch.full((4, 8), 3e38)
+    host = (kernels.safe_mean(big), kernels.safe_mean(m[:2]))
+    from strategies.aggregators import finite_rows
+
+    host_rows = finite_rows(m)
+    monkeypatch.setattr(kernels, "reads_are_free", lambda t: False)
+    assert torch.equal(finite_rows(m), host_rows) and host_rows.tolist() == [1, 1, 0, 1, 1, 1, 0, 1, 1]
+    assert torch.equal(kernels.safe_mean(big), host[0]) and torch.isfinite(host[0]).all()
+    assert torch.equal(kernels.safe_mean(m[:2]), host[1])
+
+
+def _records(run: LocalRun) -> list[dict]:
+    lines = (run.run_dir.path / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in ("elapsed_s", "iters_per_s")} for x in lines]
+
+
+def _poison(run: LocalRun, iterations: set[int]) -> None:
+    """Byzantine rows of Inf and NaN at ``iterations`` (what an overflowing attack would send)."""
+    craft = run.attack.craft
+
+    def poisoned(ids, t, stats, dim):
+        out = craft(ids, t, stats, dim)
+        if t in iterations:
+            out[0] = float("inf")
+            out[-1, :3] = float("nan")
+        return out
+
+    run.attack.craft = poisoned
+
+
+@pytest.mark.parametrize("poison", [set(), {5, 9, 23}], ids=["clean", "faulty"])
+def test_speculation_records_what_the_exact_path_records(tmp_path, mnist, poison):
+    """Rounds run ahead without reading back; a segment with a bad round is replayed exactly, so the
+    records (dropped messages, failed rounds, numbers) are the exact path's."""
+    setup = {"optimizer": "saga", "aggregator": "gm", "attack": "sign-flip", "num-server-rounds": 30, "eval-every": 7}
+    exact, fast = _run(tmp_path, "exact", **setup), _run(tmp_path, "fast", **setup)
+    fast.speculate = True
+    for r in (exact, fast):
+        _poison(r, poison)
+        r.run()
+    assert _records(fast) == _records(exact)
+    totals = json.loads((fast.run_dir.path / "summary.json").read_text())["totals"]
+    assert totals["dropped_nonfinite"] == 2 * len(poison)
+
+
+def test_a_rule_that_refuses_the_blind_round_falls_back_to_the_exact_step(tmp_path, mnist):
+    """Krum needs n > 2f + 2: with NaN rows screened out the exact step fails the round; the
+    speculative one must reach the same outcome and records."""
+    setup = {"optimizer": "sgd", "aggregator": "krum", "aggregator-f": 6, "attack": "sign-flip"}
+    setup["num-server-rounds"] = 12
+    exact, fast = _run(tmp_path, "exact", **setup), _run(tmp_path, "fast", **setup)
+    fast.speculate = True
+    for r in (exact, fast):
+        _poison(r, {4})
+        r.run()
+    assert _records(fast) == _records(exact)
+    totals = json.loads((fast.run_dir.path / "summary.json").read_text())["totals"]
+    assert totals["failed"] == 1 and totals["failed_too_few"] == 1
+
+
+def test_positions_come_in_blocks_with_each_iterations_order():
+    block = role_blind_positions(3, 40, 5, 70)
+    for i in range(5):
+        order = role_blind_order(3, 40 + i, 70)
+        assert [order[p] for p in block[i].tolist()] == list(range(70))
+
+
+def test_graph_wrapper_on_the_cpu_is_the_estimator(tmp_path, mnist):
+    run = _run(tmp_path, "graphs", optimizer="saga", aggregator="mean", attack="none", **{"num-server-rounds": 9})
+    wrapped = GraphedEstimator(run.honest)
+    assert wrapped.fallback == "not on a CUDA device"
+    saved = run.honest.state_dict()
+    plain = [run.honest.step(run.x, t).clone() for t in (1, 2, 3)]
+    run.honest.load_state_dict(saved)
+    graphed = [wrapped.step(run.x, t).clone() for t in (1, 2, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
+    assert wrapped.last_iteration == 3 and wrapped.replays == 0
