@@ -36,6 +36,8 @@ class Key:
 
     def allowed(self) -> str:
         """The valid values in words, derived from the declaration (numbers are always finite)."""
+        if self.kind is bool:
+            return "true, false"
         noun = "an integer" if self.kind is int else "a finite number"
         shown = (lambda b: str(int(b))) if self.kind is int else (lambda b: f"{b:g}")
         bounds = []
