@@ -132,7 +132,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_results_dir() / "sweep"
     resolved = resolve({k: v for k, v in overrides.items()})
     ensure_dataset(resolved["dataset"], resolved["data-dir"] or None, log=print)
-    outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address)
+    outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address, backend=args.backend)
     if not args.no_report:
         from byzflower.report import write_report
 
@@ -204,7 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--out", default=None, help="sweep folder (default: <results-dir>/sweep); reruns skip finished runs"
     )
-    sweep.add_argument("--jobs", type=int, default=1, help="runs at once, through Ray (default 1: in this process)")
+    sweep.add_argument(
+        "--jobs", type=int, default=1, help="runs at once (default 1: in this process); on a GPU they share it"
+    )
+    sweep.add_argument(
+        "--backend",
+        choices=("auto", "ray", "processes"),
+        default="auto",
+        help="how --jobs runs them: Ray, local processes, or auto (Ray when installed)",
+    )
     sweep.add_argument("--ray-address", default=None, help="a Ray cluster to spread runs over (e.g. 'auto')")
     sweep.add_argument("--no-report", action="store_true", help="skip writing the table and figure at the end")
     sweep.set_defaults(func=_cmd_sweep)

@@ -3,13 +3,20 @@
 Runs go to ``<out>/<optimizer>-<aggregator>-<attack>/`` (run-name), so running the same sweep
 again skips the finished ones and resumes interrupted ones from their checkpoints. ``--jobs N``
 runs N at once through Ray (already a Flower dependency): on this machine, or across a Ray
-cluster given its address (the output folder must then be on storage every node sees).
+cluster given its address (the output folder must then be on storage every node sees); or, where
+Ray is not installed or ``backend='processes'``, in N local processes. On a GPU the N runs share
+it (each a 1/N share under Ray): a GPU iteration leaves the device mostly idle, so several runs
+fill it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import importlib.util
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -22,6 +29,7 @@ from typing import Any
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
 
 AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
+BACKENDS = ("auto", "ray", "processes")
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,65 @@ def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = F
         return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
 
 
+def _uses_gpu(overrides: dict[str, Any]) -> bool:
+    """Whether the sweep's runs will compute on this machine's GPU."""
+    device = overrides.get("device", "auto")
+    if device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
+    """(submit(config) -> handle, wait(handles) -> (handle, outcome) | None after 30 s) through Ray."""
+    import ray
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if ray_address is None else None
+    owns = not ray.is_initialized()
+    if owns:
+        ray.init(
+            address=ray_address,
+            num_cpus=None if ray_address else jobs,
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+        )
+    # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
+    remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0)(run_cell)
+
+    def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
+        ready, _ = ray.wait(handles, num_returns=1, timeout=30.0)
+        return (ready[0], ray.get(ready[0])) if ready else None
+
+    try:
+        yield (lambda config: remote.remote(config, threads, True)), wait
+    finally:
+        if owns:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _process_runs(jobs: int, ray_address: str | None, gpu: bool):
+    """The same through ``jobs`` local processes (spawned: each has its own CUDA context)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
+        ready, _ = concurrent.futures.wait(handles, timeout=30.0, return_when=concurrent.futures.FIRST_COMPLETED)
+        if not ready:
+            return None
+        handle = next(iter(ready))
+        return handle, handle.result()
+
+    try:
+        yield (lambda config: pool.submit(run_cell, config, threads, True)), wait
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _bar(done: int, total: int, started: float, width: int = 30) -> str:
     filled = int(width * done / total) if total else width
     elapsed = time.perf_counter() - started
@@ -150,8 +217,17 @@ def run_sweep(
     jobs: int = 1,
     ray_address: str | None = None,
     say: Callable[[str], None] | None = None,
+    backend: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``)."""
+    """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``).
+
+    ``backend`` (with jobs > 1): 'ray', 'processes' (local processes), or 'auto' (Ray when installed)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "ray" if ray_address or importlib.util.find_spec("ray") is not None else "processes"
+    if backend == "processes" and ray_address:
+        raise ConfigError("--ray-address needs backend 'ray' (or 'auto')")
     if say is None:
 
         def say(line: str) -> None:
@@ -171,35 +247,19 @@ def run_sweep(
             outcomes[cell.name] = run_cell(cell_config(cell, overrides, out))
             done += 1
     else:
-        import ray
-
-        cpus = os.cpu_count() or 1
-        threads = max(1, cpus // jobs) if ray_address is None else None
-        owns = not ray.is_initialized()
-        if owns:
-            ray.init(
-                address=ray_address,
-                num_cpus=None if ray_address else jobs,
-                include_dashboard=False,
-                log_to_driver=False,
-                ignore_reinit_error=True,
-                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-            )
-        remote = ray.remote(num_cpus=1)(run_cell)
-        try:
-            pending = {remote.remote(cell_config(c, overrides, out), threads, True): c for c in todo}
+        launch = _ray_runs if backend == "ray" else _process_runs
+        with launch(jobs, ray_address, _uses_gpu(overrides)) as (submit, wait):
+            pending = {submit(cell_config(c, overrides, out)): c for c in todo}
             while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=30.0)
-                if not ready:  # per-run progress, read from the runs' own records
+                ready = wait(list(pending))
+                if ready is None:  # per-run progress, read from the runs' own records
                     say(_bar(done, len(todo), started) + " | " + _progress(out, list(pending.values())))
                     continue
-                cell = pending.pop(ready[0])
-                outcomes[cell.name] = ray.get(ready[0])
+                handle, outcome = ready
+                cell = pending.pop(handle)
+                outcomes[cell.name] = outcome
                 done += 1
                 say(_bar(done, len(todo), started) + f" | {cell.name}: {outcomes[cell.name]['status']}")
-        finally:
-            if owns:
-                ray.shutdown()
     say(_bar(done, len(todo), started) + " | done")
     result = [outcomes[c.name] for c in cells]
     (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,9 +101,10 @@ def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
     assert (tmp_path / "sgd-mean-none" / "metrics.jsonl").stat().st_mtime_ns == before  # not rerun
 
 
-def test_parallel_sweep_through_ray(tmp_path):
+@pytest.mark.parametrize("backend", ["ray", "processes"])
+def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend):
     cells = grid(["sgd", "batch-sgd"], ["median"], ["ipm"])
-    outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None)
+    outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None, backend=backend)
     assert [o["status"] for o in outcomes] == ["finished", "finished"]
     sequential = tmp_path / "seq"
     run_sweep(cells[:1], _sweep_overrides(), sequential, say=lambda _: None)
@@ -112,6 +114,8 @@ def test_parallel_sweep_through_ray(tmp_path):
 
 
 def test_bad_sweep_arguments_are_clear():
+    with pytest.raises(ConfigError, match="backend='dask' is not valid; choose one of: auto, ray, processes"):
+        run_sweep(grid(["sgd"], ["mean"], ["none"]), {}, Path("unused"), jobs=2, backend="dask")
     with pytest.raises(ConfigError, match="--optimizer: 'adam' not valid; choose from: sgd, batch-sgd"):
         parse_axis("optimizer", "sgd,adam")
     with pytest.raises(ConfigError, match="--attack is empty"):
