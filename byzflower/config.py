@@ -29,6 +29,8 @@ class Key:
     positive: bool = False  # > 0
     maximum: float | None = None  # inclusive
     planned: tuple[str, ...] = ()  # choices named in the roadmap but not built yet
+    # besides the choices, values of this form are valid (checked further where they are used)
+    other: tuple[str, str] | None = None  # (regular expression, the form in words)
 
     @property
     def kind(self) -> type:
@@ -62,6 +64,8 @@ class Key:
 F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
 
 
+# 'package.module:attribute', as Flower names app components
+_IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 OPTIMIZERS = ("sgd", "batch-sgd", "saga", "svrg", "sarah")
 # The paper's step sizes and batch sizes (see the notebook's configs).
 OPTIMIZER_DEFAULTS = {
@@ -192,8 +196,11 @@ _KEYS = [
         "model",
         "mlp",
         "mlp: the paper's 784-50-10 tanh network; mlp-notebook: the authors' notebook network behind the "
-        "published numbers (tanh on the input, softmax before the cross-entropy); cnn: a small conv net.",
+        "published numbers (tanh on the input, softmax before the cross-entropy); cnn: a small conv net; "
+        "or your own: 'package.module:factory', called as factory(input_shape=(C, H, W), num_classes=K) "
+        "and returning an nn.Module that outputs logits.",
         choices=("mlp", "mlp-notebook", "cnn"),
+        other=(_IMPORT_PATH, "package.module:factory"),
     ),
     Key("dataset", "mnist", "Data set.", choices=("mnist", "fashion-mnist")),
     Key(
@@ -262,8 +269,9 @@ def _check_value(key: Key, value: Any) -> str | None:
                 f"{key.name}={value!r} is not available yet in this version of byzflower; "
                 f"available: {', '.join(key.choices)}"
             )
-        if value not in key.choices:
-            return f"{key.name}={value!r} is not valid; choose one of: {', '.join(key.choices)}"
+        if value not in key.choices and not (key.other and re.fullmatch(key.other[0], value)):
+            more = f", or {key.other[1]}" if key.other else ""
+            return f"{key.name}={value!r} is not valid; choose one of: {', '.join(key.choices)}{more}"
     if kind in (int, float) and not key.in_range(value):
         return f"{key.name}={value!r} is outside the allowed range: {key.allowed()}"
     return None
@@ -508,7 +516,7 @@ def markdown_table() -> str:
     for k in KEYS.values():
         default = f"'{k.default}'" if isinstance(k.default, str) else str(k.default).lower()
         if k.choices:
-            valid = ", ".join(k.choices)
+            valid = ", ".join(k.choices) + (f", or {k.other[1]}" if k.other else "")
         elif k.kind in (int, float):
             valid = k.allowed()
         else:

@@ -10,7 +10,7 @@ import torch
 from byzflower.config import ConfigError, RunConfig, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
-from byzflower.models import build_model
+from byzflower.models import ModelError, build_model
 from byzflower.results import default_results_dir
 from clients.estimators import SAGA, SARAH, SGD, SVRG, Allocator, Estimator
 from clients.gradients import ModelGradients
@@ -55,7 +55,13 @@ def preflight(cfg: RunConfig) -> None:
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but this machine shows no GPU; use device='auto' or 'cpu'")
     _check_writable(cfg)
-    samples = len(dataset_of(cfg).train_labels)
+    data = dataset_of(cfg)
+    if ":" in cfg["model"]:  # a user's model: importable and usable, checked before any work
+        try:
+            build_model(cfg["model"], int(cfg["seed"]), data.input_shape, data.spec.classes)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+    samples = len(data.train_labels)
     if cfg["num-honest"] > samples:
         raise ConfigError(
             f"num-honest={cfg['num-honest']} exceeds the {samples} training samples of {cfg['dataset']}: "

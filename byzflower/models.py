@@ -1,9 +1,12 @@
 """The models byzflower trains: the paper's MLP, the authors' notebook network, and a small CNN.
 
 ``mlp`` and ``cnn`` output logits; ``mlp-notebook`` outputs probabilities, on purpose (see its doc).
+Any other torch model plugs in as 'package.module:factory' (see ``build_model``).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
@@ -65,15 +68,58 @@ class CNN(nn.Module):
 MODELS = {"mlp": MLP, "mlp-notebook": NotebookMLP, "cnn": CNN}
 
 
+class ModelError(ValueError):
+    """A user's model cannot be used (not importable, not a module, or its samples not independent)."""
+
+
 def build_model(name: str, seed: int, input_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10) -> nn.Module:
-    """The model ``name`` with weights initialised from ``seed`` alone."""
-    if name not in MODELS:
-        raise ValueError(f"model={name!r} is not available; choose one of: {', '.join(MODELS)}")
+    """The model ``name`` (a built-in, or 'package.module:factory') with weights initialised from ``seed`` alone."""
+    if name not in MODELS and ":" not in name:
+        raise ValueError(
+            f"model={name!r} is not available; choose one of: {', '.join(MODELS)}, or package.module:factory"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
+        if ":" in name:
+            return _user_model(name, tuple(input_shape), classes)
         if name in ("mlp", "mlp-notebook"):
             in_features = 1
             for s in input_shape:
                 in_features *= s
             return MODELS[name](in_features, 50, classes)
         return CNN(input_shape[0], classes)
+
+
+def _user_model(name: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """``factory(input_shape=..., num_classes=...)`` from 'package.module:factory', checked: an
+    nn.Module, no batch statistics (per-sample gradients need samples that do not see each other),
+    and (n, classes) outputs for n samples."""
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module failing while it loads
+        raise ModelError(f"model={name!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelError(f"model={name!r}: {module_name!r} has no callable {attribute!r}")
+    model = factory(input_shape=input_shape, num_classes=classes)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model={name!r}: the factory returned {type(model).__name__}, not a torch nn.Module")
+    norms = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+    if norms:
+        raise ModelError(
+            f"model={name!r} has {', '.join(norms)} layers: batch statistics mix the samples of a batch, so "
+            "per-sample gradients are not defined; use GroupNorm or LayerNorm"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model={name!r} has no trainable parameters")
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, *input_shape, dtype=dtype))
+    model.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"model={name!r} maps 2 samples of shape {input_shape} to {shape}; it must output (n, {classes}) logits"
+        )
+    return model
