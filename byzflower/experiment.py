@@ -129,23 +129,19 @@ class Recorder:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to keep recording as if it had never stopped."""
+        interval = self.interval_state()
         return {
-            "variances": _floats(self._variances),
-            "counts": dict(self._counts),
-            "missing": sorted(self._missing),
-            "totals": dict(self.totals),
-            "latest": _plain(self._latest),
+            **interval,
+            "variances": _floats(interval["variances"]),
+            "missing": sorted(interval["missing"]),
+            "latest": _plain(interval["latest"]),
             "last_eval_iteration": self._last_eval_iteration,
             "elapsed": time.perf_counter() - self.started,
             "eval_seconds": self._eval_seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._variances = list(state["variances"])
-        self._counts = dict(state["counts"])
-        self._missing = set(state.get("missing", []))
-        self.totals = dict(state.get("totals", {}))
-        self._latest = dict(state["latest"])
+        self.load_interval_state({**state, "missing": state.get("missing", []), "totals": state.get("totals", {})})
         self._last_eval_iteration = int(state["last_eval_iteration"])
         self.started = time.perf_counter() - float(state["elapsed"])
         self._interval_start = time.perf_counter()
