@@ -23,8 +23,20 @@ from byzflower.config import resolve
 from byzflower.node import NodeWorkers
 from byzflower.node_state import remove_run_state, state_key
 from clients.attacks import HonestStats
+from strategies.messages import (
+    ARRAYS,
+    BYZANTINE,
+    CONFIG,
+    HONEST,
+    HONEST_COUNT,
+    PHASE,
+    REBUILD,
+    RESUME_FROM,
+    SERVER_ROUND,
+    STATS,
+    rows_content,
+)
 from strategies.npy import decode
-from strategies.strategy import _array
 
 app = ClientApp()
 
@@ -59,13 +71,7 @@ def _flat(arrays: ArrayRecord, names: list[str]) -> torch.Tensor:
 
 
 def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor) -> Message:
-    content = RecordDict(
-        {
-            "rows": ArrayRecord({"rows": _array(rows.detach().cpu().numpy().astype(np.float32, copy=False))}),
-            "workers": ConfigRecord({"ids": [int(w) for w in workers]}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return Message(rows_content(workers, rows.detach().cpu().numpy()), reply_to=msg)
 
 
 @app.query("discover")
@@ -86,15 +92,15 @@ def discover(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = node_for(context)
-    config = msg.content["config"]
-    phase = config.get("phase")
-    iteration = int(config["server-round"])
-    if phase == "honest":
-        if config.get("rebuild", False):  # this node (re)joined mid-run: its state is rebuilt at x
+    config = msg.content[CONFIG]
+    phase = config.get(PHASE)
+    iteration = int(config[SERVER_ROUND])
+    if phase == HONEST:
+        if config.get(REBUILD, False):  # this node (re)joined mid-run: its state is rebuilt at x
             node.rebuild()
-        elif int(config.get("resume-from", 0)):  # a resumed named run: the state of its checkpoint
-            node.restore(int(config["resume-from"]))
-        x = _flat(msg.content["arrays"], node.grads.names)
+        elif int(config.get(RESUME_FROM, 0)):  # a resumed named run: the state of its checkpoint
+            node.restore(int(config[RESUME_FROM]))
+        x = _flat(msg.content[ARRAYS], node.grads.names)
         workers, rows = list(node.honest), [node.honest_messages(x, iteration)]
         if node.byzantine and not node.omniscient:  # attacks that need no knowledge go in the same round
             workers += node.byzantine
@@ -103,12 +109,12 @@ def train(msg: Message, context: Context) -> Message:
         if node.cfg["run-name"] and every and iteration % every == 0:
             node.checkpoint(iteration)  # the server checkpoints this iteration too
         return rows_reply(msg, workers, torch.cat(rows))
-    if phase == "byzantine":
-        stats_record = msg.content["stats"]
+    if phase == BYZANTINE:
+        stats_record = msg.content[STATS]
         stats = HonestStats(
             torch.from_numpy(decode(stats_record["mean"]).copy()),
             torch.from_numpy(decode(stats_record["std"]).copy()),
-            int(config["honest-count"]),
+            int(config[HONEST_COUNT]),
         )
         return rows_reply(msg, node.byzantine, node.byzantine_messages(None, iteration, stats))
     raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")

@@ -23,8 +23,24 @@ from flwr.supercore.run import Run
 from byzflower.core import role_blind_order
 from byzflower.layout import Layout
 from clients.attacks import HonestStats
+from strategies.messages import (
+    ARRAYS,
+    BYZANTINE,
+    CONFIG,
+    GRADIENT,
+    HONEST,
+    HONEST_COUNT,
+    IDS,
+    PHASE,
+    REBUILD,
+    ROWS,
+    SERVER_ROUND,
+    STATS,
+    WORKERS,
+    array,
+    flat_to_arrays,
+)
 from strategies.npy import NUMPY_STYPE, npy_header
-from strategies.strategy import _array
 
 
 class HarnessError(RuntimeError):
@@ -79,7 +95,7 @@ def _pull(grid: Grid, ids: set[str], timeout: float | None) -> list[Message]:
     return replies
 
 
-def _poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+def poll(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
     """Push and wait for the replies."""
     return _pull(grid, set(_push(grid, messages)), timeout)
 
@@ -178,9 +194,7 @@ class Harness(Grid):
             return
         self._asked.update(new)
         query = [
-            Message(
-                RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover"
-            )
+            Message(RecordDict({CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover")
             for n in new
         ]
         sent = _push(self.grid, query)
@@ -280,12 +294,12 @@ class Harness(Grid):
         if self.timeout is not None:  # round-timeout bounds Flower's own (an hour by default)
             timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
-            return _poll(self.grid, messages, timeout)
+            return poll(self.grid, messages, timeout)
         self._replace_lost_nodes()
         anchor = messages[0]  # the strategy's instruction the built replies answer
-        config = anchor.content["config"]
-        iteration = int(config["server-round"])
-        template = anchor.content["arrays"]
+        config = anchor.content[CONFIG]
+        iteration = int(config[SERVER_ROUND])
+        template = anchor.content[ARRAYS]
         keys = list(template.keys())
         shapes = [tuple(template[k].shape) for k in keys]
         dim = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
@@ -301,8 +315,8 @@ class Harness(Grid):
                 expected[nid] = asked
                 # iteration 1 of a fresh run: whatever a node's disk holds (a named run's folder
                 # from an earlier run) is rebuilt at the initial model
-                phase_config = {**config, "phase": "honest", "rebuild": nid in self.rebuild or iteration == 1}
-                content = RecordDict({"arrays": template, "config": ConfigRecord(phase_config)})
+                phase_config = {**config, PHASE: HONEST, REBUILD: nid in self.rebuild or iteration == 1}
+                content = RecordDict({ARRAYS: template, CONFIG: ConfigRecord(phase_config)})
                 phase1.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
         self._exchange(phase1, expected, dim, timeout, rows, rejected)
         # A node that did not answer may have restarted (with authentication it keeps its node id):
@@ -316,10 +330,8 @@ class Harness(Grid):
             stats = HonestStats.of(honest)
             content = RecordDict(
                 {
-                    "stats": ArrayRecord({"mean": _array(stats.mean.numpy()), "std": _array(stats.std.numpy())}),
-                    "config": ConfigRecord(
-                        {"server-round": iteration, "phase": "byzantine", "honest-count": stats.count}
-                    ),
+                    STATS: ArrayRecord({"mean": array(stats.mean.numpy()), "std": array(stats.std.numpy())}),
+                    CONFIG: ConfigRecord({SERVER_ROUND: iteration, PHASE: BYZANTINE, HONEST_COUNT: stats.count}),
                 }
             )
             expected = {nid: byz for nid, (_, byz) in self.nodes.items() if byz}
@@ -327,7 +339,7 @@ class Harness(Grid):
             self._exchange(phase2, expected, dim, timeout, rows, rejected)
 
         order = [w for w in role_blind_order(self.seed, iteration, self.layout.num_workers) if w in rows]
-        out = [Message(RecordDict({"gradient": _as_arrays(rows[w], keys, shapes)}), reply_to=anchor) for w in order]
+        out = [Message(RecordDict({GRADIENT: flat_to_arrays(rows[w], keys, shapes)}), reply_to=anchor) for w in order]
         missing = sorted(set(range(self.layout.num_workers)) - set(rows))
         self.last_round = RoundRecord(
             iteration, honest, honest_ids, list(self.layout.byzantine_ids), order, missing, rejected
@@ -385,9 +397,9 @@ def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.
     of shape (len(asked), dim), checked from its header before any data is read; the data is
     then viewed in place, not copied."""
     try:
-        ids = [int(w) for w in reply.content["workers"]["ids"]]
-        array = reply.content["rows"]["rows"]
-        dtype, shape, data = np.dtype(array.dtype), tuple(int(s) for s in array.shape), array.data
+        ids = [int(w) for w in reply.content[WORKERS][IDS]]
+        record = reply.content[ROWS][ROWS]
+        dtype, shape, data = np.dtype(record.dtype), tuple(int(s) for s in record.shape), record.data
     except Exception:
         return None, "undecodable"
     if len(set(ids)) != len(ids):
@@ -399,17 +411,7 @@ def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.
     if shape != (len(ids), dim):
         return None, "wrong-shape"
     header = npy_header(dtype.str, shape)
-    if array.stype != NUMPY_STYPE or len(data) != len(header) + 4 * len(ids) * dim or not data.startswith(header):
+    if record.stype != NUMPY_STYPE or len(data) != len(header) + 4 * len(ids) * dim or not data.startswith(header):
         return None, "undecodable"
     block = np.frombuffer(data, dtype=np.float32, offset=len(header)).reshape(shape)
     return {w: block[i] for i, w in enumerate(ids)}, None
-
-
-def _as_arrays(row: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
-    """A flat row as an ArrayRecord shaped like the model (what RobustSGD expects)."""
-    record, offset = ArrayRecord(), 0
-    for key, shape in zip(keys, shapes, strict=True):
-        n = int(np.prod(shape, dtype=np.int64))
-        record[key] = _array(row[offset : offset + n].reshape(shape))
-        offset += n
-    return record

@@ -17,7 +17,7 @@ from byzflower.data import DataError
 from byzflower.engine import open_run
 from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
-from byzflower.harness import Harness, HarnessError, _poll
+from byzflower.harness import Harness, HarnessError, poll
 from byzflower.results import RunFolderError, status_of
 from strategies.strategy import RobustSGD
 
@@ -223,6 +223,6 @@ def _cleanup(grid: Grid) -> None:
             Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.cleanup")
             for n in grid.get_node_ids()
         ]
-        _poll(grid, msgs, 60.0)
+        poll(grid, msgs, 60.0)
     except Exception as exc:  # the run's outcome is already recorded; cleanup must not mask it
         log(ERROR, "[byzflower] cleanup failed: %s", exc)

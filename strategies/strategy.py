@@ -1,8 +1,9 @@
 """``RobustSGD``: a Flower Strategy that aggregates gradients with a robust rule and steps the model.
 
-Protocol (Flower Message API): the strategy sends each node the model as ``content["arrays"]``
-(an ArrayRecord) and ``content["config"]`` (with ``server-round``); a reply carries its gradient
-as ``content["gradient"]``, an ArrayRecord with the same keys and shapes as the model. Replies
+Protocol (Flower Message API, keys in ``strategies.messages``): the strategy sends each node the
+model as ``content["arrays"]`` (an ArrayRecord) and ``content["config"]`` (with ``server-round``); a
+reply carries its gradient as ``content["gradient"]``, an ArrayRecord with the same keys and shapes
+as the model. Replies
 are screened (errors, missing or mis-shaped gradients, NaN/Inf are dropped and counted), the
 rest are stacked into an (n, d) tensor, aggregated by the rule, and the model takes the step
 x <- x - lr * g. The math lives in ``strategies.aggregators``; this class only orchestrates.
@@ -15,21 +16,17 @@ from logging import ERROR, INFO
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from strategies.aggregators import Rule, make_rule
-from strategies.npy import NUMPY_STYPE, decode, npy_bytes
+from strategies.messages import ARRAYS, CONFIG, GRADIENT, RESUME_FROM, SERVER_ROUND, flat_to_arrays
+from strategies.npy import decode
 from strategies.step import server_step
 
 DROP_REASONS = ("error", "malformed", "nonfinite")
-
-
-def _array(a: np.ndarray) -> Array:
-    """A Flower Array of ``a`` (what ``Array(a)`` builds, without np.save's overhead)."""
-    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype=NUMPY_STYPE, data=npy_bytes(a))
 
 
 class RobustSGD(Strategy):
@@ -69,20 +66,14 @@ class RobustSGD(Strategy):
         self._point = torch.from_numpy(flat).to(self.device)
 
     def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
-        flat = x.detach().cpu().numpy()
-        out, offset = {}, 0
-        for key, shape in zip(self._keys, self._shapes, strict=True):
-            n = int(np.prod(shape, dtype=np.int64))
-            out[key] = _array(flat[offset : offset + n].reshape(shape))
-            offset += n
-        return ArrayRecord(out)
+        return flat_to_arrays(x.detach().cpu().numpy(), self._keys, self._shapes)
 
     def gradient_of(self, reply: Message, out: np.ndarray | None = None) -> tuple[np.ndarray | None, str]:
         """The reply's flat gradient (written into ``out`` if given), or (None, reason) to drop it."""
         if reply.has_error():
             return None, "error"
         try:
-            record = reply.content.array_records.get("gradient")
+            record = reply.content.array_records.get(GRADIENT)
             if record is None or list(record.keys()) != self._keys:
                 return None, "malformed"
             parts = [decode(record[k]) for k in self._keys]
@@ -106,10 +97,10 @@ class RobustSGD(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._load(arrays)
-        config = ConfigRecord({**config, "server-round": server_round + self.round_offset})
+        config = ConfigRecord({**config, SERVER_ROUND: server_round + self.round_offset})
         if server_round == 1 and self.round_offset:
-            config["resume-from"] = self.round_offset  # nodes put back their state of that iteration
-        content = RecordDict({"arrays": arrays, "config": config})
+            config[RESUME_FROM] = self.round_offset  # nodes put back their state of that iteration
+        content = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [
             Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN) for node in grid.get_node_ids()
         ]

@@ -22,3 +22,10 @@ def test_strategies_package_loads_the_flower_strategy_lazily():
     import strategies
 
     assert strategies.RobustSGD.__name__ == "RobustSGD"
+
+
+def test_the_local_engine_imports_no_flower():
+    """The in-process engine (and the GPU path under it) runs where only torch is installed."""
+    for module in ("byzflower.engine", "byzflower.core", "clients.graphs", "strategies.step"):
+        mods = _imported_after(module)
+        assert not any(m == "flwr" or m.startswith("flwr.") or m == "ray" for m in mods), module

@@ -1,0 +1,54 @@
+"""The message format shared by byzflower's ServerApp (its harness), its ClientApp and ``RobustSGD``.
+
+Records (Flower Message API), by direction:
+
+- server -> node, ``train``: ``content[ARRAYS]`` the model (an ArrayRecord), ``content[CONFIG]`` a
+  ConfigRecord with ``SERVER_ROUND`` and ``PHASE`` (``HONEST``: compute the workers' messages;
+  ``BYZANTINE``: the omniscient attack, with the honest messages' statistics in ``content[STATS]``,
+  arrays "mean" and "std", and ``HONEST_COUNT``);
+- node -> server: ``content[ROWS][ROWS]`` one (k, d) float32 array and ``content[WORKERS][IDS]`` the k
+  worker ids of its rows (``rows_content``);
+- harness -> strategy: one reply per worker, ``content[GRADIENT]`` an ArrayRecord shaped like the
+  model (``flat_to_arrays``).
+
+Arrays travel as ``.npy`` bytes (``strategies.npy``); no other encoding is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from strategies.npy import NUMPY_STYPE, npy_bytes
+
+ARRAYS, CONFIG, GRADIENT, STATS = "arrays", "config", "gradient", "stats"
+ROWS, WORKERS, IDS = "rows", "workers", "ids"
+PHASE, HONEST, BYZANTINE = "phase", "honest", "byzantine"
+SERVER_ROUND, HONEST_COUNT = "server-round", "honest-count"
+REBUILD = "rebuild"  # the node (re)joined mid-run: rebuild its workers' state at the model
+RESUME_FROM = "resume-from"  # a resumed run: put back the workers' state of this iteration
+
+
+def array(a: np.ndarray) -> Array:
+    """A Flower Array of ``a`` (what ``Array(a)`` builds, without np.save's overhead)."""
+    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype=NUMPY_STYPE, data=npy_bytes(a))
+
+
+def flat_to_arrays(flat: np.ndarray, keys: list[str], shapes: list[tuple[int, ...]]) -> ArrayRecord:
+    """A flat (d,) vector as an ArrayRecord with the model's keys and shapes."""
+    record, offset = ArrayRecord(), 0
+    for key, shape in zip(keys, shapes, strict=True):
+        n = int(np.prod(shape, dtype=np.int64))
+        record[key] = array(flat[offset : offset + n].reshape(shape))
+        offset += n
+    return record
+
+
+def rows_content(workers: list[int], rows: np.ndarray) -> RecordDict:
+    """A node's reply: its workers' ids and their (k, d) messages, as float32."""
+    return RecordDict(
+        {
+            ROWS: ArrayRecord({ROWS: array(rows.astype(np.float32, copy=False))}),
+            WORKERS: ConfigRecord({IDS: [int(w) for w in workers]}),
+        }
+    )
