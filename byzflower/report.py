@@ -1,9 +1,9 @@
 """Paper-style reports from run folders: Table I (final test accuracy) and the figures.
 
 Table: rows are attacks, columns optimizer x aggregator, cells the final test accuracy (as in the
-paper's Table I). Figure: one column of panels per attack; rows test accuracy, train loss (log
-scale) and variance of the honest messages (log scale) against iterations; one line per
-optimizer + aggregator.
+paper's Table I), and the same cells beside the paper's own numbers with the difference. Figure:
+one column of panels per attack; rows test accuracy, train loss (log scale) and variance of the
+honest messages (log scale) against iterations; one line per optimizer + aggregator.
 """
 
 from __future__ import annotations
@@ -97,6 +97,88 @@ def csv_text(attacks: list[str], columns: list[str], cells: dict) -> str:
     return buf.getvalue()
 
 
+# The paper's Table I (Wu et al. 2020): final test accuracy in %, 50 + 20 workers, 15,000 iterations.
+PAPER_TABLE_I: dict[str, dict[str, float]] = {
+    "none": {
+        "sgd mean": 97.0,
+        "sgd gm": 92.3,
+        "batch-sgd mean": 98.6,
+        "batch-sgd gm": 98.0,
+        "saga mean": 96.5,
+        "saga gm": 96.3,
+    },
+    "gaussian": {
+        "sgd mean": 36.3,
+        "sgd gm": 92.5,
+        "batch-sgd mean": 36.3,
+        "batch-sgd gm": 98.0,
+        "saga mean": 14.5,
+        "saga gm": 96.4,
+    },
+    "sign-flip": {
+        "sgd mean": 0.11,
+        "sgd gm": 0.03,
+        "batch-sgd mean": 0.16,
+        "batch-sgd gm": 90.3,
+        "saga mean": 0.12,
+        "saga gm": 86.4,
+    },
+    "zero-gradient": {
+        "sgd mean": 9.94,
+        "sgd gm": 26.2,
+        "batch-sgd mean": 9.89,
+        "batch-sgd gm": 81.5,
+        "saga mean": 9.88,
+        "saga gm": 92.4,
+    },
+}
+
+
+def beside_paper(runs: list[Run]) -> str | None:
+    """Markdown: each of the paper's Table I cells that the runs cover, as 'ours (paper, difference)' in
+    percentage points; None when no run is one of its cells. A line above the table says which model,
+    data set, workers and iterations the runs used, so settings other than the paper's show."""
+    ours: dict[tuple[str, str], float | str] = {}
+    for run in runs:
+        attack, column = run.config["attack"], run.column
+        if column in PAPER_TABLE_I.get(attack, {}):
+            acc = run.final_accuracy
+            ours[(attack, column)] = acc * 100 if acc is not None else run.status
+    if not ours:
+        return None
+    attacks = [a for a in PAPER_TABLE_I if any(k[0] == a for k in ours)]
+    columns = [c for c in PAPER_TABLE_I["none"] if any(k[1] == c for k in ours)]
+    settings = sorted(
+        {
+            f"model {r.config.get('model')}, {r.config.get('dataset')}, {r.config.get('num-honest')} + "
+            f"{r.config.get('num-byzantine')} workers, {r.config.get('num-server-rounds')} iterations, "
+            f"seed {r.config.get('seed')}"
+            for r in runs
+            if (r.config["attack"], r.column) in ours
+        }
+    )
+    lines = [
+        "Final test accuracy in %: ours (the paper's Table I, ours minus the paper's in points). Runs: "
+        + "; ".join(settings)
+        + ".",
+        "",
+        "| attack | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for attack in attacks:
+        cells = []
+        for column in columns:
+            value, paper = ours.get((attack, column)), PAPER_TABLE_I[attack][column]
+            if value is None:
+                cells.append(f"- ({paper:g})")
+            elif isinstance(value, str):
+                cells.append(f"{value} ({paper:g})")
+            else:
+                cells.append(f"{value:.2f} ({paper:g}, {value - paper:+.1f})")
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure(runs: list[Run], path: Path) -> None:
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
     panels = [
@@ -131,7 +213,8 @@ def figure(runs: list[Run], path: Path) -> None:
 
 
 def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
-    """Write table.md, table.csv and figure.png into ``out`` (default: the first folder)."""
+    """Write table.md, table.csv, figure.png and, when the runs cover cells of the paper's Table I,
+    paper.md (``beside_paper``) into ``out`` (default: the first folder)."""
     runs = collect(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -140,4 +223,8 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     paths["markdown"].write_text(markdown(attacks, columns, cells))
     paths["csv"].write_text(csv_text(attacks, columns, cells))
     figure(runs, paths["figure"])
+    compared = beside_paper(runs)
+    if compared is not None:
+        paths["paper"] = out / "paper.md"
+        paths["paper"].write_text(compared)
     return paths

@@ -140,6 +140,27 @@ def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished"):
     (folder / "summary.json").write_text(json.dumps({"status": status}))
 
 
+def test_the_report_sets_each_cell_beside_the_papers_table_one(tmp_path):
+    from byzflower.report import PAPER_TABLE_I, beside_paper
+
+    _fake_run(tmp_path, "saga", "gm", "zero-gradient", 0.5427)
+    _fake_run(tmp_path, "sgd", "mean", "none", 0.969)
+    _fake_run(tmp_path, "sgd", "gm", "none", 0.5, status="failed")
+    _fake_run(tmp_path, "saga", "krum", "none", 0.9)  # not a cell of the paper's table
+    text = beside_paper(collect([tmp_path]))
+    rows = text.splitlines()
+    assert rows[2:] == [
+        "| attack | sgd mean | sgd gm | saga gm |",
+        "|---|---|---|---|",
+        "| none | 96.90 (97, -0.1) | failed (92.3) | - (96.3) |",
+        "| zero-gradient | - (9.94) | - (26.2) | 54.27 (92.4, -38.1) |",
+    ]
+    assert rows[0].startswith("Final test accuracy in %: ours (the paper's Table I")
+    assert PAPER_TABLE_I["sign-flip"]["batch-sgd gm"] == 90.3 and len(PAPER_TABLE_I) == 4
+    assert beside_paper([r for r in collect([tmp_path]) if r.column == "saga krum"]) is None
+    assert write_report([tmp_path], tmp_path / "out")["paper"].read_text() == text
+
+
 def test_report_table_is_laid_out_like_the_papers_table_one(tmp_path):
     _fake_run(tmp_path, "saga", "gm", "gaussian", 0.91)
     _fake_run(tmp_path, "sgd", "mean", "gaussian", 0.12)
