@@ -306,27 +306,39 @@ def partition(
     """Indices of the training samples of each partition, by a flwr-datasets partitioner.
 
     The split is a pure function of its arguments, so every node computes the same one; it is
-    cached in the data folder because building it takes seconds.
+    cached in the data folder because building it takes seconds. The cache records the
+    flwr-datasets version that made it: a different installed version recomputes it, and a machine
+    without flwr-datasets (a GPU box with torch alone) uses the recorded split as it is.
     """
-    # The version keys the cache; reading it from the package metadata instead of importing
-    # flwr_datasets saves ~3 s in every deployment ClientApp process (one per message).
-    version = importlib.metadata.version("flwr-datasets")
+    # Read from the package metadata instead of importing flwr_datasets: saves ~3 s in every
+    # deployment ClientApp process (one per message).
+    try:
+        version: str | None = importlib.metadata.version("flwr-datasets")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
     labels = load_dataset(dataset, data_dir).train_labels
-    args = [dataset, len(labels), num_partitions, partitioner, seed, pathological_classes, version]
+    args = [dataset, len(labels), num_partitions, partitioner, seed, pathological_classes]
     if partitioner == "dirichlet":
         args.append(float(dirichlet_alpha))
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
     cache = ensure_dataset(dataset, data_dir or None) / "partitions" / f"{partitioner}-{num_partitions}-{key}.npz"
     try:
         with np.load(cache) as z:
-            return tuple(np.split(z["indices"], z["offsets"][1:-1]))
+            if version is None or str(z["version"]) == version:
+                return tuple(np.split(z["indices"], z["offsets"][1:-1]))
     except (OSError, KeyError, ValueError):
         pass
+    if version is None:
+        raise DataError(
+            f"partitioner={partitioner!r} needs flwr-datasets (pip install flwr-datasets) to split {dataset} into "
+            f"{num_partitions} partitions, or the split cached by a machine that has it: copy {cache.name} into "
+            f"{cache.parent}"
+        )
     parts = partition_labels(labels, num_partitions, partitioner, seed, dirichlet_alpha, pathological_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
     offsets = np.cumsum([0, *(len(p) for p in parts)])
-    np.savez(tmp, indices=np.concatenate(parts), offsets=offsets)
+    np.savez(tmp, indices=np.concatenate(parts), offsets=offsets, version=np.array(version))
     tmp.replace(cache)
     return parts
 

@@ -80,6 +80,45 @@ def test_partitions_cover_the_train_set_once_and_are_seeded(mnist, partitioner):
         assert max(sizes) > 1.5 * min(sizes)  # skewed, unlike iid
 
 
+def test_a_machine_without_flwr_datasets_reads_the_cached_split(mnist, monkeypatch):
+    """The cache records the flwr-datasets version that made it: without the package (torch-only GPU
+    machines) the recorded split is used; another installed version recomputes it; with neither
+    package nor cache the error says what to do."""
+    import importlib.metadata
+
+    D.partition.cache_clear()
+    made = D.partition("mnist", "", 9, "iid", 13)
+    files = list((D.ensure_dataset("mnist") / "partitions").glob("iid-9-*.npz"))
+    assert len(files) == 1
+    with np.load(files[0]) as z:
+        assert str(z["version"]) == importlib.metadata.version("flwr-datasets")
+    real = importlib.metadata.version
+
+    def missing(name):
+        if name == "flwr-datasets":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    monkeypatch.setattr(D, "partition_labels", lambda *a, **k: pytest.fail("recomputed without flwr-datasets"))
+    D.partition.cache_clear()
+    read = D.partition("mnist", "", 9, "iid", 13)
+    assert all(np.array_equal(x, y) for x, y in zip(made, read, strict=True))
+    D.partition.cache_clear()
+    with pytest.raises(D.DataError, match=r"needs flwr-datasets \(pip install flwr-datasets\).*copy iid-9-"):
+        D.partition("mnist", "", 9, "iid", 14)  # another seed: no cached split
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.0.0-other" if name == "flwr-datasets" else real(name)
+    )
+    monkeypatch.setattr(D, "partition_labels", lambda *a, **k: made)
+    D.partition.cache_clear()
+    D.partition("mnist", "", 9, "iid", 13)  # another version: recomputed (here, the stub) and re-recorded
+    with np.load(files[0]) as z:
+        assert str(z["version"]) == "0.0.0-other"
+    files[0].unlink()  # the next real use recomputes it with the installed version
+    D.partition.cache_clear()
+
+
 def test_partition_is_cached_on_disk(mnist):
     D.partition.cache_clear()
     a = D.partition("mnist", "", 7, "iid", 11)
