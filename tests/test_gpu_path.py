@@ -153,3 +153,33 @@ def test_graph_wrapper_on_the_cpu_is_the_estimator(tmp_path, mnist):
     graphed = [wrapped.step(run.x, t).clone() for t in (1, 2, 3)]
     assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
     assert wrapped.last_iteration == 3 and wrapped.replays == 0
+
+
+class _Refusing:
+    """A rule that raises on non-finite messages (as a rule may): the blind round must fall back."""
+
+    def __init__(self, rule) -> None:
+        self.rule, self.refused = rule, 0
+
+    def __getattr__(self, name):
+        return getattr(self.rule, name)
+
+    def __call__(self, messages):
+        if not torch.isfinite(messages).all():
+            self.refused += 1
+            raise ValueError("non-finite messages")
+        return self.rule(messages)
+
+
+def test_a_rule_that_raises_on_the_blind_round_gets_the_exact_round(tmp_path, mnist):
+    setup = {"optimizer": "sgd", "aggregator": "median", "attack": "sign-flip", "num-server-rounds": 12}
+    exact, fast = _run(tmp_path, "exact", **setup), _run(tmp_path, "fast", **setup)
+    fast.speculate = True
+    fast.rule = _Refusing(fast.rule)
+    for r in (exact, fast):
+        _poison(r, {6})
+        r.run()
+    assert fast.rule.refused == 1  # the blind round raised once; the exact replay screened the rows first
+    assert _records(fast) == _records(exact)
+    totals = json.loads((fast.run_dir.path / "summary.json").read_text())["totals"]
+    assert totals["dropped_nonfinite"] == 2
