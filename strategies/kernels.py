@@ -68,19 +68,6 @@ def _sketch(messages: torch.Tensor) -> torch.Tensor:
     return messages[:, : runs * step].reshape(n, runs, step)[:, :, :width].reshape(n, -1).to(torch.float64)
 
 
-def sketch_center(messages: torch.Tensor) -> tuple[int, bool]:
-    """(medoid index, whether centring pays) from a coordinate sketch, in float64: a cheap first
-    guess only. ``centered_gram`` checks it on all coordinates, so an attacker who knows which
-    coordinates are sketched gains nothing by crafting them.
-
-    The medoid (smallest sum of sketched distances to the others) lies inside the honest cluster
-    whenever most messages are honest. Centring at it is worth its pass over the messages when the
-    messages share a common part: when their squared norms are over 4x their squared distances
-    to the medoid, an uncentred Gram matrix would resolve distances more than 4x (2 bits) worse.
-    """
-    return _center_of(*_sketch_distances(messages))
-
-
 def _sketch_distances(messages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(squared norms (n,), pairwise squared distances (n, n)) of the sketch, float64, on the messages' device."""
     s = _sketch(messages)
@@ -88,39 +75,37 @@ def _sketch_distances(messages: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return sq, (sq[:, None] + sq[None, :] - 2.0 * (s @ s.T)).clamp_min_(0.0)
 
 
-def _center_of(sq: torch.Tensor, d2: torch.Tensor) -> tuple[int, bool]:
-    medoid = int(torch.argmin(d2.sqrt().sum(dim=1)))
-    return medoid, bool(sq.median() > 4.0 * d2[medoid].median())
+def _survey(messages: torch.Tensor) -> tuple[float, int, bool]:
+    """(max |m_ij|, medoid index, whether centring pays), from one read of the device: a GPU is
+    waited for once, not once per figure.
 
-
-def _survey(messages: torch.Tensor) -> tuple[float, tuple[int, bool]]:
-    """(max |m_ij|, the sketch's centre as ``sketch_center`` gives it) from one read of the device:
-    a GPU is waited for once, not once per figure."""
+    The medoid (smallest sum of sketched distances to the others, in float64) is a cheap first
+    guess only: ``centered_gram`` checks it on all coordinates, so an attacker who knows which
+    coordinates are sketched gains nothing by crafting them. It lies inside the honest cluster
+    whenever most messages are honest. Centring at it is worth its pass over the messages when the
+    messages share a common part: when their squared norms are over 4x their squared distances
+    to the medoid, an uncentred Gram matrix would resolve distances more than 4x (2 bits) worse.
+    """
     n = messages.shape[0]
+    if n == 0:
+        return 0.0, 0, False
     lo, hi = torch.aminmax(messages)
     parts = [torch.stack([lo, hi]).to(torch.float64)]
     if n > 2:
-        sq, d2 = _sketch_distances(messages)
-        parts += [sq, d2.reshape(-1)]
+        parts += [t.reshape(-1) for t in _sketch_distances(messages)]
     host = torch.cat(parts).cpu()
     top = max(-float(host[0]), float(host[1]))
     if n <= 2:
-        return top, (0, False)
-    return top, _center_of(host[2 : 2 + n], host[2 + n :].view(n, n))
+        return top, 0, False
+    sq, d2 = host[2 : 2 + n], host[2 + n :].view(n, n)
+    medoid = int(torch.argmin(d2.sqrt().sum(dim=1)))
+    return top, medoid, bool(sq.median() > 4.0 * d2[medoid].median())
 
 
-def magnitude(messages: torch.Tensor) -> float:
-    """max |m_ij| in one pass, without a temporary."""
-    lo, hi = torch.aminmax(messages)
-    return max(-float(lo), float(hi))
-
-
-def _work_format(messages: torch.Tensor, top: float | None = None) -> tuple[torch.dtype, float]:
-    """(dtype of the product, power-of-2 scale) such that no centred squared norm can overflow
-    (``top``: the messages' magnitude when already known)."""
+def _work_format(messages: torch.Tensor, top: float) -> tuple[torch.dtype, float]:
+    """(dtype of the product, power-of-2 scale) such that no centred squared norm of messages of
+    magnitude ``top`` (max |m_ij|) can overflow."""
     d = max(messages.shape[1], 1)
-    if top is None:
-        top = magnitude(messages) if messages.numel() else 0.0
 
     def bound(dtype: torch.dtype) -> float:
         return math.sqrt(torch.finfo(dtype).max / (16.0 * d))
@@ -183,10 +168,7 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     The product runs in the messages' dtype unless their magnitude could overflow it.
     """
     n, d = messages.shape
-    if n:
-        top, (center, worth) = _survey(messages)
-    else:
-        top, (center, worth) = 0.0, (0, False)
+    top, center, worth = _survey(messages)
     dtype, scale = _work_format(messages, top)
     center = center if worth else -1
     g = _raw_gram(messages, center, dtype, scale)
@@ -297,14 +279,9 @@ def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram) -> torch.Tens
     if gram.wide:
         a = torch.from_numpy(alpha).to(device=messages.device)
         return (a @ messages.to(torch.float64)).to(messages.dtype)
-    if reads_are_free(messages):
-        a = torch.from_numpy(alpha).to(dtype=messages.dtype)
-        lost = float(alpha.sum()) - float(a.double().sum())
-    else:  # the same figures from the host's copy: the device is not waited for
-        cast = alpha.astype(torch.empty((), dtype=messages.dtype).numpy().dtype)
-        lost = float(alpha.sum()) - float(cast.astype(np.float64).sum())
-        a = torch.from_numpy(cast).to(device=messages.device)
-    out = a @ messages
+    a = torch.from_numpy(alpha).to(dtype=messages.dtype)  # cast on the host: the lost weight needs no device read
+    lost = float(alpha.sum()) - float(a.double().sum())
+    out = a.to(messages.device) @ messages
     if lost:
         pivot = gram.center if gram.center >= 0 else int(np.argmax(np.abs(alpha)))
         out.add_(messages[pivot], alpha=lost)
@@ -322,12 +299,11 @@ def safe_mean(messages: torch.Tensor) -> torch.Tensor:
     """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
     (a mean of finite values is always representable)."""
     out = messages.mean(dim=0)
-    if not reads_are_free(out):
-        ok = torch.isfinite(out).all()
-        return torch.where(ok, out, messages.mean(dim=0, dtype=torch.float64).to(messages.dtype))
-    if bool(torch.isfinite(out).all()):
+    ok = torch.isfinite(out).all()
+    if reads_are_free(out) and bool(ok):
         return out
-    return messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
+    wide = messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
+    return wide if reads_are_free(out) else torch.where(ok, out, wide)
 
 
 def krum_scores(d2: torch.Tensor, f: int) -> torch.Tensor:
