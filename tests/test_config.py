@@ -110,6 +110,9 @@ def test_types_are_checked():
     assert "optimizer=3 must be a quoted string" in _problems({"optimizer": 3})
     assert "lr='fast' must be a number" in _problems({"lr": "fast"})
     assert resolve({"lr": 1})["lr"] == 1.0  # an integer is a fine number
+    assert "cuda-graphs='yes' must be true or false" in _problems({"cuda-graphs": "yes"})
+    assert "cuda-graphs=1 must be true or false" in _problems({"cuda-graphs": 1})
+    assert resolve({"cuda-graphs": False})["cuda-graphs"] is False
 
 
 def test_every_problem_is_reported_at_once():
