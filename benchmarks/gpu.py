@@ -11,14 +11,20 @@ nothing, but the count is the same code path's, so it shows what a GPU run would
 ``--check`` also runs the same iterations on CPU and on the GPU from the same start and prints the
 largest difference of the model and of the per-iteration figures (relative to their scale).
 ``--full N`` times a whole N-iteration run (evaluations and records included) with ``run_local``.
+``--host N`` profiles N steady-state iterations with cProfile and prints where the host's time goes
+(the functions with the most time of their own, in ms per iteration), since on a GPU the host is
+what the iteration waits for.
 
-Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check] [--full 15000]
+Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check 30] [--full 15000]
+       [--host 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -105,6 +111,19 @@ def profiled(run: LocalRun, first: int, count: int) -> dict[str, float]:
     }
 
 
+def host_profile(run: LocalRun, first: int, count: int, top: int = 12) -> list[tuple[str, float]]:
+    """(function, ms of its own per iteration) for the ``top`` functions, over ``count`` iterations."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for t in range(first, first + count):
+        run.step(t)
+    synchronize(run.cfg["device"])
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, prim calls, tottime, cumtime, callers)
+    rows = sorted(((f"{Path(k[0]).name}:{k[2]}", v[2] * 1000 / count) for k, v in stats.items()), key=lambda r: -r[1])
+    return rows[:top]
+
+
 def check(setup: dict, iterations: int) -> dict[str, float]:
     """Largest differences between CPU and GPU after the same iterations from the same start."""
     runs = {d: build(setup, d, iterations + 1) for d in ("cpu", "cuda")}
@@ -130,6 +149,7 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=30, help="profiled iterations per setup")
     p.add_argument("--check", type=int, default=0, help="iterations of the CPU/GPU equality check (0: skip)")
     p.add_argument("--full", type=int, default=0, help="time a whole run of this many iterations per device")
+    p.add_argument("--host", type=int, default=0, help="cProfile this many iterations per setup (0: skip)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args()
     devices = args.devices.split(",")
@@ -144,7 +164,7 @@ def main() -> None:
     for name in setups:
         for device in devices:
             warm = 5
-            run = build(SETUPS[name], device, warm + args.iterations + args.profile + 1)
+            run = build(SETUPS[name], device, warm + args.iterations + args.profile + args.host + 1)
             timed(run, 1, warm)  # the first iteration fills SAGA's table
             ms = timed(run, warm + 1, args.iterations) * 1000
             try:
@@ -156,12 +176,16 @@ def main() -> None:
             if graphs is not None and device != "cpu":
                 print(f"  (CUDA graphs not used: {graphs})")
             row = {"setup": name, "device": device, "ms_per_iteration": ms, **prof}
+            if args.host:
+                row["host"] = host_profile(run, warm + args.iterations + args.profile + 1, args.host)
             rows.append(row)
             print(
                 f"{name:32} {device:6} {ms:8.3f} {prof['busy_ms']:8.3f} {prof['launches']:7.1f} "
                 f"{prof['syncs']:6.1f} {prof['scalar_reads']:6.1f} {prof['h2d']:5.1f}",
                 flush=True,
             )
+            for fn, ms_own in row.get("host", []):
+                print(f"    host {ms_own:7.3f} ms/it  {fn}")
     if len(devices) > 1:
         print("\nspeed-up of", devices[1], "over", devices[0])
         for name in setups:

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(f"interrupted: {exc or 'Ctrl-C'}", file=sys.stderr)
+        print(f"interrupted: {str(exc) or 'Ctrl-C'}", file=sys.stderr)
         return 130
 
 

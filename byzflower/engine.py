@@ -152,7 +152,8 @@ class LocalRun:
                 bad = self.poisoned.step(self.x, t)
             else:
                 known = stats if self.attack.omniscient else None
-                bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim).to(honest)
+                bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim)
+                bad = bad.to(device=honest.device, dtype=honest.dtype, non_blocking=True)
                 if self.speculate:  # a GPU outruns the host's draws: start the next iteration's now
                     self.attack.prefetch(self.byzantine_ids, t + 1, self.grads.dim)
             everything.index_copy_(0, position.index_select(0, self._byzantine_rows), bad)

@@ -18,6 +18,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -93,8 +94,40 @@ def status_of(out: Path, cell: Cell) -> str | None:
     return None
 
 
+_STOP: Any = None  # in a sweep's worker process: the parent's "stop" event
+
+
+def _pooled_worker(stop: Any) -> None:
+    """A sweep's worker process ignores Ctrl-C while it waits for a run (the terminal sends it to
+    the whole process group, and the parent stops the sweep); during a run the first SIGINT
+    interrupts the run, which records itself as interrupted, and later ones are ignored so that
+    record is written whole."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run one cell with the local engine; never raises (a failure is recorded and returned)."""
+    if _STOP is None:
+        return _run_cell(config, threads, quiet)
+    if _STOP.is_set():  # queued before the sweep was stopped
+        return {"name": config["run-name"], "status": "not started"}
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        return _run_cell(config, threads, quiet)
+    except KeyboardInterrupt:
+        return {"name": config["run-name"], "status": "interrupted"}
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_cell(config: dict[str, Any], threads: int | None, quiet: bool) -> dict[str, Any]:
     import torch
 
     from byzflower.engine import run_local
@@ -174,7 +207,11 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
 def _process_runs(jobs: int, ray_address: str | None, gpu: bool):
     """The same through ``jobs`` local processes (spawned: each has its own CUDA context)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_pooled_worker, initargs=(stop,)
+    )
 
     def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
         ready, _ = concurrent.futures.wait(handles, timeout=30.0, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -185,6 +222,14 @@ def _process_runs(jobs: int, ray_address: str | None, gpu: bool):
 
     try:
         yield (lambda config: pool.submit(run_cell, config, threads, True)), wait
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error): runs already handed to a worker must not start, and
+        # running ones are interrupted (they record it; a later sweep resumes them).
+        stop.set()
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGINT)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,6 +56,19 @@ class Gram:
     eps: float  # relative rounding of one Gram entry: pairs with d2 below eps * max(G_ii, G_jj) are equal
     wide: bool = False
     scale: float = 1.0
+    # (G, pair squared distances, row medians (lower, mean of the middle two)) as numpy, formed
+    # once for the host-side rules; not an init field, so a replaced matrix (NNM) starts afresh.
+    _host: tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def host(self) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(G (n, n), squared distances (n, n) unthresholded, row medians (lower, middle)) float64 numpy."""
+        if self._host is None:
+            g = self.matrix.numpy()
+            d2 = _pair_distances_np(g)
+            self._host = (g, d2, _row_medians(d2))
+        return self._host
 
 
 def _sketch(messages: torch.Tensor) -> torch.Tensor:
@@ -93,13 +106,35 @@ def _survey(messages: torch.Tensor) -> tuple[float, int, bool]:
     parts = [torch.stack([lo, hi]).to(torch.float64)]
     if n > 2:
         parts += [t.reshape(-1) for t in _sketch_distances(messages)]
-    host = torch.cat(parts).cpu()
+    host = torch.cat(parts).cpu().numpy()
     top = max(-float(host[0]), float(host[1]))
     if n <= 2:
         return top, 0, False
-    sq, d2 = host[2 : 2 + n], host[2 + n :].view(n, n)
-    medoid = int(torch.argmin(d2.sqrt().sum(dim=1)))
-    return top, medoid, bool(sq.median() > 4.0 * d2[medoid].median())
+    sq, d2 = host[2 : 2 + n], host[2 + n :].reshape(n, n)
+    medoid = int(np.argmin(np.sqrt(d2).sum(axis=1)))
+    return top, medoid, bool(_lower_median(sq) > 4.0 * _lower_median(d2[medoid]))
+
+
+def _lower_median(v: np.ndarray) -> float:
+    """The lower middle value of a 1-d array (torch's ``median``)."""
+    k = (v.shape[0] - 1) // 2
+    return float(np.partition(v, k)[k])
+
+
+def _row_medians(d2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (lower middle value, numpy's median), from one partial sort."""
+    n = d2.shape[1]
+    lo, hi = (n - 1) // 2, n // 2
+    part = np.partition(d2, (lo, hi) if hi > lo else (lo,), axis=1)
+    return part[:, lo], (part[:, lo] + part[:, hi]) * 0.5
+
+
+def _pair_distances_np(g: np.ndarray) -> np.ndarray:
+    diag = np.diag(g)
+    with np.errstate(invalid="ignore", over="ignore"):  # a GPU's unscreened blind round may hold NaN
+        d2 = diag[:, None] + diag[None, :]
+        d2 -= 2.0 * g
+        return np.maximum(d2, 0.0, out=d2)
 
 
 def _work_format(messages: torch.Tensor, top: float) -> tuple[torch.dtype, float]:
@@ -172,25 +207,32 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     dtype, scale = _work_format(messages, top)
     center = center if worth else -1
     g = _raw_gram(messages, center, dtype, scale)
+    host = None
     if n > 2:
-        d2 = _pair_distances(g)
-        typical = d2.median(dim=1).values  # each message's median squared distance to the others
-        best = int(torch.argmin(typical))
-        quality = float(g.diagonal().median())  # the centre's (or the origin's) median squared distance
+        gn = g.numpy()
+        d2 = _pair_distances_np(gn)
+        medians = _row_medians(d2)
+        typical = medians[0]  # each message's (lower) median squared distance to the others
+        best = int(np.argmin(typical))
+        quality = _lower_median(np.diag(gn))  # the centre's (or the origin's) median squared distance
         if quality > 16.0 * float(typical[best]) and best != center:
             center = best
             g = _raw_gram(messages, center, dtype, scale)
+        else:
+            host = (gn, d2, medians)
     # A float dot product of length d is off by about eps * sqrt(d) * |x| * |y|.
     eps = 4.0 * torch.finfo(dtype).eps * math.sqrt(d)
-    typical_sq = float(g.diagonal().median()) if n else 0.0
-    return Gram(g, center, eps * max(typical_sq, 0.0), eps, wide=dtype != messages.dtype, scale=scale)
+    typical_sq = _lower_median(np.diag(g.numpy())) if n else 0.0
+    gram = Gram(g, center, eps * max(typical_sq, 0.0), eps, wide=dtype != messages.dtype, scale=scale)
+    gram._host = host
+    return gram
 
 
 def squared_distances(gram: Gram) -> torch.Tensor:
     """(n, n) float64 squared distances ||m_i - m_j||^2 (divided by scale^2), exact zeros on the
     diagonal and for pairs closer than their own magnitudes let the Gram matrix resolve."""
     diag = gram.matrix.diagonal()
-    d2 = _pair_distances(gram.matrix)
+    d2 = torch.from_numpy(gram.host()[1].copy())
     d2[d2 < gram.eps * torch.maximum(diag[:, None], diag[None, :])] = 0.0
     d2.fill_diagonal_(0.0)
     return d2
@@ -199,10 +241,13 @@ def squared_distances(gram: Gram) -> torch.Tensor:
 def _median_sq_distance(g: np.ndarray, alpha: np.ndarray) -> float:
     """Median over i of ||m_i - z||^2 for z = sum_j alpha_j m_j."""
     ga = g @ alpha
-    return float(np.median(np.diag(g) - 2.0 * ga + alpha @ ga))
+    v = np.diag(g) - 2.0 * ga + alpha @ ga
+    n = v.shape[0]
+    part = np.partition(v, ((n - 1) // 2, n // 2))
+    return float((part[(n - 1) // 2] + part[n // 2]) * 0.5)
 
 
-def robust_start(g: np.ndarray) -> tuple[np.ndarray, float]:
+def robust_start(gram: Gram) -> tuple[np.ndarray, float]:
     """(weights of Weiszfeld's start, the data's scale) from a Gram matrix.
 
     The scale is the medoid's median distance to the others (the medoid: the message with the
@@ -212,10 +257,9 @@ def robust_start(g: np.ndarray) -> tuple[np.ndarray, float]:
     about log(distance / spread) iterations to come back (over 80 from 1e38). A start at a
     message would stall: its own weight is 1 / floor.
     """
+    g, d2, (_, typical) = gram.host()
     n = g.shape[0]
     mean = np.full(n, 1.0 / n)
-    d2 = _pair_distances(torch.from_numpy(g)).numpy()
-    typical = np.median(d2, axis=1)
     medoid = int(np.argmin(typical))
     scale = math.sqrt(float(typical[medoid]))
     if scale == 0.0:  # over half the messages coincide: the finest distance present is the scale
@@ -236,29 +280,38 @@ def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.nda
     the Gram matrix's resolution) count as sitting on it, handled as Vardi and Zhang do, so
     coincident messages (copies, or NNM's identical mixtures) are neither divided by zero nor
     given an arbitrary finite weight. Returns (alpha, iterations used, last step / scale).
+    The loop runs on the host in as few numpy calls as the math allows: on a GPU it is the
+    part of the iteration the device waits for.
     """
-    g = gram.matrix.numpy()
+    g = gram.host()[0]
+    n = g.shape[0]
     diag = np.diag(g).copy()
-    alpha, spread = robust_start(g)
+    alpha, spread = robust_start(gram)
     spread = spread or 1.0  # all messages equal: any tolerance does
     floor = max(eps * spread, math.sqrt(gram.resolution), np.finfo(np.float64).tiny)
     step, used = math.inf, 0
+    dist = np.empty(n)
     for used in range(1, max_iter + 1):  # noqa: B007 - the count is returned
         ga = g @ alpha
-        dist = np.sqrt(np.maximum(diag - 2.0 * ga + alpha @ ga, 0.0))
+        np.subtract(diag, 2.0 * ga, out=dist)
+        dist += alpha @ ga
+        np.sqrt(np.maximum(dist, 0.0, out=dist), out=dist)
         at = dist <= floor  # messages the iterate sits on (to the Gram matrix's resolution)
-        if at.all():
+        sitting = int(np.count_nonzero(at))
+        if sitting == n:
             step = 0.0
             break
-        w = np.where(at, 0.0, 1.0 / np.maximum(dist, floor))
+        w = 1.0 / np.maximum(dist, floor)
+        if sitting:
+            w[at] = 0.0
         new = w / w.sum()
-        if at.any():
+        if sitting:
             # Vardi and Zhang (2000): at a point of multiplicity k, move towards the Weiszfeld
             # point of the others only as far as their pull ||R|| exceeds k; stay if it does not.
             # (Flooring the distances instead would bias the result by about floor * B / H.)
             toward = new - alpha
             pull = w.sum() * math.sqrt(max(float(toward @ g @ toward), 0.0))
-            keep = min(1.0, float(at.sum()) / pull) if pull > 0 else 1.0
+            keep = min(1.0, sitting / pull) if pull > 0 else 1.0
             new = alpha + (1.0 - keep) * toward
         delta = new - alpha
         step = math.sqrt(max(float(delta @ g @ delta), 0.0)) / spread

@@ -113,6 +113,44 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend):
     )
 
 
+def test_a_stopped_process_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path):
+    """SIGTERM to the sweep (as `timeout` or a scheduler sends it): the running runs record that they
+    were interrupted, the queued one never starts, no worker survives and no traceback is printed."""
+    config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=100000 eval-every=20"
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", "processes"]
+    command += ["--optimizer", "sgd", "--aggregator", "mean", "--attack", "none,sign-flip,zero-gradient"]
+    proc = subprocess.Popen(
+        [*command, "--run-config", config, "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        names = ("sgd-mean-none", "sgd-mean-sign-flip")
+        while time.monotonic() < deadline and not all((tmp_path / n / "metrics.jsonl").exists() for n in names):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
+    for name in names:
+        assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "sgd-mean-zero-gradient" / "metrics.jsonl").exists()
+    deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves once its pipe closes
+    while (survivors := _session(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert survivors == []
+
+
+def _session(sid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-a", "-s", str(sid)], capture_output=True, text=True).stdout.splitlines()
+
+
 def test_bad_sweep_arguments_are_clear():
     with pytest.raises(ConfigError, match="backend='dask' is not valid; choose one of: auto, ray, processes"):
         run_sweep(grid(["sgd"], ["mean"], ["none"]), {}, Path("unused"), jobs=2, backend="dask")
