@@ -3,16 +3,24 @@
 ``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors the defaults here (a test checks it), the
 README's table is generated from ``KEYS`` (``byzflower config --markdown``), and both engines
 validate through ``resolve``: every problem is reported at once, before any work starts.
+
+The aggregation rules' and attacks' keys are not written here: they come from the component
+registries (``strategies.aggregators.RULES``, ``clients.attacks.ATTACKS``), each key with its
+default taken from the constructor, so a new rule or attack brings its keys with it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from clients.attacks import ATTACKS as ATTACK_CLASSES
+from strategies.aggregators import PRE_AGGREGATORS, RULES, takes_f
 
 
 class ConfigError(ValueError):
@@ -61,9 +69,6 @@ class Key:
         return self.maximum is None or value <= self.maximum
 
 
-F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
-
-
 # 'package.module:attribute', as Flower names app components
 _IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 OPTIMIZERS = ("sgd", "batch-sgd", "saga", "svrg", "sarah")
@@ -75,8 +80,53 @@ OPTIMIZER_DEFAULTS = {
     "svrg": {"lr": 0.1, "batch-size": 1},
     "sarah": {"lr": 0.1, "batch-size": 1},
 }
-AGGREGATORS = ("mean", "gm", "krum", "multi-krum", "median", "trimmed-mean", "bulyan", "centered-clipping")
-ATTACKS = ("none", "gaussian", "sign-flip", "zero-gradient", "alie", "ipm", "label-flip", "noise")
+AGGREGATORS = tuple(RULES)
+ATTACKS = ("none", *ATTACK_CLASSES)
+
+
+def _default_of(cls: type, argument: str) -> Any:
+    parameter = inspect.signature(cls).parameters.get(argument)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        raise TypeError(f"{cls.__name__}: option argument {argument!r} is not a constructor argument with a default")
+    return parameter.default
+
+
+def component_keys(classes: Mapping[str, type]) -> list[Key]:
+    """The run-config keys a family of components declares (``options``), in registry order; a key
+    shared by several components (inherited) is one key, its help naming who reads it."""
+    users: dict[str, list[str]] = {}
+    spec: dict[str, tuple[type, tuple[str, str, dict]]] = {}
+    for name, cls in classes.items():
+        for key, option in cls.options.items():
+            users.setdefault(key, []).append(name)
+            spec.setdefault(key, (cls, option))
+    keys = []
+    for key, (cls, (argument, meaning, constraints)) in spec.items():
+        default = _default_of(cls, argument)
+        keys.append(Key(key, default, f"{', '.join(users[key])}: {meaning}", **constraints))
+    return keys
+
+
+def build_component(kind: str, cls: type, cfg: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
+    """``cls`` built from its run-config keys (``options``) and what the run provides (``context``)."""
+    by_argument = {argument: key for key, (argument, _, _) in cls.options.items()}
+    args: dict[str, Any] = {}
+    for parameter in inspect.signature(cls).parameters.values():
+        if parameter.name in by_argument:
+            args[parameter.name] = cfg[by_argument[parameter.name]]
+        elif parameter.name in context:
+            args[parameter.name] = context[parameter.name]
+        elif parameter.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{kind} {cls.name!r}: constructor argument {parameter.name!r} has no run-config key and the run "
+                f"does not provide it (it provides: {', '.join(context)})"
+            )
+    return cls(**args)
+
+
+_RULE_KEYS = component_keys(RULES)
+_ATTACK_KEYS = component_keys(ATTACK_CLASSES)
+_TAKE_F = ", ".join([name for name, cls in RULES.items() if takes_f(cls)] + ["nnm"])
 
 _KEYS = [
     # -- the experiment --------------------------------------------------------------------
@@ -86,29 +136,7 @@ _KEYS = [
     Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0),
     Key("num-byzantine", 20, "Byzantine workers B (the paper: 20); attack='none' leaves them out (W = H).", minimum=0),
     Key("attack", "gaussian", "What Byzantine workers send (see the table of attacks).", choices=ATTACKS),
-    Key(
-        "attack-std",
-        30.0,
-        "gaussian, noise: standard deviation of the added/sent noise (the notebook's 30); at most 1e37, "
-        "so that the draws stay within float32.",
-        minimum=0,
-        maximum=1e37,
-    ),
-    Key(
-        "attack-scale",
-        -3.0,
-        "sign-flip: the factor on the honest mean (the paper -3; the notebook's maxValue -10).",
-        minimum=-F32_MAX,
-        maximum=F32_MAX,
-    ),
-    Key(
-        "alie-z",
-        0.0,
-        "alie: z in mean - z * std; 0 = from n and f as in Baruch et al. 2019.",
-        minimum=-F32_MAX,
-        maximum=F32_MAX,
-    ),
-    Key("ipm-eps", 0.1, "ipm: epsilon in -epsilon * honest mean.", positive=True, maximum=F32_MAX),
+    *_ATTACK_KEYS,
     Key("byzantine-ids", "", "Which workers are Byzantine, e.g. '0,7,9'; '' = the last num-byzantine."),
     # -- honest workers ----------------------------------------------------------------------
     Key("optimizer", "sgd", "Honest gradient estimator (see the table of estimators).", choices=OPTIMIZERS),
@@ -136,38 +164,15 @@ _KEYS = [
         "pre-aggregator",
         "none",
         "nnm: nearest-neighbour mixing (each message -> mean of its n - f nearest) before the rule.",
-        choices=("none", "nnm"),
+        choices=tuple(PRE_AGGREGATORS),
     ),
     Key(
         "aggregator-f",
         -1,
-        "f, the Byzantine messages the rule assumes (krum, multi-krum, trimmed-mean, bulyan, nnm); "
-        "-1 = the run's Byzantine workers.",
+        f"f, the Byzantine messages the rule assumes ({_TAKE_F}); -1 = the run's Byzantine workers.",
         minimum=-1,
     ),
-    Key(
-        "gm-tol",
-        1e-5,
-        "Geometric median: stop when a Weiszfeld step moves less than this times the data's scale (the median "
-        "distance from the medoid to the messages; the paper's 1e-5).",
-        positive=True,
-        maximum=1.0,
-    ),
-    Key("gm-max-iter", 80, "Geometric median: at most this many Weiszfeld iterations.", positive=True),
-    Key(
-        "gm-eps",
-        1e-8,
-        "Geometric median: messages closer to the iterate than this times the data's scale count as on it.",
-        positive=True,
-        maximum=1.0,
-    ),
-    Key("krum-m", 0, "Multi-Krum: how many best-scored messages to average; 0 = n - f.", minimum=0),
-    Key(
-        "median-variant",
-        "standard",
-        "standard: mean of the two middle values for even n; lower: the notebook's.",
-        choices=("standard", "lower"),
-    ),
+    *_RULE_KEYS,
     Key(
         "round-timeout",
         300.0,
@@ -182,14 +187,6 @@ _KEYS = [
         "Flower engines: fewest workers' messages a round may aggregate; fewer stops the run (failed, naming "
         "the missing workers); 0 = what the rule needs.",
         minimum=0,
-    ),
-    Key("cc-tau", 10.0, "Centred clipping: clipping radius tau.", positive=True),
-    Key("cc-iters", 3, "Centred clipping: clipping iterations per aggregation.", positive=True),
-    Key(
-        "cc-init",
-        "previous",
-        "Centred clipping: start point (previous aggregate, median, mean, zero).",
-        choices=("previous", "median", "mean", "zero"),
     ),
     # -- model and data ----------------------------------------------------------------------
     Key(
@@ -441,44 +438,17 @@ def _classes(cfg: RunConfig) -> list[str]:
 
 def rule_of(cfg: RunConfig):
     """The aggregation rule the config describes (a fresh object: rules may keep state)."""
-    from strategies.aggregators import make_rule
-
-    name = cfg["aggregator"]
-    params: dict[str, Any] = {}
-    if name == "gm":
-        params = {"tol": float(cfg["gm-tol"]), "max_iter": int(cfg["gm-max-iter"]), "eps": float(cfg["gm-eps"])}
-    elif name == "multi-krum":
-        params = {"m": int(cfg["krum-m"]) or None}
-    elif name == "median":
-        params = {"variant": cfg["median-variant"]}
-    elif name == "centered-clipping":
-        params = {"tau": float(cfg["cc-tau"]), "iterations": int(cfg["cc-iters"]), "init": cfg["cc-init"]}
-    return make_rule(name, f=cfg.aggregator_f, pre=cfg["pre-aggregator"], **params)
+    rule = build_component("aggregator", RULES[cfg["aggregator"]], cfg, {"f": cfg.aggregator_f})
+    wrapper = PRE_AGGREGATORS[cfg["pre-aggregator"]]
+    return wrapper(rule, cfg.aggregator_f) if wrapper is not None else rule
 
 
 def attack_of(cfg: RunConfig):
     """The attack object the config describes (None for attack='none')."""
-    from clients.attacks import ALIE, IPM, Gaussian, LabelFlip, Noise, SignFlip, ZeroGradient, alie_z
-
-    name, seed = cfg["attack"], int(cfg["seed"])
-    if name == "none":
+    if cfg["attack"] == "none":
         return None
-    if name == "gaussian":
-        return Gaussian(float(cfg["attack-std"]), seed)
-    if name == "noise":
-        return Noise(float(cfg["attack-std"]), seed)
-    if name == "sign-flip":
-        return SignFlip(float(cfg["attack-scale"]))
-    if name == "zero-gradient":
-        return ZeroGradient(cfg.num_byzantine)
-    if name == "alie":
-        z = float(cfg["alie-z"]) or alie_z(cfg.num_workers, cfg.num_byzantine)
-        return ALIE(z)
-    if name == "ipm":
-        return IPM(float(cfg["ipm-eps"]))
-    if name == "label-flip":
-        return LabelFlip()
-    raise ValueError(f"attack={name!r} has no constructor here; choose one of: {', '.join(ATTACKS)}")
+    context = {"seed": int(cfg["seed"]), "num_workers": cfg.num_workers, "num_byzantine": cfg.num_byzantine}
+    return build_component("attack", ATTACK_CLASSES[cfg["attack"]], cfg, context)
 
 
 def min_workers_of(cfg: RunConfig) -> int:

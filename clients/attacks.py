@@ -6,6 +6,11 @@ node's raw data. The others need no knowledge of anyone: ``noise`` sends random 
 ``label-flip`` is data poisoning: its workers run the honest estimator on flipped labels (the
 estimator lives with the honest ones; this module provides the label map). Randomness comes from
 (seed, worker id, iteration), so a worker's message does not depend on who hosts it.
+
+The registry: ``ATTACKS`` maps each attack's ``name`` to its class; ``options`` maps run-config
+keys to constructor arguments as ``{key: (argument, meaning, constraints)}``, with the default
+the constructor's. The run gives ``seed``, ``num_workers`` and ``num_byzantine`` to a constructor
+that takes them. Adding an attack is one class here, added to ``ATTACKS``, and a test.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from statistics import NormalDist
 import torch
 
 from clients.rng import generator
+
+F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
 
 
 class HonestStats:
@@ -58,6 +65,8 @@ class Attack:
     name = "attack"
     omniscient = False
     uses_data = False
+    #: run-config key -> (constructor argument, meaning, constraints)
+    options: dict[str, tuple[str, str, dict]] = {}
 
     def craft(self, worker_ids: list[int], iteration: int, stats: HonestStats | None, dim: int) -> torch.Tensor:
         raise NotImplementedError
@@ -84,6 +93,15 @@ def _finite(name: str, value: float) -> float:
 class _NoiseAttack(Attack):
     """Shared by the attacks that draw N(0, std^2 I) per worker: the draws do not depend on the
     honest messages, so they can start before them (``prefetch``)."""
+
+    options = {
+        "attack-std": (
+            "std",
+            "standard deviation of the added/sent noise (the notebook's 30); at most 1e37, so that the draws "
+            "stay within float32.",
+            {"minimum": 0, "maximum": 1e37},
+        )
+    }
 
     def __init__(self, std: float = 30.0, seed: int = 0) -> None:
         self.std = _finite("attack-std", std)
@@ -117,6 +135,13 @@ class SignFlip(Attack):
 
     name = "sign-flip"
     omniscient = True
+    options = {
+        "attack-scale": (
+            "scale",
+            "the factor on the honest mean (the paper -3; the notebook's maxValue -10).",
+            {"minimum": -F32_MAX, "maximum": F32_MAX},
+        )
+    }
 
     def __init__(self, scale: float = -3.0) -> None:
         self.scale = _finite("attack-scale", scale)
@@ -156,9 +181,16 @@ class ALIE(Attack):
 
     name = "alie"
     omniscient = True
+    options = {
+        "alie-z": (
+            "z",
+            "z in mean - z * std; 0 = from n and f as in Baruch et al. 2019.",
+            {"minimum": -F32_MAX, "maximum": F32_MAX},
+        )
+    }
 
-    def __init__(self, z: float) -> None:
-        self.z = _finite("alie-z", z)
+    def __init__(self, z: float = 0.0, num_workers: int = 0, num_byzantine: int = 0) -> None:
+        self.z = _finite("alie-z", z) or alie_z(num_workers, num_byzantine)
 
     def craft(self, worker_ids, iteration, stats, dim):
         s = self._need(stats)
@@ -170,6 +202,7 @@ class IPM(Attack):
 
     name = "ipm"
     omniscient = True
+    options = {"ipm-eps": ("eps", "epsilon in -epsilon * honest mean.", {"positive": True, "maximum": F32_MAX})}
 
     def __init__(self, eps: float = 0.1) -> None:
         self.eps = _finite("ipm-eps", eps)
@@ -258,12 +291,6 @@ def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: 
     return (draws or _Draws(key)).result()
 
 
-ATTACKS = {
-    "gaussian": Gaussian,
-    "sign-flip": SignFlip,
-    "zero-gradient": ZeroGradient,
-    "alie": ALIE,
-    "ipm": IPM,
-    "label-flip": LabelFlip,
-    "noise": Noise,
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (Gaussian, SignFlip, ZeroGradient, ALIE, IPM, LabelFlip, Noise)
 }

@@ -5,11 +5,19 @@ returns an ``Aggregate`` holding the vector and the rule's diagnostics (iteratio
 selected row, ...). No Flower import here: the rules are usable and tested alone. Pairwise
 quantities come from one n x n Gram matrix (``kernels.centered_gram``); coordinate-wise rules
 select order statistics column by column, vectorised.
+
+The registry: ``RULES`` maps each rule's ``name`` to its class. A rule's ``options`` maps
+run-config keys to its constructor's arguments as ``{key: (argument, meaning, constraints)}``
+(constraints: ``choices``, ``minimum``, ``maximum``, ``positive``); the default is the
+constructor's, written once. ``f`` (the Byzantine messages assumed) comes from the run. Adding a
+rule is one class here, added to ``RULES``, and a test: the run config, its validation, the
+README's key table and ``pyproject.toml`` derive from the registry (``byzflower config --sync``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -45,10 +53,15 @@ def _check_positive(name: str, value: float) -> float:
     return float(value)
 
 
+#: the registry's option format: run-config key -> (constructor argument, meaning, constraints)
+Options = dict[str, tuple[str, str, dict]]
+
+
 class Rule:
     """Base class of aggregation rules."""
 
     name = "rule"
+    options: Options = {}
     #: fraction of Byzantine messages the rule tolerates in theory (None: not defined)
     breakdown: float | None = None
 
@@ -158,6 +171,20 @@ class GeometricMedian(GramRule):
 
     name = "gm"
     breakdown = 0.5
+    options: Options = {
+        "gm-tol": (
+            "tol",
+            "stop when a Weiszfeld step moves less than this times the data's scale (the median distance from "
+            "the medoid to the messages; the paper's 1e-5).",
+            {"positive": True, "maximum": 1.0},
+        ),
+        "gm-max-iter": ("max_iter", "at most this many Weiszfeld iterations.", {"positive": True}),
+        "gm-eps": (
+            "eps",
+            "messages closer to the iterate than this times the data's scale count as on it.",
+            {"positive": True, "maximum": 1.0},
+        ),
+    }
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 80, eps: float = 1e-8) -> None:
         self.tol = _check_positive("gm tol", tol)
@@ -203,10 +230,11 @@ class MultiKrum(Krum):
     """Multi-Krum: the average of the m messages with the best Krum scores (m = n - f by default)."""
 
     name = "multi-krum"
+    options: Options = {"krum-m": ("m", "how many best-scored messages to average; 0 = n - f.", {"minimum": 0})}
 
-    def __init__(self, f: int, m: int | None = None) -> None:
+    def __init__(self, f: int, m: int = 0) -> None:
         super().__init__(f)
-        self.m = None if m is None else _check_int("multi-krum m", m, 1)
+        self.m = _check_int("multi-krum m", m, 0) or None
 
     def min_messages(self) -> int:
         return max(2 * self.f + 3, self.m or 1)
@@ -233,6 +261,13 @@ class Median(Rule):
     name = "median"
     breakdown = 0.5
     VARIANTS = ("standard", "lower")
+    options: Options = {
+        "median-variant": (
+            "variant",
+            "'standard' takes the mean of the two middle values for even n, 'lower' the lower one (the notebook's).",
+            {"choices": VARIANTS},
+        )
+    }
 
     def __init__(self, variant: str = "standard") -> None:
         if variant not in self.VARIANTS:
@@ -311,6 +346,11 @@ class CenteredClipping(Rule):
 
     name = "centered-clipping"
     INITS = ("previous", "median", "mean", "zero")
+    options: Options = {
+        "cc-tau": ("tau", "clipping radius tau.", {"positive": True}),
+        "cc-iters": ("iterations", "clipping iterations per aggregation.", {"positive": True}),
+        "cc-init": ("init", "start point (previous aggregate, median, mean, zero).", {"choices": INITS}),
+    }
 
     def __init__(self, tau: float = 10.0, iterations: int = 3, init: str = "previous") -> None:
         self.tau = _check_positive("centered-clipping tau", tau)
@@ -444,18 +484,15 @@ def finite_rows(messages: torch.Tensor) -> torch.Tensor:
 
 
 RULES: dict[str, type[Rule]] = {
-    "mean": Mean,
-    "gm": GeometricMedian,
-    "krum": Krum,
-    "multi-krum": MultiKrum,
-    "median": Median,
-    "trimmed-mean": TrimmedMean,
-    "bulyan": Bulyan,
-    "centered-clipping": CenteredClipping,
+    cls.name: cls for cls in (Mean, GeometricMedian, Krum, MultiKrum, Median, TrimmedMean, Bulyan, CenteredClipping)
 }
-PRE_AGGREGATORS = ("none", "nnm")
-#: rules whose constructor takes f, the number of Byzantine messages assumed
-TAKES_F = ("krum", "multi-krum", "trimmed-mean", "bulyan")
+#: what may stand in front of any rule; NNM(rule, f)
+PRE_AGGREGATORS: dict[str, type[Rule] | None] = {"none": None, "nnm": NNM}
+
+
+def takes_f(cls: type) -> bool:
+    """Whether the class's constructor takes ``f``, the number of Byzantine messages assumed."""
+    return "f" in inspect.signature(cls).parameters
 
 
 def make_rule(name: str, *, f: int = 0, pre: str = "none", **params) -> Rule:
@@ -465,5 +502,7 @@ def make_rule(name: str, *, f: int = 0, pre: str = "none", **params) -> Rule:
         raise ValueError(f"aggregator={name!r} is not available; choose one of: {', '.join(RULES)}")
     if pre not in PRE_AGGREGATORS:
         raise ValueError(f"pre-aggregator={pre!r} is not valid; choose one of: {', '.join(PRE_AGGREGATORS)}")
-    rule = RULES[name](f=f, **params) if name in TAKES_F else RULES[name](**params)
-    return NNM(rule, f) if pre == "nnm" else rule
+    cls = RULES[name]
+    rule = cls(f=f, **params) if takes_f(cls) else cls(**params)
+    wrapper = PRE_AGGREGATORS[pre]
+    return wrapper(rule, f) if wrapper is not None else rule

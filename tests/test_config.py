@@ -185,3 +185,102 @@ def test_a_batch_larger_than_a_workers_data_is_rejected_before_the_run(mnist):
     with pytest.raises(ConfigError, match=r"batch-size=2000 exceeds the .* samples of honest worker"):
         preflight(cfg)
     preflight(resolve({}))  # the defaults fit
+
+
+# -- the component registries ------------------------------------------------------------------
+
+
+def _registries():
+    from clients.attacks import ATTACKS
+    from strategies.aggregators import RULES
+
+    return {"aggregator": RULES, "attack": ATTACKS}
+
+
+def test_component_keys_come_from_the_registries_with_the_constructors_defaults():
+    """Each option names a constructor argument; its key's default is that argument's default
+    (written once, in the constructor) and its help names every component that reads it."""
+    import inspect
+
+    for kind, registry in _registries().items():
+        for name, cls in registry.items():
+            assert cls.name == name
+            for key, (argument, _, _) in cls.options.items():
+                parameter = inspect.signature(cls).parameters[argument]
+                assert KEYS[key].default == parameter.default, (kind, name, key)
+                assert name in KEYS[key].help.split(":")[0].split(", "), (key, KEYS[key].help)
+            assert set(KEYS[kind].choices) - {"none"} == set(registry)
+
+
+def test_every_rule_name_builds_its_own_class_with_its_keys():
+    from byzflower.config import rule_of
+    from strategies.aggregators import NNM, RULES
+
+    for name, cls in RULES.items():
+        rule = rule_of(resolve({"aggregator": name, "num-byzantine": 3, "num-honest": 20}))
+        assert type(rule) is cls
+        if hasattr(rule, "f"):
+            assert rule.f == 3
+    gm = rule_of(resolve({"aggregator": "gm", "gm-tol": 1e-3, "gm-max-iter": 7, "gm-eps": 1e-6}))
+    assert (gm.tol, gm.max_iter, gm.eps) == (1e-3, 7, 1e-6)
+    cc = rule_of(
+        resolve({"aggregator": "centered-clipping", "pre-aggregator": "nnm", "cc-tau": 2.5, "cc-init": "zero"})
+    )
+    assert isinstance(cc, NNM) and (cc.rule.tau, cc.rule.init, cc.f) == (2.5, "zero", 20)
+    assert rule_of(resolve({"aggregator": "multi-krum", "krum-m": 5})).m == 5
+    assert rule_of(resolve({"aggregator": "multi-krum"})).m is None  # 0 = n - f
+
+
+def test_attacks_get_their_keys_and_what_the_run_provides():
+    from byzflower.config import attack_of
+    from clients.attacks import alie_z
+
+    assert attack_of(resolve({"attack": "gaussian", "attack-std": 2.0, "seed": 9})).__dict__ == {"std": 2.0, "seed": 9}
+    assert attack_of(resolve({"attack": "zero-gradient", "num-byzantine": 7})).num_byzantine == 7
+    assert attack_of(resolve({"attack": "alie", "num-honest": 30, "num-byzantine": 10})).z == alie_z(40, 10)
+    assert attack_of(resolve({"attack": "alie", "alie-z": 1.5})).z == 1.5
+
+
+def test_a_component_whose_argument_has_no_key_fails_clearly():
+    from byzflower.config import build_component
+    from strategies.aggregators import Rule
+
+    class Needy(Rule):
+        name = "needy"
+
+        def __init__(self, radius: float) -> None:
+            self.radius = radius
+
+    with pytest.raises(TypeError, match="aggregator 'needy': constructor argument 'radius' has no run-config key"):
+        build_component("aggregator", Needy, resolve({}), {"f": 1})
+
+
+def test_the_readme_rule_example_runs_from_run_config_alone(tmp_path):
+    """The README's "one class and a test" example, registered before the config is read, gets its key,
+    its validation and a run (in a fresh interpreter: the keys derive from the registry at import)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.search(r"```python\n(class NormBall\(Rule\):.*?)```", readme, re.S).group(1)
+    script = f"""
+import strategies.aggregators as A
+exec({example!r}, vars(A))
+A.RULES["norm-ball"] = A.NormBall
+from byzflower.config import ConfigError, KEYS, resolve
+from byzflower.engine import run_local
+assert KEYS["ball-radius"].default == 10.0 and "norm-ball" in KEYS["aggregator"].choices
+try:
+    resolve({{"aggregator": "norm-ball", "ball-radius": -1}})
+except ConfigError as exc:
+    assert "ball-radius" in str(exc), exc
+else:
+    raise AssertionError("a negative radius was accepted")
+cfg = resolve({{"aggregator": "norm-ball", "ball-radius": 3.0, "num-honest": 4, "num-byzantine": 1,
+               "num-server-rounds": 3, "eval-every": 3, "results-dir": {str(tmp_path)!r}}})
+print(run_local(cfg, log=lambda _: None)["status"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "finished"
