@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
+from typing import ClassVar
 
 import torch
 
 from clients.rng import generator
 
 F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
+#: the registry's option format: run-config key -> (constructor argument, meaning, constraints)
+Options = dict[str, tuple[str, str, dict]]
 
 
 class HonestStats:
@@ -65,8 +68,7 @@ class Attack:
     name = "attack"
     omniscient = False
     uses_data = False
-    #: run-config key -> (constructor argument, meaning, constraints)
-    options: dict[str, tuple[str, str, dict]] = {}
+    options: ClassVar[Options] = {}
 
     def craft(self, worker_ids: list[int], iteration: int, stats: HonestStats | None, dim: int) -> torch.Tensor:
         raise NotImplementedError
@@ -94,7 +96,7 @@ class _NoiseAttack(Attack):
     """Shared by the attacks that draw N(0, std^2 I) per worker: the draws do not depend on the
     honest messages, so they can start before them (``prefetch``)."""
 
-    options = {
+    options: ClassVar[Options] = {
         "attack-std": (
             "std",
             "standard deviation of the added/sent noise (the notebook's 30); at most 1e37, so that the draws "
@@ -135,7 +137,7 @@ class SignFlip(Attack):
 
     name = "sign-flip"
     omniscient = True
-    options = {
+    options: ClassVar[Options] = {
         "attack-scale": (
             "scale",
             "the factor on the honest mean (the paper -3; the notebook's maxValue -10).",
@@ -181,7 +183,7 @@ class ALIE(Attack):
 
     name = "alie"
     omniscient = True
-    options = {
+    options: ClassVar[Options] = {
         "alie-z": (
             "z",
             "z in mean - z * std; 0 = from n and f as in Baruch et al. 2019.",
@@ -202,7 +204,9 @@ class IPM(Attack):
 
     name = "ipm"
     omniscient = True
-    options = {"ipm-eps": ("eps", "epsilon in -epsilon * honest mean.", {"positive": True, "maximum": F32_MAX})}
+    options: ClassVar[Options] = {
+        "ipm-eps": ("eps", "epsilon in -epsilon * honest mean.", {"positive": True, "maximum": F32_MAX})
+    }
 
     def __init__(self, eps: float = 0.1) -> None:
         self.eps = _finite("ipm-eps", eps)

@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Rule:
     """Base class of aggregation rules."""
 
     name = "rule"
-    options: Options = {}
+    options: ClassVar[Options] = {}
     #: fraction of Byzantine messages the rule tolerates in theory (None: not defined)
     breakdown: float | None = None
 
@@ -171,7 +172,7 @@ class GeometricMedian(GramRule):
 
     name = "gm"
     breakdown = 0.5
-    options: Options = {
+    options: ClassVar[Options] = {
         "gm-tol": (
             "tol",
             "stop when a Weiszfeld step moves less than this times the data's scale (the median distance from "
@@ -230,7 +231,9 @@ class MultiKrum(Krum):
     """Multi-Krum: the average of the m messages with the best Krum scores (m = n - f by default)."""
 
     name = "multi-krum"
-    options: Options = {"krum-m": ("m", "how many best-scored messages to average; 0 = n - f.", {"minimum": 0})}
+    options: ClassVar[Options] = {
+        "krum-m": ("m", "how many best-scored messages to average; 0 = n - f.", {"minimum": 0})
+    }
 
     def __init__(self, f: int, m: int = 0) -> None:
         super().__init__(f)
@@ -261,7 +264,7 @@ class Median(Rule):
     name = "median"
     breakdown = 0.5
     VARIANTS = ("standard", "lower")
-    options: Options = {
+    options: ClassVar[Options] = {
         "median-variant": (
             "variant",
             "'standard' takes the mean of the two middle values for even n, 'lower' the lower one (the notebook's).",
@@ -346,7 +349,7 @@ class CenteredClipping(Rule):
 
     name = "centered-clipping"
     INITS = ("previous", "median", "mean", "zero")
-    options: Options = {
+    options: ClassVar[Options] = {
         "cc-tau": ("tau", "clipping radius tau.", {"positive": True}),
         "cc-iters": ("iterations", "clipping iterations per aggregation.", {"positive": True}),
         "cc-init": ("init", "start point (previous aggregate, median, mean, zero).", {"choices": INITS}),
