@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.attacks import ATTACKS as ATTACK_CLASSES
+from clients.estimators import ESTIMATORS
 from strategies.aggregators import PRE_AGGREGATORS, RULES, takes_f
 
 
@@ -71,15 +72,21 @@ class Key:
 
 # 'package.module:attribute', as Flower names app components
 _IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
-OPTIMIZERS = ("sgd", "batch-sgd", "saga", "svrg", "sarah")
-# The paper's step sizes and batch sizes (see the notebook's configs).
+OPTIMIZERS = tuple(ESTIMATORS)
+# The paper's step sizes and batch sizes (see the notebook's configs), as each estimator states them.
 OPTIMIZER_DEFAULTS = {
-    "sgd": {"lr": 0.1, "batch-size": 5},
-    "batch-sgd": {"lr": 0.5, "batch-size": 50},
-    "saga": {"lr": 0.1, "batch-size": 1},
-    "svrg": {"lr": 0.1, "batch-size": 1},
-    "sarah": {"lr": 0.1, "batch-size": 1},
+    name: {"lr": cls.default_lr, "batch-size": cls.default_batch_size} for name, cls in ESTIMATORS.items()
 }
+
+
+def _defaults_in_words(key: str) -> str:
+    """e.g. 'sgd 5, batch-sgd 50, saga/svrg/sarah 1'."""
+    groups: dict[Any, list[str]] = {}
+    for name, defaults in OPTIMIZER_DEFAULTS.items():
+        groups.setdefault(defaults[key], []).append(name)
+    return ", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items())
+
+
 AGGREGATORS = tuple(RULES)
 ATTACKS = ("none", *ATTACK_CLASSES)
 
@@ -111,7 +118,12 @@ def build_component(kind: str, cls: type, cfg: Mapping[str, Any], context: Mappi
     """``cls`` built from its run-config keys (``options``) and what the run provides (``context``)."""
     by_argument = {argument: key for key, (argument, _, _) in cls.options.items()}
     args: dict[str, Any] = {}
-    for parameter in inspect.signature(cls).parameters.values():
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):  # **kwargs: to the base class
+        args.update(context)
+    for parameter in parameters:
+        if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
         if parameter.name in by_argument:
             args[parameter.name] = cfg[by_argument[parameter.name]]
         elif parameter.name in context:
@@ -125,6 +137,7 @@ def build_component(kind: str, cls: type, cfg: Mapping[str, Any], context: Mappi
 
 
 _RULE_KEYS = component_keys(RULES)
+_ESTIMATOR_KEYS = component_keys(ESTIMATORS)
 _ATTACK_KEYS = component_keys(ATTACK_CLASSES)
 _TAKE_F = ", ".join([name for name, cls in RULES.items() if takes_f(cls)] + ["nnm"])
 
@@ -143,21 +156,12 @@ _KEYS = [
     Key(
         "batch-size",
         0,
-        "Samples per worker per iteration; 0 = the optimizer's default (sgd 5, batch-sgd 50, saga/svrg/sarah 1).",
+        f"Samples per worker per iteration; 0 = the optimizer's default ({_defaults_in_words('batch-size')}).",
         minimum=0,
     ),
-    Key("lr", 0.0, "Step size gamma; 0 = the optimizer's default (batch-sgd 0.5, the others 0.1).", minimum=0),
+    Key("lr", 0.0, f"Step size gamma; 0 = the optimizer's default ({_defaults_in_words('lr')}).", minimum=0),
     Key("weight-decay", 0.0, "lambda: adds lambda * x to every honest gradient.", minimum=0),
-    Key("snapshot-interval", 100, "SVRG: iterations between snapshots (full local gradients).", positive=True),
-    Key(
-        "sarah-interval", 100, "SARAH: T; the next restart comes 1..T-1 iterations later (or exactly T).", positive=True
-    ),
-    Key(
-        "sarah-restart",
-        "random",
-        "SARAH: random (the paper's rule, seeded) or fixed (every sarah-interval).",
-        choices=("random", "fixed"),
-    ),
+    *_ESTIMATOR_KEYS,
     # -- server ------------------------------------------------------------------------------
     Key("aggregator", "gm", "Aggregation rule (see the table of rules).", choices=AGGREGATORS),
     Key(

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from byzflower.config import ConfigError, RunConfig, parse_ids
+from byzflower.config import ConfigError, RunConfig, build_component, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import ModelError, build_model
 from byzflower.results import default_results_dir
-from clients.estimators import SAGA, SARAH, SGD, SVRG, Allocator, Estimator
+from clients.estimators import ESTIMATORS, Allocator, Estimator
 from clients.gradients import ModelGradients
 from clients.workers import WorkerData
 
@@ -128,19 +128,12 @@ def byzantine_data(
 def make_estimator(
     cfg: RunConfig, grads: ModelGradients, data: WorkerData, allocate: Allocator | None = None
 ) -> Estimator:
-    common = dict(
+    context = dict(
+        grads=grads,
+        data=data,
         batch_size=cfg.batch_size,
         weight_decay=float(cfg["weight-decay"]),
         seed=int(cfg["seed"]),
         allocate=allocate,
     )
-    optimizer = cfg["optimizer"]
-    if optimizer in ("sgd", "batch-sgd"):
-        return SGD(grads, data, **common)
-    if optimizer == "saga":
-        return SAGA(grads, data, **common)
-    if optimizer == "svrg":
-        return SVRG(grads, data, snapshot_interval=int(cfg["snapshot-interval"]), **common)
-    if optimizer == "sarah":
-        return SARAH(grads, data, restart_interval=int(cfg["sarah-interval"]), restart=cfg["sarah-restart"], **common)
-    raise ValueError(f"optimizer={optimizer!r} is not available")
+    return build_component("optimizer", ESTIMATORS[cfg["optimizer"]], cfg, context)

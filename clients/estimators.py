@@ -10,11 +10,17 @@ keeps an explicit state (``state_dict``), held in tensors that an allocator prov
 memory-mapped files that outlive the process. Sampling is a
 pure function of (seed, worker id, iteration), and weight decay lambda * x is added exactly to
 every message (the variance-reduced corrections apply to the data term only).
+
+The registry: ``ESTIMATORS`` maps each estimator's ``name`` (the run config's ``optimizer``) to
+its class, which states its default step size and batch size and, in ``options``, the run-config
+keys of its own constructor arguments (``{key: (argument, meaning, constraints)}``, defaults the
+constructor's). Adding an estimator is one class here, added to ``ESTIMATORS``, and a test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -23,6 +29,8 @@ from clients.rng import derive_seed, draw_base, uniform_ints_at
 from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks
 
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+#: the registry's option format: run-config key -> (constructor argument, meaning, constraints)
+Options = dict[str, tuple[str, str, dict]]
 
 
 def memory_allocator(device: torch.device | str = "cpu") -> Allocator:
@@ -38,6 +46,9 @@ class Estimator:
     """Base class: sampling, chunked per-worker gradients and the state dictionary."""
 
     name = "estimator"
+    default_lr: ClassVar[float] = 0.1  # the paper's step size for this estimator
+    default_batch_size: ClassVar[int] = 1
+    options: ClassVar[Options] = {}
 
     def __init__(
         self,
@@ -203,9 +214,18 @@ class SGD(Estimator):
     """Mean gradient over ``batch_size`` samples drawn with replacement (mini-batch SGD when large)."""
 
     name = "sgd"
+    default_batch_size = 5
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return self._finish(self._mean_grads(x, self.sample_rows()), x)
+
+
+class BatchSGD(SGD):
+    """Mini-batch SGD: SGD with the paper's larger batch (50) and step size (0.5)."""
+
+    name = "batch-sgd"
+    default_lr = 0.5
+    default_batch_size = 50
 
 
 class SAGA(Estimator):
@@ -304,6 +324,13 @@ class SVRG(Estimator):
     worker's full local gradient mu at it; in between grad f(x) - grad f(x~) + mu."""
 
     name = "svrg"
+    options: ClassVar[Options] = {
+        "snapshot-interval": (
+            "snapshot_interval",
+            "iterations between snapshots (full local gradients).",
+            {"positive": True},
+        )
+    }
 
     def __init__(self, grads: ModelGradients, data: WorkerData, *, snapshot_interval: int = 100, **kwargs) -> None:
         kwargs.setdefault("batch_size", 1)
@@ -337,6 +364,18 @@ class SARAH(Estimator):
 
     name = "sarah"
     RESTARTS = ("random", "fixed")
+    options: ClassVar[Options] = {
+        "sarah-interval": (
+            "restart_interval",
+            "T; the next restart comes 1..T-1 iterations later (or exactly T).",
+            {"positive": True},
+        ),
+        "sarah-restart": (
+            "restart",
+            "random (the paper's rule, seeded) or fixed (every sarah-interval).",
+            {"choices": RESTARTS},
+        ),
+    }
 
     def __init__(
         self,
@@ -395,4 +434,4 @@ def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:
     return ~(same & earlier).any(dim=2)
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {"sgd": SGD, "saga": SAGA, "svrg": SVRG, "sarah": SARAH}
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (SGD, BatchSGD, SAGA, SVRG, SARAH)}

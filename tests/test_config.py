@@ -192,9 +192,10 @@ def test_a_batch_larger_than_a_workers_data_is_rejected_before_the_run(mnist):
 
 def _registries():
     from clients.attacks import ATTACKS
+    from clients.estimators import ESTIMATORS
     from strategies.aggregators import RULES
 
-    return {"aggregator": RULES, "attack": ATTACKS}
+    return {"aggregator": RULES, "attack": ATTACKS, "optimizer": ESTIMATORS}
 
 
 def test_component_keys_come_from_the_registries_with_the_constructors_defaults():
@@ -284,3 +285,33 @@ print(run_local(cfg, log=lambda _: None)["status"])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "finished"
+
+
+def test_every_optimizer_builds_its_own_estimator_with_its_defaults_and_keys():
+    import torch
+
+    from byzflower.factory import dataset_of, gradients_of, make_estimator, worker_data
+    from clients.estimators import ESTIMATORS
+
+    extra = {"snapshot-interval": 7, "sarah-interval": 9, "sarah-restart": "fixed"}
+    for name, cls in ESTIMATORS.items():
+        cfg = resolve({"optimizer": name, "num-honest": 2, "attack": "none", **extra})
+        assert (cfg.lr, cfg.batch_size) == (cls.default_lr, cls.default_batch_size)
+        data = dataset_of(cfg)
+        cpu = torch.device("cpu")
+        est = make_estimator(cfg, gradients_of(cfg, data, cpu), worker_data(cfg, data, [0, 1], cpu))
+        assert type(est) is cls and est.batch_size == cls.default_batch_size
+    svrg = make_estimator(cfg := resolve({"optimizer": "svrg", "num-honest": 2, **extra}), *_parts(cfg))
+    sarah = make_estimator(cfg := resolve({"optimizer": "sarah", "num-honest": 2, **extra}), *_parts(cfg))
+    assert svrg.snapshot_interval == 7 and (sarah.restart_interval, sarah.restart) == (9, "fixed")
+    assert (resolve({"optimizer": "batch-sgd"}).lr, resolve({"optimizer": "batch-sgd"}).batch_size) == (0.5, 50)
+    assert "sgd 5, batch-sgd 50, saga/svrg/sarah 1" in KEYS["batch-size"].help
+
+
+def _parts(cfg):
+    import torch
+
+    from byzflower.factory import dataset_of, gradients_of, worker_data
+
+    data, cpu = dataset_of(cfg), torch.device("cpu")
+    return gradients_of(cfg, data, cpu), worker_data(cfg, data, [0, 1], cpu)
