@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import DEFAULTS, ConfigError, markdown_table, resolve
-from byzflower.data import DATASETS, DataError, ensure_dataset
+from byzflower.data import DATASETS, DataError, dataset_folder, ensure_dataset
 from byzflower.results import RunFolderError
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--insecure is a deployment setting (the simulation's SuperLink listens on loopback only)")
     if args.engine == "deployment" and (args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
-    ensure_dataset(cfg["dataset"], cfg["data-dir"] or None, log=print)
+    dataset_folder(cfg["dataset"], cfg["data-dir"], log=print)
     from byzflower.factory import preflight
 
     preflight(cfg)  # data- and machine-dependent checks, before any folder or process exists
@@ -131,7 +131,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             )
     out = Path(args.out) if args.out else default_results_dir() / "sweep"
     resolved = resolve({k: v for k, v in overrides.items()})
-    ensure_dataset(resolved["dataset"], resolved["data-dir"] or None, log=print)
+    dataset_folder(resolved["dataset"], resolved["data-dir"], log=print)
     outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address, backend=args.backend)
     if not args.no_report:
         from byzflower.report import write_report

@@ -198,12 +198,22 @@ _KEYS = [
         "mlp",
         "mlp: the paper's 784-50-10 tanh network; mlp-notebook: the authors' notebook network behind the "
         "published numbers (tanh on the input, softmax before the cross-entropy); cnn: a small conv net; "
+        "resnet18, resnet50: torchvision's ResNets with GroupNorm (a 3x3 stem for pictures up to 64 pixels); "
         "or your own: 'package.module:factory', called as factory(input_shape=(C, H, W), num_classes=K) "
         "and returning an nn.Module that outputs logits.",
-        choices=("mlp", "mlp-notebook", "cnn"),
+        choices=("mlp", "mlp-notebook", "cnn", "resnet18", "resnet50"),
         other=(_IMPORT_PATH, "package.module:factory"),
     ),
-    Key("dataset", "mnist", "Data set.", choices=("mnist", "fashion-mnist")),
+    Key(
+        "dataset",
+        "mnist",
+        "mnist, fashion-mnist (built in; fetched without the Hugging Face hub where needed), a Hugging Face / "
+        "Flower Datasets id such as 'uoft-cs/cifar10' (downloaded once; needs internet), or a local folder "
+        "written by DatasetDict.save_to_disk ('./folder'), with 'train' and 'test' splits, an image column and "
+        "a label column.",
+        choices=("mnist", "fashion-mnist"),
+        other=(r"\S*/\S*", "owner/name or ./folder"),
+    ),
     Key(
         "partitioner",
         "iid",

@@ -35,8 +35,8 @@ FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3
 class DatasetSpec:
     name: str
     md5: dict[str, str]  # of the uncompressed IDX files
-    mean: float
-    std: float
+    mean: float | tuple[float, ...]  # of the training pixels in [0, 1]; one per channel for colour images
+    std: float | tuple[float, ...]
     hub_id: str
     classes: int = 10
 
@@ -263,7 +263,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ImageData:
-    """A data set in memory: uint8 images (N, 28, 28) and int64 labels, train and test."""
+    """A data set in memory: uint8 images (N, H, W) or (N, H, W, C) and int64 labels, train and test."""
 
     spec: DatasetSpec
     train_images: np.ndarray
@@ -272,21 +272,41 @@ class ImageData:
     test_labels: np.ndarray
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        """Normalised float32 model inputs (N, 1, 28, 28)."""
+        """Normalised float32 model inputs (N, C, H, W)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
-        return x.sub_(self.spec.mean).div_(self.spec.std).unsqueeze(1)
+        if x.dim() == 3:  # grey pictures (N, H, W): one channel, one scalar mean and std
+            return x.sub_(self.spec.mean).div_(self.spec.std).unsqueeze(1)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32).view(1, 1, 1, -1)
+        std = torch.tensor(self.spec.std, dtype=torch.float32).view(1, 1, 1, -1)
+        return x.sub_(mean).div_(std).permute(0, 3, 1, 2).contiguous()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return (1, *self.train_images.shape[1:])
+        shape = self.train_images.shape[1:]
+        return (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
 
 
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str = "") -> ImageData:
-    """The verified data set ``name`` (fetched on first use), cached per process."""
+    """The verified data set ``name`` (fetched on first use), cached per process: a built-in IDX set,
+    or a Hugging Face / Flower Datasets id or a local ``save_to_disk`` folder (``hub_data``)."""
+    if name not in DATASETS:
+        from byzflower.hub_data import load_hub_dataset
+
+        return load_hub_dataset(name, data_dir or None)
     folder = ensure_dataset(name, data_dir or None)
     arrays = [_read_idx(folder / f) for f in FILES]
     return ImageData(DATASETS[name], arrays[0], arrays[1].astype(np.int64), arrays[2], arrays[3].astype(np.int64))
+
+
+def dataset_folder(name: str, data_dir: str = "", log: Log = lambda _: None) -> Path:
+    """The folder of ``name``'s cached files (fetched or decoded on first use)."""
+    if name in DATASETS:
+        return ensure_dataset(name, data_dir or None, log=log)
+    from byzflower.hub_data import folder_of
+
+    load_dataset(name, data_dir)
+    return folder_of(name, data_dir or None)
 
 
 PARTITIONERS = ("iid", "dirichlet", "pathological")
@@ -321,7 +341,7 @@ def partition(
     if partitioner == "dirichlet":
         args.append(float(dirichlet_alpha))
     key = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:16]
-    cache = ensure_dataset(dataset, data_dir or None) / "partitions" / f"{partitioner}-{num_partitions}-{key}.npz"
+    cache = dataset_folder(dataset, data_dir) / "partitions" / f"{partitioner}-{num_partitions}-{key}.npz"
     try:
         with np.load(cache) as z:
             if version is None or str(z["version"]) == version:
