@@ -262,8 +262,6 @@ class LocalRun:
                 for warning in self.recorder.warnings:
                     self.log(f"warning: {warning} (running anyway: breakdown studies need it)")
                 self.recorder.evaluate(0, self.x)
-            else:
-                self.log(f"resuming {self.run_dir.path} at iteration {self.start}")
             for t in range(self.start, rounds + 1):
                 self.step(t)
                 due, keep = self.recorder.due(t), every and t % every == 0 and t < rounds
@@ -311,6 +309,7 @@ class LocalRun:
         self.recorder.load_state_dict(state["recorder"])
         self.run_dir.truncate_records(after=t)  # records written after the checkpoint are recomputed
         self.start = t + 1
+        self.recorder.resumed(t + 1)
 
 
 def run_local(cfg: RunConfig, log: Log = print) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class Recorder:
         self.last_record: dict[str, Any] | None = None
         self.byzantine_ids: list[int] = []
         self.warnings: list[str] = []
+        self.resumed_at: list[int] = []
         self.totals: dict[str, float] = {}  # dropped / failed counts over the whole run
         self.finished = False
 
@@ -138,6 +139,7 @@ class Recorder:
             "last_eval_iteration": self._last_eval_iteration,
             "elapsed": time.perf_counter() - self.started,
             "eval_seconds": self._eval_seconds,
+            "resumed_at": list(self.resumed_at),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,6 +148,12 @@ class Recorder:
         self.started = time.perf_counter() - float(state["elapsed"])
         self._interval_start = time.perf_counter()
         self._eval_seconds = float(state["eval_seconds"])
+        self.resumed_at = [int(t) for t in state.get("resumed_at", [])]
+
+    def resumed(self, iteration: int) -> None:
+        """Note that the run goes on from a checkpoint at ``iteration`` (kept in the summary)."""
+        self.resumed_at.append(int(iteration))
+        self.log(f"resuming {self.run.path} at iteration {iteration}")
 
     def interval_state(self) -> dict[str, Any]:
         """What the current interval has gathered (to take back a speculative segment)."""
@@ -219,6 +227,7 @@ class Recorder:
             "best_test_accuracy": best,
             "totals": {k.replace("-", "_"): v for k, v in self.totals.items()},
             "warnings": list(self.warnings) + self._fault_warnings(),
+            "resumed_at": list(self.resumed_at),  # iterations a resumed run went on from, in order
             "config": self.cfg.resolved(),
         }
         self.run.finish(summary)

@@ -151,7 +151,8 @@ def _resume(recorder: Recorder, strategy: RobustSGD) -> torch.Tensor:
     recorder.load_state_dict(state["recorder"])
     recorder.run.truncate_records(after=t)  # records written after the checkpoint are recomputed
     strategy.round_offset = t
-    _say(f"resuming {recorder.run.path} at iteration {t + 1}; the nodes rebuild their workers' state at its model")
+    recorder.resumed(t + 1)
+    _say("the nodes rebuild their workers' state at the checkpoint's model where they kept none")
     return state["x"]
 
 

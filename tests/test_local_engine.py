@@ -67,6 +67,8 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
     assert subprocess.run(command(), capture_output=True, timeout=600).returncode == 0
     resumed = _records(metrics)
     assert [r["iteration"] for r in resumed] == list(range(0, 401, 10))
+    [at] = json.loads((tmp_path / "killed" / "summary.json").read_text())["resumed_at"]
+    assert at % 40 == 1 and at > 1  # right after a checkpoint (every 40)
     assert resumed == _records(tmp_path / "straight" / "metrics.jsonl")
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
 
