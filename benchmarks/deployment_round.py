@@ -31,10 +31,10 @@ import json, os, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import flwr.clientapp, byzflower.client_app
+import flwr.clientapp, byzflower.flower.client_app
 t2 = time.perf_counter()
 from byzflower.config import resolve
-from byzflower.node import NodeWorkers
+from byzflower.flower.node import NodeWorkers
 cfg = resolve(json.loads(sys.argv[1]))
 node = NodeWorkers(cfg, 0, int(sys.argv[2]), int(sys.argv[3]))  # a new run id: no state on disk yet
 t3 = time.perf_counter()
@@ -74,7 +74,7 @@ def _time(command: list[str], env: dict[str, str]) -> float:
 
 def deployment(supernodes: int, rounds: int) -> float:
     """Seconds per iteration of a real deployment run (after the first, which fills SAGA's tables)."""
-    from byzflower.flower_runner import LocalDeployment
+    from byzflower.flower.flower_runner import LocalDeployment
 
     with tempfile.TemporaryDirectory() as results, LocalDeployment(supernodes) as link:
         config = {**CONFIG, "num-server-rounds": rounds, "eval-every": 1, "eval-train-samples": 1000}

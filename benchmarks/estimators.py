@@ -23,7 +23,7 @@ import torch
 
 from byzflower.config import resolve
 from byzflower.factory import dataset_of, gradients_of, worker_data
-from byzflower.node_state import mapped_allocator
+from byzflower.flower.node_state import mapped_allocator
 from clients.estimators import SAGA, SARAH, SGD, SVRG
 
 

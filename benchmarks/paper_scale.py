@@ -61,7 +61,7 @@ def local_seconds(run: LocalRun, iterations: int) -> float:
 
 
 def flower_seconds(overrides: dict, iterations: int, out: Path) -> float:
-    from byzflower.flower_runner import LocalSuperLink
+    from byzflower.flower.flower_runner import LocalSuperLink
 
     config = {
         **overrides,

@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from byzflower.flower_runner import LocalSuperLink
+from byzflower.flower.flower_runner import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parent.parent
 

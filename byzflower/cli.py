@@ -12,7 +12,7 @@ from typing import Any
 
 from byzflower.config import DEFAULTS, ConfigError, markdown_table, resolve
 from byzflower.data import DATASETS, DataError, dataset_folder, ensure_dataset
-from byzflower.results import RunFolderError
+from byzflower.records.results import RunFolderError
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -77,10 +77,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         summary = run_local(cfg)
         return 0 if summary.get("status") == "finished" else 1
-    from byzflower.flower_runner import LocalDeployment, LocalSuperLink
+    from byzflower.flower.flower_runner import LocalDeployment, LocalSuperLink
 
     if not overrides.get("results-dir"):
-        from byzflower.results import default_results_dir
+        from byzflower.records.results import default_results_dir
 
         # The ServerApp runs in the SuperLink's working directory: give it an absolute path.
         overrides["results-dir"] = str(default_results_dir().resolve())
@@ -102,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_credentials(args: argparse.Namespace) -> int:
-    from byzflower.credentials import make_credentials
+    from byzflower.flower.credentials import make_credentials
 
     if args.supernodes < 1:
         raise ConfigError(f"--supernodes={args.supernodes} must be >= 1")
@@ -115,8 +115,8 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from byzflower.results import default_results_dir
-    from byzflower.sweep import grid, parse_axis, run_sweep
+    from byzflower.experiments.sweep import grid, parse_axis, run_sweep
+    from byzflower.records.results import default_results_dir
 
     cells = grid(
         parse_axis("optimizer", args.optimizer),
@@ -134,7 +134,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     dataset_folder(resolved["dataset"], resolved["data-dir"], log=print)
     outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address, backend=args.backend)
     if not args.no_report:
-        from byzflower.report import write_report
+        from byzflower.experiments.report import write_report
 
         paths = write_report([out])
         print(f"report: {paths['markdown']}, {paths['csv']}, {paths['figure']}")
@@ -142,7 +142,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from byzflower.report import write_report
+    from byzflower.experiments.report import write_report
 
     paths = write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
     print(paths["markdown"].read_text())

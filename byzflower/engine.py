@@ -20,7 +20,6 @@ import torch
 
 from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
 from byzflower.core import role_blind_order, role_blind_positions
-from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import (
     byzantine_data,
     dataset_of,
@@ -31,7 +30,15 @@ from byzflower.factory import (
     preflight,
     worker_data,
 )
-from byzflower.results import RunDirectory, RunFolderError, default_results_dir, record_failure, run_name, status_of
+from byzflower.records.experiment import Evaluator, Recorder, name_selected
+from byzflower.records.results import (
+    RunDirectory,
+    RunFolderError,
+    default_results_dir,
+    record_failure,
+    run_name,
+    status_of,
+)
 from clients.attacks import HonestStats, LabelFlip
 from clients.graphs import GraphedEstimator
 from strategies.aggregators import finite_rows

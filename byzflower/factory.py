@@ -11,7 +11,7 @@ from byzflower.config import ConfigError, RunConfig, build_component, parse_ids
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import ModelError, build_model
-from byzflower.results import default_results_dir
+from byzflower.records.results import default_results_dir
 from clients.estimators import ESTIMATORS, Allocator, Estimator
 from clients.gradients import ModelGradients
 from clients.workers import WorkerData

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from byzflower.config import resolve
-from byzflower.credentials import make_node_key
 from byzflower.engine import run_local
-from byzflower.flower_runner import LocalDeployment, _alive, descendants, reap_stale
+from byzflower.flower.credentials import make_node_key
+from byzflower.flower.flower_runner import LocalDeployment, _alive, descendants, reap_stale
 
 APP = os.path.join(os.path.dirname(__file__), "..")
 TIMING = {"elapsed_s", "iters_per_s"}
@@ -134,7 +134,7 @@ def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
     recorded by PID, and deletes the folder with the worker state in it."""
     code = (
         "import sys, time\n"
-        "from byzflower.flower_runner import LocalSuperLink\n"
+        "from byzflower.flower.flower_runner import LocalSuperLink\n"
         f"link = LocalSuperLink(home={str(tmp_path / 'byzflower-flwr-killed')!r})\n"
         "link.start()\n"
         "print(link.process.pid, flush=True)\n"
@@ -160,7 +160,7 @@ def test_node_checkpoints_keep_two_and_restore_the_state_exactly(tmp_path, monke
     one back gives the very messages that followed it; a missing one means a rebuild."""
     import torch
 
-    from byzflower.node import NodeWorkers
+    from byzflower.flower.node import NodeWorkers
 
     monkeypatch.setenv("BYZFLOWER_STATE_DIR", str(tmp_path))
     cfg = resolve({"optimizer": "saga", "num-honest": 4, "num-byzantine": 2, "run-name": "named", "seed": 3})

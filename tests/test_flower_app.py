@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from byzflower.flower_runner import LocalSuperLink, _alive, descendants
+from byzflower.flower.flower_runner import LocalSuperLink, _alive, descendants
 
 pytestmark = pytest.mark.flower
 APP = os.path.join(os.path.dirname(__file__), "..")

@@ -12,8 +12,8 @@ import torch
 
 from byzflower.config import ConfigError, resolve
 from byzflower.data import DataError, load_dataset
+from byzflower.data.hub import load_hub_dataset
 from byzflower.engine import run_local
-from byzflower.hub_data import load_hub_dataset
 
 
 def _save(folder, shape, classes=3, train=60, test=20, seed=0, columns=("img", "fine_label"), splits=None):

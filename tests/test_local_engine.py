@@ -13,8 +13,8 @@ import torch
 
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
-from byzflower.report import collect, csv_text, markdown, table, write_report
-from byzflower.sweep import Cell, grid, parse_axis, run_sweep
+from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
+from byzflower.experiments.sweep import Cell, grid, parse_axis, run_sweep
 
 TIMING = {"elapsed_s", "iters_per_s"}
 RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
@@ -181,7 +181,7 @@ def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished"):
 
 
 def test_the_report_sets_each_cell_beside_the_papers_table_one(tmp_path):
-    from byzflower.report import PAPER_TABLE_I, beside_paper
+    from byzflower.experiments.report import PAPER_TABLE_I, beside_paper
 
     _fake_run(tmp_path, "saga", "gm", "zero-gradient", 0.5427)
     _fake_run(tmp_path, "sgd", "mean", "none", 0.969)

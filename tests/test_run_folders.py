@@ -17,7 +17,7 @@ import torch
 
 from byzflower.config import resolve
 from byzflower.engine import RunExists, open_run, run_local
-from byzflower.results import RunDirectory, RunFolderError
+from byzflower.records.results import RunDirectory, RunFolderError
 
 SMALL = {"num-honest": 8, "num-byzantine": 2, "seed": 3, "num-server-rounds": 6, "eval-every": 3}
 
@@ -72,7 +72,7 @@ def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_pa
     first = RunDirectory.create(tmp_path, "shared", {"k": 1})
     code = (
         "import sys\n"
-        "from byzflower.results import RunDirectory, RunFolderError\n"
+        "from byzflower.records.results import RunDirectory, RunFolderError\n"
         f"try:\n    RunDirectory({str(first.path)!r}).lock()\n"
         "except RunFolderError as exc:\n    print(exc); sys.exit(3)\n"
     )

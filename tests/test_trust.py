@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from byzflower.harness import Harness, HarnessError, node_rows
+from byzflower.flower.harness import Harness, HarnessError, node_rows
 from byzflower.layout import Layout
 from strategies.npy import NUMPY_STYPE, npy_bytes
 

