@@ -198,10 +198,11 @@ _KEYS = [
         "mlp",
         "mlp: the paper's 784-50-10 tanh network; mlp-notebook: the authors' notebook network behind the "
         "published numbers (tanh on the input, softmax before the cross-entropy); cnn: a small conv net; "
+        "logreg: multinomial logistic regression (convex; the paper's Figs. 3-6 with weight-decay=0.01); "
         "resnet18, resnet50: torchvision's ResNets with GroupNorm (a 3x3 stem for pictures up to 64 pixels); "
         "or your own: 'package.module:factory', called as factory(input_shape=(C, H, W), num_classes=K) "
         "and returning an nn.Module that outputs logits.",
-        choices=("mlp", "mlp-notebook", "cnn", "resnet18", "resnet50"),
+        choices=("mlp", "mlp-notebook", "cnn", "logreg", "resnet18", "resnet50"),
         other=(_IMPORT_PATH, "package.module:factory"),
     ),
     Key(
@@ -222,6 +223,13 @@ _KEYS = [
     ),
     Key("dirichlet-alpha", 0.5, "Concentration of partitioner='dirichlet' (smaller = more skewed).", positive=True),
     Key("pathological-classes", 2, "Classes per worker with partitioner='pathological'.", positive=True),
+    Key(
+        "optimality-gap",
+        False,
+        "Record F(x) - F(x*) at every evaluation, F the honest workers' objective (their local mean losses "
+        "averaged, plus weight-decay / 2 ||x||^2) and x* its minimiser (full-batch L-BFGS in float64, cached): "
+        "model='logreg' with weight-decay > 0 only, where F is strongly convex.",
+    ),
     Key(
         "eval-train-samples",
         0,
@@ -441,6 +449,18 @@ def _sarah(cfg: RunConfig) -> list[str]:
             f"sarah-interval={cfg['sarah-interval']} must be >= 2 with sarah-restart='random' (restarts 1..T-1 ahead)"
         ]
     return []
+
+
+@cross_check
+def _optimality_gap(cfg: RunConfig) -> list[str]:
+    if not cfg["optimality-gap"]:
+        return []
+    problems = []
+    if cfg["model"] != "logreg":
+        problems.append(f"optimality-gap=true needs model='logreg' (a convex objective), got model={cfg['model']!r}")
+    if not cfg["weight-decay"] > 0:
+        problems.append("optimality-gap=true needs weight-decay > 0 (one minimiser; the paper uses 0.01)")
+    return problems
 
 
 @cross_check

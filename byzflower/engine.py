@@ -27,6 +27,7 @@ from byzflower.factory import (
     gradients_of,
     layout_of,
     make_estimator,
+    objective_of,
     preflight,
     worker_data,
 )
@@ -131,7 +132,8 @@ class LocalRun:
         self._suspect: torch.Tensor | None = None
         self._segment: dict[str, Any] | None = None
         self.rule = rule_of(cfg)
-        self.recorder = Recorder(cfg, Evaluator(cfg, data, self.grads, self.device), log, run)
+        evaluator = Evaluator(cfg, data, self.grads, self.device, objective_of(cfg, data, self.grads))
+        self.recorder = Recorder(cfg, evaluator, log, run)
         self.recorder.byzantine_ids = self.byzantine_ids
         self.recorder.warnings = warnings_of(cfg)
         self.x = self.grads.initial_point()

@@ -49,6 +49,15 @@ def partitions_of(cfg: RunConfig) -> tuple:
     )
 
 
+def objective_of(cfg: RunConfig, data: ImageData, grads: ModelGradients):
+    """The honest workers' objective with its minimum (``optimality-gap=true``), else None."""
+    if not cfg["optimality-gap"]:
+        return None
+    from byzflower.optimum import HonestObjective
+
+    return HonestObjective(cfg, data, grads, partitions_of(cfg))
+
+
 def preflight(cfg: RunConfig) -> None:
     """The checks that need the data or this machine, made before any folder is created or
     any training starts (raises ConfigError naming the key)."""

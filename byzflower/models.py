@@ -1,4 +1,5 @@
-"""The models byzflower trains: the paper's MLP, the authors' notebook network, and a small CNN.
+"""The models byzflower trains: the paper's MLP, the authors' notebook network, a small CNN,
+multinomial logistic regression (the paper's convex experiments) and ResNets.
 
 ``mlp`` and ``cnn`` output logits; ``mlp-notebook`` outputs probabilities, on purpose (see its doc).
 Any other torch model plugs in as 'package.module:factory' (see ``build_model``).
@@ -65,6 +66,19 @@ class CNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class LogReg(nn.Module):
+    """Multinomial logistic regression: one Linear layer from the flattened input to the logits.
+    With cross-entropy and ``weight-decay`` > 0 the honest objective is strongly convex (the
+    paper's Figs. 3-6 use l2-regularised logistic regression with weight 0.01)."""
+
+    def __init__(self, in_features: int = 784, classes: int = 10) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
 def resnet(depth: int, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     """torchvision's ResNet-18 or -50 with GroupNorm (32 groups) in place of BatchNorm, so that
     every sample's gradient is its own (per-sample gradients, SAGA's table). Pictures up to 64
@@ -82,7 +96,14 @@ def resnet(depth: int, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     return model
 
 
-MODELS = {"mlp": MLP, "mlp-notebook": NotebookMLP, "cnn": CNN, "resnet18": resnet, "resnet50": resnet}
+MODELS = {
+    "mlp": MLP,
+    "mlp-notebook": NotebookMLP,
+    "cnn": CNN,
+    "logreg": LogReg,
+    "resnet18": resnet,
+    "resnet50": resnet,
+}
 
 
 class ModelError(ValueError):
@@ -99,11 +120,13 @@ def build_model(name: str, seed: int, input_shape: tuple[int, ...] = (1, 28, 28)
         torch.manual_seed(derive_seed(seed, "model-init"))
         if ":" in name:
             return _user_model(name, tuple(input_shape), classes)
+        in_features = 1
+        for s in input_shape:
+            in_features *= s
         if name in ("mlp", "mlp-notebook"):
-            in_features = 1
-            for s in input_shape:
-                in_features *= s
             return MODELS[name](in_features, 50, classes)
+        if name == "logreg":
+            return LogReg(in_features, classes)
         if name.startswith("resnet"):
             return resnet(int(name[len("resnet") :]), tuple(input_shape), classes)
         return CNN(input_shape[0], classes)

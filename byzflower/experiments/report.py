@@ -186,6 +186,8 @@ def figure(runs: list[Run], path: Path) -> None:
         ("train_loss", "train loss", True),
         ("honest_variance", "variance of honest messages", True),
     ]
+    if any(r.get("optimality_gap") is not None for run in runs for r in run.records):  # convex runs (Figs. 3-6)
+        panels.insert(0, ("optimality_gap", "optimality gap F(x) - F(x*)", True))
     fig, axes = plt.subplots(len(panels), len(attacks), figsize=(4.2 * len(attacks), 3.2 * len(panels)), squeeze=False)
     columns = sorted({r.column for r in runs})
     colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(columns)}
@@ -193,7 +195,12 @@ def figure(runs: list[Run], path: Path) -> None:
         for i, (key, label, logy) in enumerate(panels):
             ax = axes[i][j]
             for run in sorted((r for r in runs if r.config["attack"] == attack), key=lambda r: r.column):
-                pts = [(r["iteration"], r[key]) for r in run.records if r.get(key) is not None]
+                # a gap of exactly 0 (or -1e-17 by rounding) has no place on a log scale: shown at 1e-16
+                pts = [
+                    (r["iteration"], max(r[key], 1e-16) if logy else r[key])
+                    for r in run.records
+                    if r.get(key) is not None
+                ]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), label=run.column, color=colours[run.column])
             if logy:

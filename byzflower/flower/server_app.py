@@ -15,7 +15,7 @@ from flwr.supercore import log
 from byzflower.config import ConfigError, attack_of, min_workers_of, resolve, rule_of, warnings_of
 from byzflower.data import DataError
 from byzflower.engine import open_run
-from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight
+from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, objective_of, preflight
 from byzflower.flower.harness import Harness, HarnessError, poll
 from byzflower.records.experiment import Evaluator, Recorder, name_selected
 from byzflower.records.results import RunFolderError, status_of
@@ -68,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
     device = device_of(cfg)
     layout = layout_of(cfg)
     grads = gradients_of(cfg, data, device)
-    recorder = Recorder(cfg, Evaluator(cfg, data, grads, device), _say, run)
+    recorder = Recorder(cfg, Evaluator(cfg, data, grads, device, objective_of(cfg, data, grads)), _say, run)
     status, error = "failed", None
     quiet = _QuietStrategyLoop()
     flwr_logger = logging.getLogger("flwr")

@@ -37,8 +37,11 @@ def name_selected(info: dict[str, Any], valid_positions: list[int], order: list[
 class Evaluator:
     """Loss and accuracy on the whole test set and on the training set (or a fixed sample of it)."""
 
-    def __init__(self, cfg: RunConfig, data: ImageData, grads: ModelGradients, device: torch.device) -> None:
+    def __init__(
+        self, cfg: RunConfig, data: ImageData, grads: ModelGradients, device: torch.device, objective: Any = None
+    ) -> None:
         self.grads = grads
+        self.objective = objective  # with ``gap(x)``: the optimality gap is recorded too
         self.test = (data.inputs(data.test_images).to(device), torch.from_numpy(data.test_labels).to(device))
         n = int(cfg["eval-train-samples"])
         idx = np.arange(len(data.train_labels))
@@ -54,12 +57,15 @@ class Evaluator:
         x = x.to(self.test[0].device)
         test_loss, test_acc = self.grads.evaluate(x, *self.test)
         train_loss, train_acc = self.grads.evaluate(x, *self.train)
-        return {
+        out = {
             "test_loss": test_loss,
             "test_accuracy": test_acc,
             "train_loss": train_loss,
             "train_accuracy": train_acc,
         }
+        if self.objective is not None:
+            out["optimality_gap"] = self.objective.gap(x)
+        return out
 
 
 class Recorder:

@@ -19,7 +19,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(run: RunDirectory) -> list[str]:
-    """Write loss.png, accuracy.png and variance.png into the run folder; returns the names."""
+    """Write loss.png, accuracy.png, variance.png (and gap.png for convex runs) into the run folder; returns the
+    names."""
     records = run.records()
     cfg = run.config()
     title = f"{cfg.get('optimizer')} + {cfg.get('aggregator')}, attack {cfg.get('attack')}"
@@ -29,6 +30,8 @@ def plot_run(run: RunDirectory) -> list[str]:
         ("accuracy.png", "accuracy", [("train_accuracy", "train"), ("test_accuracy", "test")], False),
         ("variance.png", "variance of honest messages", [("honest_variance", "at the evaluation")], True),
     ]
+    if _series(records, "optimality_gap")[0]:  # optimality-gap=true (convex runs)
+        panels.append(("gap.png", "optimality gap F(x) - F(x*)", [("optimality_gap", "at the evaluation")], True))
     for filename, ylabel, series, logy in panels:
         fig, ax = plt.subplots(figsize=(6, 4))
         plotted = False
