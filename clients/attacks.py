@@ -225,6 +225,17 @@ class Noise(_NoiseAttack):
         return self._scaled_noise(worker_ids, iteration, dim)
 
 
+class Inf(Attack):
+    """+inf in every coordinate (ByzFL's "Inf" attack): what a server without screening would
+    average into a non-finite model. byzflower's servers drop such rows before any rule sees them
+    (counted as ``dropped_nonfinite``), so the run goes on with the honest messages alone."""
+
+    name = "inf"
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        return torch.full((len(worker_ids), dim), math.inf)
+
+
 class LabelFlip(Attack):
     """Data poisoning: the honest estimator on labels y -> classes - 1 - y (no knowledge needed)."""
 
@@ -296,5 +307,5 @@ def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: 
 
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Gaussian, SignFlip, ZeroGradient, ALIE, IPM, LabelFlip, Noise)
+    cls.name: cls for cls in (Gaussian, SignFlip, ZeroGradient, ALIE, IPM, LabelFlip, Noise, Inf)
 }

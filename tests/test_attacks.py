@@ -102,3 +102,32 @@ def test_every_attack_name_builds_its_own_class():
     for name in CLASSES:
         assert type(attack_of(resolve({"attack": name}))) is CLASSES[name]
     assert attack_of(resolve({"attack": "none"})) is None
+
+
+def test_the_inf_attack_is_screened_out_and_the_run_goes_on(tmp_path, mnist):
+    """Every Byzantine message is +inf: each is dropped before the rule (counted), no round fails,
+    and the model trains on the honest messages alone."""
+    import json
+
+    from byzflower.config import resolve
+    from byzflower.engine import run_local
+    from clients.attacks import Inf
+
+    assert torch.equal(Inf().craft([7, 8], 3, None, 5), torch.full((2, 5), float("inf")))
+    cfg = {
+        "optimizer": "batch-sgd",
+        "aggregator": "gm",
+        "attack": "inf",
+        "num-honest": 6,
+        "num-byzantine": 3,
+        "num-server-rounds": 40,
+        "eval-every": 20,
+        "results-dir": str(tmp_path),
+        "run-name": "inf",
+    }
+    summary = run_local(resolve(cfg), log=lambda _: None)
+    assert summary["status"] == "finished"
+    assert summary["totals"]["dropped_nonfinite"] == 3 * 40 and not summary["totals"].get("failed")
+    assert any("dropped" in w for w in summary["warnings"])
+    records = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["test_accuracy"] > records[0]["test_accuracy"] + 0.3
