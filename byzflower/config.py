@@ -4,9 +4,11 @@
 README's table is generated from ``KEYS`` (``byzflower config --markdown``), and both engines
 validate through ``resolve``: every problem is reported at once, before any work starts.
 
-The aggregation rules' and attacks' keys are not written here: they come from the component
-registries (``strategies.aggregators.RULES``, ``clients.attacks.ATTACKS``), each key with its
-default taken from the constructor, so a new rule or attack brings its keys with it.
+The aggregation rules', attacks' and estimators' keys are not written here: they come from the
+component registries (``strategies.aggregators.RULES``, ``clients.attacks.ATTACKS``,
+``clients.estimators.ESTIMATORS``), each key with its default taken from the constructor, so a new
+component brings its keys with it; the model and data-set names come from ``byzflower.models`` and
+``byzflower.data``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from byzflower.data import DATASETS
+from byzflower.models import MODELS
 from clients.attacks import ATTACKS as ATTACK_CLASSES
 from clients.estimators import ESTIMATORS
-from strategies.aggregators import PRE_AGGREGATORS, RULES, takes_f
+from strategies.aggregators import PRE_AGGREGATORS, RULES, behind, takes_f
 
 
 class ConfigError(ValueError):
@@ -202,7 +206,7 @@ _KEYS = [
         "resnet18, resnet50: torchvision's ResNets with GroupNorm (a 3x3 stem for pictures up to 64 pixels); "
         "or your own: 'package.module:factory', called as factory(input_shape=(C, H, W), num_classes=K) "
         "and returning an nn.Module that outputs logits.",
-        choices=("mlp", "mlp-notebook", "cnn", "logreg", "resnet18", "resnet50"),
+        choices=tuple(MODELS),
         other=(_IMPORT_PATH, "package.module:factory"),
     ),
     Key(
@@ -212,7 +216,7 @@ _KEYS = [
         "Flower Datasets id such as 'uoft-cs/cifar10' (downloaded once; needs internet), or a local folder "
         "written by DatasetDict.save_to_disk ('./folder'), with 'train' and 'test' splits, an image column and "
         "a label column.",
-        choices=("mnist", "fashion-mnist"),
+        choices=tuple(DATASETS),
         other=(r"\S*/\S*", "owner/name or ./folder"),
     ),
     Key(
@@ -473,8 +477,7 @@ def _classes(cfg: RunConfig) -> list[str]:
 def rule_of(cfg: RunConfig):
     """The aggregation rule the config describes (a fresh object: rules may keep state)."""
     rule = build_component("aggregator", RULES[cfg["aggregator"]], cfg, {"f": cfg.aggregator_f})
-    wrapper = PRE_AGGREGATORS[cfg["pre-aggregator"]]
-    return wrapper(rule, cfg.aggregator_f) if wrapper is not None else rule
+    return behind(cfg["pre-aggregator"], rule, cfg.aggregator_f)
 
 
 def attack_of(cfg: RunConfig):

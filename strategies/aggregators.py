@@ -506,6 +506,10 @@ def make_rule(name: str, *, f: int = 0, pre: str = "none", **params) -> Rule:
     if pre not in PRE_AGGREGATORS:
         raise ValueError(f"pre-aggregator={pre!r} is not valid; choose one of: {', '.join(PRE_AGGREGATORS)}")
     cls = RULES[name]
-    rule = cls(f=f, **params) if takes_f(cls) else cls(**params)
+    return behind(pre, cls(f=f, **params) if takes_f(cls) else cls(**params), f)
+
+
+def behind(pre: str, rule: Rule, f: int) -> Rule:
+    """``rule`` behind the pre-aggregator ``pre`` ('none': the rule itself)."""
     wrapper = PRE_AGGREGATORS[pre]
     return wrapper(rule, f) if wrapper is not None else rule

@@ -188,11 +188,6 @@ def _raw_gram(messages: torch.Tensor, center: int, dtype: torch.dtype, scale: fl
     return (g + g.T) * 0.5
 
 
-def _pair_distances(g: torch.Tensor) -> torch.Tensor:
-    diag = g.diagonal()
-    return (diag[:, None] + diag[None, :] - 2.0 * g).clamp_min_(0.0)
-
-
 def centered_gram(messages: torch.Tensor) -> Gram:
     """The Gram matrix of the messages, centred at a message inside the bulk of them.
 
@@ -241,10 +236,7 @@ def squared_distances(gram: Gram) -> torch.Tensor:
 def _median_sq_distance(g: np.ndarray, alpha: np.ndarray) -> float:
     """Median over i of ||m_i - z||^2 for z = sum_j alpha_j m_j."""
     ga = g @ alpha
-    v = np.diag(g) - 2.0 * ga + alpha @ ga
-    n = v.shape[0]
-    part = np.partition(v, ((n - 1) // 2, n // 2))
-    return float((part[(n - 1) // 2] + part[n // 2]) * 0.5)
+    return float(_row_medians((np.diag(g) - 2.0 * ga + alpha @ ga)[None, :])[1][0])
 
 
 def robust_start(gram: Gram) -> tuple[np.ndarray, float]:

@@ -14,6 +14,7 @@ normalised per channel with the training set's own mean and standard deviation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -67,8 +68,11 @@ def load_hub_dataset(name: str, data_dir: str | Path | None = None) -> ImageData
     )
 
 
+@functools.lru_cache(maxsize=4)
 def _open(name: str) -> Any:
-    """The DatasetDict of a local folder or a hub id (``datasets`` caches what it downloads)."""
+    """The DatasetDict of a local folder or a hub id (``datasets`` caches what it downloads; the
+    opened splits are memory-mapped, kept per process so the cache folder, the arrays and the
+    partitions do not each open them again)."""
     try:
         import datasets
     except ImportError:

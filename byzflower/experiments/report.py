@@ -195,12 +195,7 @@ def figure(runs: list[Run], path: Path) -> None:
         for i, (key, label, logy) in enumerate(panels):
             ax = axes[i][j]
             for run in sorted((r for r in runs if r.config["attack"] == attack), key=lambda r: r.column):
-                # a gap of exactly 0 (or -1e-17 by rounding) has no place on a log scale: shown at 1e-16
-                pts = [
-                    (r["iteration"], max(r[key], 1e-16) if logy else r[key])
-                    for r in run.records
-                    if r.get(key) is not None
-                ]
+                pts = [(r["iteration"], r[key]) for r in run.records if r.get(key) is not None]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), label=run.column, color=colours[run.column])
             if logy:
