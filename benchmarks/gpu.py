@@ -172,7 +172,7 @@ def main() -> None:
             except Exception as exc:  # a profiler missing on some machine: keep the timings
                 print(f"  (profiler failed: {exc})")
                 prof = dict.fromkeys(FIGURES, float("nan"))
-            graphs = getattr(run.honest, "fallback", "n/a")
+            graphs = getattr(run.workers.estimator, "fallback", "n/a")
             if graphs is not None and device != "cpu":
                 print(f"  (CUDA graphs not used: {graphs})")
             row = {"setup": name, "device": device, "ms_per_iteration": ms, **prof}

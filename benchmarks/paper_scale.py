@@ -44,11 +44,11 @@ def floor_seconds(run: LocalRun, iterations: int) -> float:
     ids = run.byzantine_ids
     start = time.perf_counter()
     for t in range(2, iterations + 2):
-        honest = run.honest.step(x, t)
+        honest = run.workers.estimator.step(x, t)
         parts = [honest]
         if ids:
-            stats = HonestStats.of(honest) if run.attack.omniscient else None
-            parts.append(run.attack.craft(ids, t, stats, run.grads.dim).to(honest))
+            stats = HonestStats.of(honest) if run.workers.attack.omniscient else None
+            parts.append(run.workers.attack.craft(ids, t, stats, run.grads.dim).to(honest))
         x = x - lr * run.rule(torch.cat(parts)).vector
     return (time.perf_counter() - start) / iterations
 

@@ -25,7 +25,7 @@ from byzflower.data import DATASETS
 from byzflower.models import MODELS
 from clients.attacks import ATTACKS as ATTACK_CLASSES
 from clients.estimators import ESTIMATORS
-from strategies.aggregators import PRE_AGGREGATORS, RULES, behind, takes_f
+from strategies.aggregators import PRE_AGGREGATORS, RULES, pre_aggregator_names, takes_f
 
 
 class ConfigError(ValueError):
@@ -141,9 +141,10 @@ def build_component(kind: str, cls: type, cfg: Mapping[str, Any], context: Mappi
 
 
 _RULE_KEYS = component_keys(RULES)
+_PRE_KEYS = component_keys(PRE_AGGREGATORS)
 _ESTIMATOR_KEYS = component_keys(ESTIMATORS)
 _ATTACK_KEYS = component_keys(ATTACK_CLASSES)
-_TAKE_F = ", ".join([name for name, cls in RULES.items() if takes_f(cls)] + ["nnm"])
+_TAKE_F = ", ".join(name for name, cls in {**RULES, **PRE_AGGREGATORS}.items() if takes_f(cls))
 
 _KEYS = [
     # -- the experiment --------------------------------------------------------------------
@@ -171,9 +172,11 @@ _KEYS = [
     Key(
         "pre-aggregator",
         "none",
-        "nnm: nearest-neighbour mixing (each message -> mean of its n - f nearest) before the rule.",
-        choices=tuple(PRE_AGGREGATORS),
+        "What transforms the messages before the rule (see the table of pre-aggregators); several apply left to right.",
+        choices=("none", *PRE_AGGREGATORS),
+        other=(r"[a-z-]+( *, *[a-z-]+)+", "a comma-separated list of them, e.g. 'bucketing,nnm'"),
     ),
+    *_PRE_KEYS,
     Key(
         "aggregator-f",
         -1,
@@ -371,6 +374,8 @@ def _workers(cfg: RunConfig) -> list[str]:
 
 @cross_check
 def _rule_fits(cfg: RunConfig) -> list[str]:
+    import torch
+
     from strategies.aggregators import AggregationError
 
     try:
@@ -387,6 +392,12 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
         ]
+    while rule is not None:  # what a rule refuses from the shape of its input alone (e.g. MDA's cost)
+        try:
+            rule.check(torch.zeros(n, 1))
+        except AggregationError as exc:
+            return [f"aggregator={cfg['aggregator']!r}: {exc}"]
+        rule = getattr(rule, "rule", None)  # the rule behind a pre-aggregator
     return []
 
 
@@ -475,9 +486,13 @@ def _classes(cfg: RunConfig) -> list[str]:
 
 
 def rule_of(cfg: RunConfig):
-    """The aggregation rule the config describes (a fresh object: rules may keep state)."""
-    rule = build_component("aggregator", RULES[cfg["aggregator"]], cfg, {"f": cfg.aggregator_f})
-    return behind(cfg["pre-aggregator"], rule, cfg.aggregator_f)
+    """The aggregation rule the config describes, behind its pre-aggregators (a fresh object:
+    rules may keep state)."""
+    run = {"f": cfg.aggregator_f, "seed": int(cfg["seed"])}
+    rule = build_component("aggregator", RULES[cfg["aggregator"]], cfg, run)
+    for name in reversed(pre_aggregator_names(cfg["pre-aggregator"])):
+        rule = build_component("pre-aggregator", PRE_AGGREGATORS[name], cfg, {**run, "rule": rule})
+    return rule
 
 
 def attack_of(cfg: RunConfig):

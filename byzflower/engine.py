@@ -18,20 +18,10 @@ from typing import Any
 
 import torch
 
-from byzflower.config import RunConfig, attack_of, rule_of, warnings_of
+from byzflower.config import RunConfig, rule_of
 from byzflower.core import role_blind_order, role_blind_positions
-from byzflower.factory import (
-    byzantine_data,
-    dataset_of,
-    device_of,
-    gradients_of,
-    layout_of,
-    make_estimator,
-    objective_of,
-    preflight,
-    worker_data,
-)
-from byzflower.records.experiment import Evaluator, Recorder, name_selected
+from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
+from byzflower.records.experiment import name_selected
 from byzflower.records.results import (
     RunDirectory,
     RunFolderError,
@@ -40,8 +30,8 @@ from byzflower.records.results import (
     run_name,
     status_of,
 )
-from clients.attacks import HonestStats, LabelFlip
-from clients.graphs import GraphedEstimator
+from byzflower.workers import HostedWorkers
+from clients.attacks import HonestStats
 from strategies.aggregators import finite_rows
 from strategies.step import server_step, speculative_step
 
@@ -110,17 +100,10 @@ class LocalRun:
         self.layout = layout_of(cfg)
         self.grads = gradients_of(cfg, data, self.device)
         honest_ids = list(self.layout.honest_ids)
-        self.honest = make_estimator(cfg, self.grads, worker_data(cfg, data, honest_ids, self.device))
-        self.attack = attack_of(cfg)
         self.byzantine_ids = list(self.layout.byzantine_ids)
-        self.poisoned = None
-        if self.byzantine_ids and isinstance(self.attack, LabelFlip):
-            poisoned = byzantine_data(cfg, data, self.byzantine_ids, self.device, data.spec.classes)
-            self.poisoned = make_estimator(cfg, self.grads, poisoned)
-        if self.device.type == "cuda" and cfg["cuda-graphs"]:
-            self.honest = GraphedEstimator(self.honest)
-            if self.poisoned is not None:
-                self.poisoned = GraphedEstimator(self.poisoned)
+        self.workers = HostedWorkers(
+            cfg, range(self.layout.num_workers), data, self.grads, self.device, graphs=bool(cfg["cuda-graphs"])
+        )
         self._honest_rows = torch.tensor(honest_ids, dtype=torch.long, device=self.device)
         self._byzantine_rows = torch.tensor(self.byzantine_ids, dtype=torch.long, device=self.device)
         self._positions: torch.Tensor | None = None  # (_BLOCK, W) on the device, from iteration _first
@@ -132,10 +115,7 @@ class LocalRun:
         self._suspect: torch.Tensor | None = None
         self._segment: dict[str, Any] | None = None
         self.rule = rule_of(cfg)
-        evaluator = Evaluator(cfg, data, self.grads, self.device, objective_of(cfg, data, self.grads))
-        self.recorder = Recorder(cfg, evaluator, log, run)
-        self.recorder.byzantine_ids = self.byzantine_ids
-        self.recorder.warnings = warnings_of(cfg)
+        self.recorder = recorder_of(cfg, data, self.grads, self.device, log, run)
         self.x = self.grads.initial_point()
         self._messages: torch.Tensor | None = None
         self.start = 1
@@ -145,9 +125,9 @@ class LocalRun:
     # -- one iteration ---------------------------------------------------------------------------
     def messages(self, t: int) -> tuple[torch.Tensor, HonestStats, torch.Tensor]:
         """(honest (H, d), their statistics, all (W, d) in the role-blind order) at iteration t."""
-        if self.byzantine_ids and self.poisoned is None:
-            self.attack.prefetch(self.byzantine_ids, t, self.grads.dim)  # overlaps with the honest step
-        honest = self.honest.step(self.x, t)
+        workers = self.workers
+        workers.prefetch(t)  # the attack's draws overlap with the honest step
+        honest = workers.honest_step(self.x, t)
         stats = HonestStats.of(honest)
         position = self._position(t)
         if self._messages is None:  # reused: a fresh (W, d) tensor per iteration costs page faults
@@ -157,14 +137,10 @@ class LocalRun:
         everything = self._messages
         everything.index_copy_(0, position.index_select(0, self._honest_rows), honest)
         if self.byzantine_ids:
-            if self.poisoned is not None:
-                bad = self.poisoned.step(self.x, t)
-            else:
-                known = stats if self.attack.omniscient else None
-                bad = self.attack.craft(self.byzantine_ids, t, known, self.grads.dim)
-                bad = bad.to(device=honest.device, dtype=honest.dtype, non_blocking=True)
-                if self.speculate:  # a GPU outruns the host's draws: start the next iteration's now
-                    self.attack.prefetch(self.byzantine_ids, t + 1, self.grads.dim)
+            bad = workers.byzantine_step(self.x, t, stats if workers.omniscient else None)
+            bad = bad.to(device=honest.device, dtype=honest.dtype, non_blocking=True)
+            if self.speculate:  # a GPU outruns the host's draws: start the next iteration's now
+                workers.prefetch(t + 1)
             everything.index_copy_(0, position.index_select(0, self._byzantine_rows), bad)
         return honest, stats, everything
 
@@ -229,8 +205,7 @@ class LocalRun:
         self._segment = {
             "first": t,
             "x": self.x.clone(),
-            "honest": self.honest.state_dict(),
-            "poisoned": self.poisoned.state_dict() if self.poisoned is not None else None,
+            "workers": self.workers.state_dict(),
             "rule": self.rule.state_dict(),
             "recorder": self.recorder.interval_state(),
         }
@@ -249,9 +224,7 @@ class LocalRun:
         seg = self._segment
         self._segment = None
         self.x = seg["x"]
-        self.honest.load_state_dict(seg["honest"])
-        if self.poisoned is not None:
-            self.poisoned.load_state_dict(seg["poisoned"])
+        self.workers.load_state_dict(seg["workers"])
         self.rule.load_state_dict(seg["rule"])
         self.recorder.load_interval_state(seg["recorder"])
         self.speculate = False
@@ -300,8 +273,7 @@ class LocalRun:
         state = {
             "iteration": t,
             "x": self.x.cpu(),
-            "honest": self.honest.state_dict(),
-            "poisoned": self.poisoned.state_dict() if self.poisoned is not None else None,
+            "workers": self.workers.state_dict(),
             "rule": self.rule.state_dict(),
             "recorder": self.recorder.state_dict(),
         }
@@ -311,9 +283,7 @@ class LocalRun:
         state = torch.load(self.run_dir.path / CHECKPOINT, weights_only=False)
         t = int(state["iteration"])
         self.x = state["x"].to(self.device)
-        self.honest.load_state_dict(state["honest"])
-        if self.poisoned is not None:
-            self.poisoned.load_state_dict(state["poisoned"])
+        self.workers.load_state_dict(state["workers"])
         self.rule.load_state_dict(state["rule"])
         self.recorder.load_state_dict(state["recorder"])
         self.run_dir.truncate_records(after=t)  # records written after the checkpoint are recomputed

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from byzflower.config import ConfigError, RunConfig, build_component, parse_ids
+from byzflower.config import ConfigError, RunConfig, build_component, parse_ids, warnings_of
 from byzflower.data import ImageData, load_dataset, partition
 from byzflower.layout import Layout
 from byzflower.models import ModelError, build_model
-from byzflower.records.results import default_results_dir
+from byzflower.records.experiment import Evaluator, Recorder
+from byzflower.records.results import RunDirectory, default_results_dir
 from clients.estimators import ESTIMATORS, Allocator, Estimator
 from clients.gradients import ModelGradients
 from clients.workers import WorkerData
@@ -56,6 +58,23 @@ def objective_of(cfg: RunConfig, data: ImageData, grads: ModelGradients):
     from byzflower.optimum import HonestObjective
 
     return HonestObjective(cfg, data, grads, partitions_of(cfg))
+
+
+def recorder_of(
+    cfg: RunConfig,
+    data: ImageData,
+    grads: ModelGradients,
+    device: torch.device,
+    log: Callable[[str], None],
+    run: RunDirectory | None = None,
+) -> Recorder:
+    """The run's recorder (creating its folder unless ``run`` is given): the evaluator on the test
+    set (and the optimality gap when asked), the Byzantine ids and the config's warnings."""
+    evaluator = Evaluator(cfg, data, grads, device, objective_of(cfg, data, grads))
+    recorder = Recorder(cfg, evaluator, log, run)
+    recorder.byzantine_ids = list(layout_of(cfg).byzantine_ids)
+    recorder.warnings = warnings_of(cfg)
+    return recorder
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -8,6 +8,7 @@ Any other torch model plugs in as 'package.module:factory' (see ``build_model``)
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -96,46 +97,44 @@ def resnet(depth: int, input_shape: tuple[int, ...], classes: int) -> nn.Module:
     return model
 
 
-MODELS = {
-    "mlp": MLP,
-    "mlp-notebook": NotebookMLP,
-    "cnn": CNN,
-    "logreg": LogReg,
-    "resnet18": resnet,
-    "resnet50": resnet,
+def _features(input_shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in input_shape:
+        n *= size
+    return n
+
+
+# The built-in models, by run-config name. Each is a factory of the same form as a user's
+# 'package.module:factory': factory(input_shape=(C, H, W), num_classes=K) -> nn.Module.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda input_shape, num_classes: MLP(_features(input_shape), 50, num_classes),
+    "mlp-notebook": lambda input_shape, num_classes: NotebookMLP(_features(input_shape), 50, num_classes),
+    "cnn": lambda input_shape, num_classes: CNN(input_shape[0], num_classes),
+    "logreg": lambda input_shape, num_classes: LogReg(_features(input_shape), num_classes),
+    "resnet18": lambda input_shape, num_classes: resnet(18, input_shape, num_classes),
+    "resnet50": lambda input_shape, num_classes: resnet(50, input_shape, num_classes),
 }
 
 
 class ModelError(ValueError):
-    """A user's model cannot be used (not importable, not a module, or its samples not independent)."""
+    """A model cannot be used (unknown, not importable, not a module, or its samples not independent)."""
 
 
 def build_model(name: str, seed: int, input_shape: tuple[int, ...] = (1, 28, 28), classes: int = 10) -> nn.Module:
-    """The model ``name`` (a built-in, or 'package.module:factory') with weights initialised from ``seed`` alone."""
-    if name not in MODELS and ":" not in name:
-        raise ValueError(
-            f"model={name!r} is not available; choose one of: {', '.join(MODELS)}, or package.module:factory"
-        )
+    """The model ``name`` (a key of MODELS, or 'package.module:factory') for (C, H, W) inputs and
+    ``classes`` outputs, its weights initialised from ``seed`` alone, checked as usable."""
+    factory = MODELS.get(name) or _import_factory(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
-        if ":" in name:
-            return _user_model(name, tuple(input_shape), classes)
-        in_features = 1
-        for s in input_shape:
-            in_features *= s
-        if name in ("mlp", "mlp-notebook"):
-            return MODELS[name](in_features, 50, classes)
-        if name == "logreg":
-            return LogReg(in_features, classes)
-        if name.startswith("resnet"):
-            return resnet(int(name[len("resnet") :]), tuple(input_shape), classes)
-        return CNN(input_shape[0], classes)
+        model = factory(input_shape=tuple(input_shape), num_classes=classes)
+    return _checked(name, model, tuple(input_shape), classes)
 
 
-def _user_model(name: str, input_shape: tuple[int, ...], classes: int) -> nn.Module:
-    """``factory(input_shape=..., num_classes=...)`` from 'package.module:factory', checked: an
-    nn.Module, no batch statistics (per-sample gradients need samples that do not see each other),
-    and (n, classes) outputs for n samples."""
+def _import_factory(name: str) -> Callable[..., nn.Module]:
+    if ":" not in name:
+        raise ModelError(
+            f"model={name!r} is not available; choose one of: {', '.join(MODELS)}, or package.module:factory"
+        )
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -144,7 +143,12 @@ def _user_model(name: str, input_shape: tuple[int, ...], classes: int) -> nn.Mod
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelError(f"model={name!r}: {module_name!r} has no callable {attribute!r}")
-    model = factory(input_shape=input_shape, num_classes=classes)
+    return factory
+
+
+def _checked(name: str, model: object, input_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """``model`` if usable: an nn.Module, no batch statistics (per-sample gradients need samples
+    that do not see each other), and (n, classes) outputs for n samples."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"model={name!r}: the factory returned {type(model).__name__}, not a torch nn.Module")
     norms = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})

@@ -434,4 +434,40 @@ def _first_occurrence(rows: torch.Tensor) -> torch.Tensor:
     return ~(same & earlier).any(dim=2)
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (SGD, BatchSGD, SAGA, SVRG, SARAH)}
+class Momentum(Estimator):
+    """Worker momentum (Karimireddy, He and Jaggi, "Learning from History for Byzantine Robust
+    Optimization", ICML 2021): each worker sends m_t = beta * m_(t-1) + (1 - beta) * g_t, g_t its
+    mini-batch gradient (with weight decay) at x_t, and m_1 = g_1. Averaging over time shrinks the
+    honest messages' spread, which is what robust rules need; it is not variance reduction in
+    SAGA's sense (the bias of the stale terms stays)."""
+
+    name = "momentum"
+    default_batch_size = 5
+    options: ClassVar[Options] = {
+        "momentum-beta": ("beta", "worker momentum's weight on the past (0 = SGD).", {"minimum": 0.0, "maximum": 0.999})
+    }
+
+    def __init__(self, grads: ModelGradients, data: WorkerData, *, beta: float = 0.9, **kwargs) -> None:
+        super().__init__(grads, data, **kwargs)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.beta = float(beta)
+        self._add_state("momentum", (data.num_workers, grads.dim))
+        self._first = True
+
+    def prepare(self, x: torch.Tensor, iteration: int) -> bool:
+        super().prepare(x, iteration)
+        self._first = self.last_iteration == 0
+        return not self._first
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        g = self._finish(self._mean_grads(x, self.sample_rows()), x)
+        m = self.state["momentum"]
+        if self._first:
+            m.copy_(g)
+        else:
+            m.mul_(self.beta).add_(g, alpha=1.0 - self.beta)
+        return m.clone()
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (SGD, BatchSGD, SAGA, SVRG, SARAH, Momentum)}

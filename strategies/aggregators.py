@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -329,14 +330,8 @@ class Bulyan(Rule):
         dist = kernels.squared_distances(kernels.centered_gram(messages))
         selected = kernels.iterated_krum(dist, f, n - 2 * f)
         chosen = messages[selected]
-        beta = len(selected) - 2 * f
         theta = len(selected)
-        median = kernels.order_statistic_mean(chosen, (theta - 1) // 2, theta // 2 + 1)
-        gap = chosen - median
-        if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
-            gap = chosen.double() - median.double()
-        closest = torch.topk(gap.abs(), beta, dim=0, largest=False).indices
-        return Aggregate(kernels.safe_mean(torch.gather(chosen, 0, closest)), {"selected_count": theta})
+        return Aggregate(_closest_to_median(chosen, theta - 2 * f), {"selected_count": theta})
 
 
 class CenteredClipping(Rule):
@@ -416,41 +411,248 @@ class CenteredClipping(Rule):
         return Aggregate(v, {"clipped": clipped})
 
 
-class NNM(Rule):
-    """Nearest-neighbour mixing (Allouah et al. 2023) in front of another rule.
+def _closest_to_median(chosen: torch.Tensor, keep: int) -> torch.Tensor:
+    """(d,) per coordinate, the mean of the ``keep`` values closest to the coordinate-wise median."""
+    n = chosen.shape[0]
+    median = kernels.order_statistic_mean(chosen, (n - 1) // 2, n // 2 + 1)
+    gap = chosen - median
+    if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
+        gap = chosen.double() - median.double()
+    closest = torch.topk(gap.abs(), keep, dim=0, largest=False).indices
+    return kernels.safe_mean(torch.gather(chosen, 0, closest))
 
-    Each message is replaced by the average of its n - f nearest messages (itself included),
-    then ``rule`` aggregates the mixed messages.
+
+class Meamed(Rule):
+    """Mean around the median (Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD", 2018):
+    per coordinate, the mean of the n - f values closest to the coordinate-wise median."""
+
+    name = "meamed"
+    breakdown = 0.5
+
+    def __init__(self, f: int) -> None:
+        self.f = _check_int("meamed f (assumed Byzantine messages)", f, 0)
+
+    def min_messages(self) -> int:
+        return 2 * self.f + 1
+
+    def requirement(self) -> str:
+        return f"n > 2f with f = {self.f}"
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        return Aggregate(_closest_to_median(messages, messages.shape[0] - self.f))
+
+
+class CGE(Rule):
+    """Comparative gradient elimination (Gupta, Liu and Vaidya, "Byzantine fault-tolerant
+    distributed machine learning with norm-based comparative gradient elimination", DSN-W 2021):
+    the n - f messages of smallest norm, averaged (the paper sums them; the average keeps the step
+    size comparable with the other rules). Norms are taken in float64, so no norm overflows."""
+
+    name = "cge"
+    breakdown = 0.5
+
+    def __init__(self, f: int) -> None:
+        self.f = _check_int("cge f (assumed Byzantine messages)", f, 0)
+
+    def min_messages(self) -> int:
+        return self.f + 1
+
+    def requirement(self) -> str:
+        return f"n > f with f = {self.f}"
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
+        keep = torch.topk(norms, messages.shape[0] - self.f, largest=False).indices
+        return Aggregate(kernels.safe_mean(messages[keep]), {"largest_kept_norm": float(norms[keep].max())})
+
+
+class MDA(GramRule):
+    """Minimum diameter averaging (El Mhamdi, Guerraoui and Rouault, "The hidden vulnerability of
+    distributed learning in Byzantium", ICML 2018): the mean of the n - f messages whose largest
+    pairwise distance is smallest.
+
+    Exact: every one of the C(n, f) subsets is scored (in blocks, from the Gram matrix's
+    distances), so the cost grows like n^f. Subsets beyond ``max_subsets`` are refused before
+    any work; measured on 2 cores (``benchmarks/rules.py``): n = 20, f = 5 (15,504 subsets) takes
+    a few milliseconds, C(n, f) = 1e6 about a second; the paper's n = 70, f = 20 (1.6e17) is
+    out of reach for any exact method of this kind.
     """
 
-    def __init__(self, rule: Rule, f: int) -> None:
+    name = "mda"
+    breakdown = 0.5
+    options: ClassVar[Options] = {
+        "mda-max-subsets": (
+            "max_subsets",
+            "the most subsets MDA may score (C(n, f)); more are refused before the run.",
+            {"positive": True},
+        )
+    }
+
+    def __init__(self, f: int, max_subsets: int = 200_000) -> None:
+        self.f = _check_int("mda f (assumed Byzantine messages)", f, 0)
+        self.max_subsets = _check_int("mda max_subsets", max_subsets, 1)
+
+    def min_messages(self) -> int:
+        return 2 * self.f + 1
+
+    def requirement(self) -> str:
+        return f"n > 2f with f = {self.f} and C(n, f) <= {self.max_subsets:,} subsets"
+
+    def check(self, messages: torch.Tensor) -> None:
+        super().check(messages)
+        subsets = math.comb(messages.shape[0], self.f)
+        if subsets > self.max_subsets:
+            raise AggregationError(
+                f"mda: n = {messages.shape[0]}, f = {self.f} means C(n, f) = {subsets:.3g} subsets to score, more "
+                f"than mda-max-subsets = {self.max_subsets:,}; use fewer workers, a smaller f or another rule"
+            )
+
+    def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
+        d2 = kernels.squared_distances(gram).numpy()
+        n = d2.shape[0]
+        best, best_out = math.inf, ()
+        outs = itertools.combinations(range(n), self.f)
+        while block := list(itertools.islice(outs, 4096)):
+            keep = np.ones((len(block), n), dtype=bool)
+            if self.f:
+                keep[np.arange(len(block))[:, None], np.array(block)] = False
+            # a subset's diameter: the largest distance between two of its members
+            diam = np.where(keep[:, :, None] & keep[:, None, :], d2[None], 0.0).max(axis=(1, 2))
+            i = int(np.argmin(diam))  # the first of equal diameters, in lexicographic order
+            if diam[i] < best:
+                best, best_out = float(diam[i]), block[i]
+        alpha = np.full(n, 1.0 / (n - self.f))
+        alpha[list(best_out)] = 0.0
+        return alpha, {"diameter": math.sqrt(best) * gram.scale}
+
+
+class DnC(Rule):
+    """Divide and conquer (Shejwalkar and Houmansadr, "Manipulating the Byzantine", NDSS 2021,
+    Alg. 2): ``iterations`` times, on ``dim`` random coordinates, score each message by its squared
+    projection on the top singular vector of the centred messages and drop the c * f highest; the
+    result is the mean of the messages no iteration dropped. The coordinates are drawn from
+    (seed, call number), so a run is reproducible and its state is the call counter. Defaults are
+    ours (b = 10,000 coordinates, 5 iterations, c = 1)."""
+
+    name = "dnc"
+    breakdown = 0.5
+    options: ClassVar[Options] = {
+        "dnc-dim": ("dim", "coordinates sampled per iteration (all when d is smaller).", {"positive": True}),
+        "dnc-iters": ("iterations", "filtering iterations.", {"positive": True}),
+        "dnc-c": ("c", "filtering fraction: c * f messages dropped per iteration.", {"positive": True}),
+    }
+
+    def __init__(self, f: int, dim: int = 10_000, iterations: int = 5, c: float = 1.0, seed: int = 0) -> None:
+        self.f = _check_int("dnc f (assumed Byzantine messages)", f, 0)
+        self.dim = _check_int("dnc dim", dim, 1)
+        self.iterations = _check_int("dnc iterations", iterations, 1)
+        self.c = _check_positive("dnc c", c)
+        self.seed = int(seed)
+        self._calls = 0
+
+    def _dropped(self) -> int:
+        return math.floor(self.c * self.f)
+
+    def min_messages(self) -> int:
+        return self._dropped() + 1
+
+    def requirement(self) -> str:
+        return f"n > c * f with c = {self.c:g}, f = {self.f}"
+
+    def reset(self) -> None:
+        self._calls = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"calls": torch.tensor(self._calls)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._calls = int(state.get("calls", 0))
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        n, d = messages.shape
+        drop = self._dropped()
+        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
+        self._calls += 1
+        good = torch.ones(n, dtype=torch.bool)
+        for _ in range(self.iterations):
+            coords = torch.randperm(d, generator=generator)[: self.dim].to(messages.device)
+            sub = messages.index_select(1, coords).double()
+            sub = sub - sub.mean(dim=0)
+            scale = float(sub.abs().max()) or 1.0  # values near float64's limit stay finite squared
+            gram = (sub / scale) @ (sub / scale).T
+            values, vectors = torch.linalg.eigh(gram.cpu())
+            # the top right singular vector v of sub: (sub . v)_i = sigma * u_i, sigma^2 = top eigenvalue
+            scores = values[-1].clamp_min(0) * vectors[:, -1] ** 2
+            if drop:
+                good[torch.topk(scores, drop).indices] = False
+        return Aggregate(kernels.safe_mean(messages[good.to(messages.device)]), {"kept": int(good.sum())})
+
+
+def _mix(seed: int, counter: int) -> int:
+    """A 63-bit generator seed from (seed, counter) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+class PreAggregator(Rule):
+    """Base class of what stands in front of a rule: it transforms the (n, d) messages (mixing,
+    bucketing, clipping) and hands the result to ``rule``. Name, state and tolerance are the rule's,
+    prefixed by the pre-aggregator's name."""
+
+    label = "pre"
+
+    def __init__(self, rule: Rule) -> None:
         if not isinstance(rule, Rule):
-            raise TypeError(f"nnm needs a rule to feed, got {type(rule).__name__}")
+            raise TypeError(f"{self.label} needs a rule to feed, got {type(rule).__name__}")
         self.rule = rule
-        self.f = _check_int("nnm f (assumed Byzantine messages)", f, 0)
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return f"nnm+{self.rule.name}"
+        return f"{self.label}+{self.rule.name}"
 
     @property
     def breakdown(self) -> float | None:  # type: ignore[override]
         return self.rule.breakdown
 
     def min_messages(self) -> int:
-        return max(self.f + 1, self.rule.min_messages())
+        return self.rule.min_messages()
 
     def requirement(self) -> str:
-        return f"n > f with f = {self.f}, and {self.rule.requirement()}"
+        return self.rule.requirement()
 
     def reset(self) -> None:
         self.rule.reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.rule.state_dict()  # NNM itself keeps nothing between calls
+        return self.rule.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.rule.load_state_dict(state)
+
+    def tolerance_problem(self, n: int, byzantine: int) -> str | None:
+        return self.rule.tolerance_problem(n, byzantine)
+
+
+class NNM(PreAggregator):
+    """Nearest-neighbour mixing (Allouah et al. 2023) in front of another rule.
+
+    Each message is replaced by the average of its n - f nearest messages (itself included),
+    then ``rule`` aggregates the mixed messages.
+    """
+
+    label = "nnm"
+
+    def __init__(self, rule: Rule, f: int) -> None:
+        super().__init__(rule)
+        self.f = _check_int("nnm f (assumed Byzantine messages)", f, 0)
+
+    def min_messages(self) -> int:
+        return max(self.f + 1, self.rule.min_messages())
+
+    def requirement(self) -> str:
+        return f"n > f with f = {self.f}, and {self.rule.requirement()}"
 
     def tolerance_problem(self, n: int, byzantine: int) -> str | None:
         if byzantine > self.f:
@@ -460,16 +662,116 @@ class NNM(Rule):
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         gram = kernels.centered_gram(messages)
         mix = kernels.nearest_neighbour_weights(kernels.squared_distances(gram), self.f)
-        if hasattr(self.rule, "coefficients"):
-            # The mixed messages A m have Gram matrix A G A^T (rows of A sum to 1, so the centre
-            # carries over): no n x d product is formed, only the final combination.
-            mixed = dataclasses.replace(gram, matrix=mix @ gram.matrix @ mix.T)
-            self.rule.check(messages)
-            alpha, info = self.rule.coefficients(mixed)
-            return Aggregate(kernels.combine(messages, mix.T.numpy() @ alpha, gram), info)
-        if gram.wide:  # averages of values near the dtype's limit: mix in float64
-            return self.rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
-        return self.rule(mix.to(messages.dtype).to(messages.device) @ messages)
+        return _mixed(self.rule, messages, mix, gram)
+
+
+class Bucketing(PreAggregator):
+    """Bucketing (Karimireddy, He and Jaggi, "Byzantine-robust learning on heterogeneous datasets
+    via bucketing", ICLR 2022): the messages are shuffled, split into ceil(n / s) buckets of s
+    (the last one smaller when s does not divide n), and ``rule`` aggregates the buckets' means.
+    The shuffle is drawn from (seed, call number): reproducible, and the call counter is state."""
+
+    label = "bucketing"
+    options: ClassVar[Options] = {"bucket-size": ("s", "bucketing: messages per bucket s.", {"positive": True})}
+
+    def __init__(self, rule: Rule, s: int = 2, seed: int = 0) -> None:
+        super().__init__(rule)
+        self.s = _check_int("bucketing s (messages per bucket)", s, 1)
+        self.seed = int(seed)
+        self._calls = 0
+
+    def min_messages(self) -> int:
+        return self.s * (self.rule.min_messages() - 1) + 1  # ceil(n / s) buckets for the rule
+
+    def requirement(self) -> str:
+        return f"ceil(n / s) buckets with s = {self.s}, and for the buckets {self.rule.requirement()}"
+
+    def reset(self) -> None:
+        self._calls = 0
+        self.rule.reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"calls": torch.tensor(self._calls), **{f"rule.{k}": v for k, v in self.rule.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._calls = int(state.get("calls", 0))
+        self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule.")})
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        n = messages.shape[0]
+        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
+        self._calls += 1
+        order = torch.randperm(n, generator=generator)
+        buckets = -(-n // self.s)
+        member = torch.empty(n, dtype=torch.long)
+        member[order] = torch.arange(n) // self.s  # message order[k] goes to bucket k // s
+        mix = torch.zeros(buckets, n, dtype=torch.float64)
+        mix[member, torch.arange(n)] = 1.0
+        mix /= mix.sum(dim=1, keepdim=True)
+        return _mixed(self.rule, messages, mix)
+
+
+class Clipping(PreAggregator):
+    """Static clipping: each message scaled to norm at most ``threshold`` (m * min(1, C / ||m||))
+    before the rule; norms in float64, so none overflows."""
+
+    label = "clipping"
+    options: ClassVar[Options] = {
+        "clip-threshold": ("threshold", "clipping: the largest norm a message keeps (C).", {"positive": True})
+    }
+
+    def __init__(self, rule: Rule, threshold: float = 1.0) -> None:
+        super().__init__(rule)
+        self.threshold = _check_positive("clipping threshold", threshold)
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
+        return self.rule(_clipped(messages, norms, torch.full_like(norms, self.threshold)))
+
+
+class ARC(PreAggregator):
+    """Adaptive robust clipping (Allouah et al., "Boosting robustness by clipping gradients in
+    distributed learning", 2024): the k = floor(2 (f / n) (n - f)) largest messages are clipped
+    to the norm of the (k + 1)-th largest, then the rule aggregates."""
+
+    label = "arc"
+
+    def __init__(self, rule: Rule, f: int) -> None:
+        super().__init__(rule)
+        self.f = _check_int("arc f (assumed Byzantine messages)", f, 0)
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        n = messages.shape[0]
+        k = min(math.floor(2 * (self.f / n) * (n - self.f)), n - 1)
+        if k <= 0:
+            return self.rule(messages)
+        norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
+        limit = torch.topk(norms, k + 1).values[-1]
+        return self.rule(_clipped(messages, norms, limit.expand_as(norms)))
+
+
+def _clipped(messages: torch.Tensor, norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Each row scaled by min(1, limit / norm) (rows at or under their limit untouched)."""
+    factor = torch.where(norms > limits, limits / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    if bool((factor == 1).all()):
+        return messages
+    return (messages.double() * factor[:, None].to(messages.device)).to(messages.dtype)
+
+
+def _mixed(rule: Rule, messages: torch.Tensor, mix: torch.Tensor, gram: kernels.Gram | None = None) -> Aggregate:
+    """``rule`` on the rows of mix @ messages ((k, n) float64 averaging weights), formed only
+    when the rule needs the rows: a Gram rule works on mix G mix^T alone."""
+    gram = gram if gram is not None else kernels.centered_gram(messages)
+    if hasattr(rule, "coefficients"):
+        # The mixed messages A m have Gram matrix A G A^T (rows of A sum to 1, so the centre
+        # carries over): no k x d product is formed, only the final combination.
+        mixed = dataclasses.replace(gram, matrix=mix @ gram.matrix @ mix.T)
+        rule.check(messages[: mix.shape[0]])
+        alpha, info = rule.coefficients(mixed)
+        return Aggregate(kernels.combine(messages, mix.T.numpy() @ alpha, gram), info)
+    if gram.wide:  # averages of values near the dtype's limit: mix in float64
+        return rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
+    return rule(mix.to(messages.dtype).to(messages.device) @ messages)
 
 
 def finite_rows(messages: torch.Tensor) -> torch.Tensor:
@@ -487,10 +789,39 @@ def finite_rows(messages: torch.Tensor) -> torch.Tensor:
 
 
 RULES: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (Mean, GeometricMedian, Krum, MultiKrum, Median, TrimmedMean, Bulyan, CenteredClipping)
+    cls.name: cls
+    for cls in (
+        Mean,
+        GeometricMedian,
+        Krum,
+        MultiKrum,
+        Median,
+        TrimmedMean,
+        Bulyan,
+        CenteredClipping,
+        Meamed,
+        CGE,
+        MDA,
+        DnC,
+    )
 }
 #: what may stand in front of any rule; NNM(rule, f)
-PRE_AGGREGATORS: dict[str, type[Rule] | None] = {"none": None, "nnm": NNM}
+#: what may stand in front of any rule, by name; 'bucketing,nnm' applies bucketing, then NNM, then the rule
+PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {cls.label: cls for cls in (NNM, Bucketing, Clipping, ARC)}
+
+
+def pre_aggregator_names(pre: str) -> list[str]:
+    """'none' -> [], 'bucketing,nnm' -> ['bucketing', 'nnm'] (in the order they see the messages)."""
+    names = [p.strip() for p in str(pre).split(",") if p.strip()]
+    if names == ["none"]:
+        return []
+    bad = [p for p in names if p not in PRE_AGGREGATORS]
+    if bad or not names:
+        raise ValueError(
+            f"pre-aggregator={pre!r} is not valid; give 'none' or a comma-separated list of: "
+            f"{', '.join(PRE_AGGREGATORS)}"
+        )
+    return names
 
 
 def takes_f(cls: type) -> bool:
@@ -498,18 +829,25 @@ def takes_f(cls: type) -> bool:
     return "f" in inspect.signature(cls).parameters
 
 
-def make_rule(name: str, *, f: int = 0, pre: str = "none", **params) -> Rule:
-    """The rule ``name`` (built with ``params``; ``f`` where the rule takes it), optionally
-    behind the ``pre`` pre-aggregator ('none' or 'nnm')."""
+def make_rule(name: str, *, f: int = 0, pre: str = "none", seed: int = 0, **params) -> Rule:
+    """The rule ``name`` behind the pre-aggregators ``pre`` ('none', 'nnm', 'bucketing,nnm', ...),
+    each component built with the ``params`` its constructor takes, ``f`` and ``seed`` where it
+    takes them."""
     if name not in RULES:
         raise ValueError(f"aggregator={name!r} is not available; choose one of: {', '.join(RULES)}")
-    if pre not in PRE_AGGREGATORS:
-        raise ValueError(f"pre-aggregator={pre!r} is not valid; choose one of: {', '.join(PRE_AGGREGATORS)}")
-    cls = RULES[name]
-    return behind(pre, cls(f=f, **params) if takes_f(cls) else cls(**params), f)
+    names = pre_aggregator_names(pre)
+    run = {"f": f, "seed": seed}
 
+    def build(cls: type, **given):
+        wanted = inspect.signature(cls).parameters
+        return cls(**given, **{k: v for k, v in {**run, **params}.items() if k in wanted and k not in given})
 
-def behind(pre: str, rule: Rule, f: int) -> Rule:
-    """``rule`` behind the pre-aggregator ``pre`` ('none': the rule itself)."""
-    wrapper = PRE_AGGREGATORS[pre]
-    return wrapper(rule, f) if wrapper is not None else rule
+    unknown = set(params) - {
+        p for c in [RULES[name], *(PRE_AGGREGATORS[n] for n in names)] for p in inspect.signature(c).parameters
+    }
+    if unknown:
+        raise TypeError(f"make_rule({name!r}): unknown parameters {sorted(unknown)}")
+    rule = build(RULES[name])
+    for pre_name in reversed(names):
+        rule = build(PRE_AGGREGATORS[pre_name], rule=rule)
+    return rule

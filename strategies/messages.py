@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from strategies.npy import NUMPY_STYPE, npy_bytes
+from strategies.npy import NUMPY_STYPE, decode, npy_bytes
 
 ARRAYS, CONFIG, GRADIENT, STATS = "arrays", "config", "gradient", "stats"
 ROWS, WORKERS, IDS = "rows", "workers", "ids"
@@ -42,6 +42,14 @@ def flat_to_arrays(flat: np.ndarray, keys: list[str], shapes: list[tuple[int, ..
         record[key] = array(flat[offset : offset + n].reshape(shape))
         offset += n
     return record
+
+
+def arrays_to_flat(arrays: ArrayRecord) -> tuple[np.ndarray, list[str], list[tuple[int, ...]]]:
+    """An ArrayRecord as one flat (d,) vector in its key order, with its keys and shapes (the
+    inverse of ``flat_to_arrays``)."""
+    parts = [decode(a) for a in arrays.values()]
+    flat = np.concatenate([a.reshape(-1) for a in parts]) if parts else np.zeros(0, np.float32)
+    return flat, list(arrays.keys()), [tuple(a.shape) for a in parts]
 
 
 def rows_content(workers: list[int], rows: np.ndarray) -> RecordDict:

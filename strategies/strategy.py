@@ -22,7 +22,15 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from strategies.aggregators import Rule, make_rule
-from strategies.messages import ARRAYS, CONFIG, GRADIENT, RESUME_FROM, SERVER_ROUND, flat_to_arrays
+from strategies.messages import (
+    ARRAYS,
+    CONFIG,
+    GRADIENT,
+    RESUME_FROM,
+    SERVER_ROUND,
+    arrays_to_flat,
+    flat_to_arrays,
+)
 from strategies.npy import decode
 from strategies.step import server_step
 
@@ -58,12 +66,9 @@ class RobustSGD(Strategy):
 
     # -- model <-> flat vector ---------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
-        ndarrays = [decode(a) for a in arrays.values()]
-        self._keys = list(arrays.keys())
-        self._shapes = [tuple(a.shape) for a in ndarrays]
-        self._dim = sum(a.size for a in ndarrays)
-        flat = np.concatenate([a.reshape(-1) for a in ndarrays]).astype(np.float32, copy=False)
-        self._point = torch.from_numpy(flat).to(self.device)
+        flat, self._keys, self._shapes = arrays_to_flat(arrays)
+        self._dim = flat.size
+        self._point = torch.from_numpy(flat.astype(np.float32, copy=False)).to(self.device)
 
     def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
         return flat_to_arrays(x.detach().cpu().numpy(), self._keys, self._shapes)

@@ -1,3 +1,4 @@
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -256,35 +257,58 @@ def test_a_component_whose_argument_has_no_key_fails_clearly():
         build_component("aggregator", Needy, resolve({}), {"f": 1})
 
 
-def test_the_readme_rule_example_runs_from_run_config_alone(tmp_path):
-    """The README's "one class and a test" example, registered before the config is read, gets its key,
-    its validation and a run (in a fresh interpreter: the keys derive from the registry at import)."""
+def test_the_readme_rule_and_attack_examples_run_from_run_config_alone(tmp_path):
+    """The README's "Extending byzflower" rule and attack, registered before the config is read, get
+    their keys, their validation and a run (in a fresh interpreter: the keys derive from the
+    registries at import)."""
     import re
     import subprocess
     import sys
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    example = re.search(r"```python\n(class NormBall\(Rule\):.*?)```", readme, re.S).group(1)
+    rule = re.search(r"```python\n(class NormBall\(Rule\):.*?)```", readme, re.S).group(1)
+    attack = re.search(r"```python\n(class Offset\(Attack\):.*?)```", readme, re.S).group(1)
     script = f"""
 import strategies.aggregators as A
-exec({example!r}, vars(A))
+import clients.attacks as T
+exec({rule!r}, vars(A))
+exec({attack!r}, vars(T))
 A.RULES["norm-ball"] = A.NormBall
+T.ATTACKS["offset"] = T.Offset
 from byzflower.config import ConfigError, KEYS, resolve
 from byzflower.engine import run_local
 assert KEYS["ball-radius"].default == 10.0 and "norm-ball" in KEYS["aggregator"].choices
-try:
-    resolve({{"aggregator": "norm-ball", "ball-radius": -1}})
-except ConfigError as exc:
-    assert "ball-radius" in str(exc), exc
-else:
-    raise AssertionError("a negative radius was accepted")
-cfg = resolve({{"aggregator": "norm-ball", "ball-radius": 3.0, "num-honest": 4, "num-byzantine": 1,
-               "num-server-rounds": 3, "eval-every": 3, "results-dir": {str(tmp_path)!r}}})
+assert KEYS["attack-offset"].default == 1.0 and "offset" in KEYS["attack"].choices
+for bad, key in (({{"aggregator": "norm-ball", "ball-radius": -1}}, "ball-radius"),
+                 ({{"attack": "offset", "attack-offset": float("inf")}}, "attack-offset")):
+    try:
+        resolve(bad)
+    except ConfigError as exc:
+        assert key in str(exc), exc
+    else:
+        raise AssertionError(f"{{bad}} was accepted")
+cfg = resolve({{"aggregator": "norm-ball", "ball-radius": 3.0, "attack": "offset", "attack-offset": 100.0,
+               "num-honest": 4, "num-byzantine": 1, "num-server-rounds": 3, "eval-every": 3,
+               "results-dir": {str(tmp_path)!r}, "run-name": "ext"}})
 print(run_local(cfg, log=lambda _: None)["status"])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "finished"
+    records = [json.loads(line) for line in (tmp_path / "ext" / "metrics.jsonl").read_text().splitlines()]
+    # the offset message (norm ~ 100 sqrt(d) = 2e4) is outside the ball; in the mean of 5 it would put the
+    # aggregate ~4e3 from the honest mean
+    assert records[-1]["attack"] == "offset" and records[-1]["aggregate_distance"] < 10.0
+
+
+def test_the_readme_estimator_is_the_code():
+    """The README shows worker momentum's whole code: it must be the code."""
+    import inspect
+
+    from clients.estimators import Momentum
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"```python\n{inspect.getsource(Momentum)}```" in readme
 
 
 def test_every_optimizer_builds_its_own_estimator_with_its_defaults_and_keys():
@@ -305,7 +329,7 @@ def test_every_optimizer_builds_its_own_estimator_with_its_defaults_and_keys():
     sarah = make_estimator(cfg := resolve({"optimizer": "sarah", "num-honest": 2, **extra}), *_parts(cfg))
     assert svrg.snapshot_interval == 7 and (sarah.restart_interval, sarah.restart) == (9, "fixed")
     assert (resolve({"optimizer": "batch-sgd"}).lr, resolve({"optimizer": "batch-sgd"}).batch_size) == (0.5, 50)
-    assert "sgd 5, batch-sgd 50, saga/svrg/sarah 1" in KEYS["batch-size"].help
+    assert "sgd/momentum 5, batch-sgd 50, saga/svrg/sarah 1" in KEYS["batch-size"].help
 
 
 def _parts(cfg):

@@ -124,3 +124,41 @@ def test_messages_do_not_depend_on_the_thread_count(name, model):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_worker_momentum_is_the_running_average_of_sgd_messages_and_resumes_exactly(setting):
+    from clients.estimators import Momentum
+
+    G, parts = setting
+    ids = list(range(6))
+    kw = dict(batch_size=3, weight_decay=0.01, seed=4)
+
+    def momentum():
+        return Momentum(G, _group(G, parts, ids), beta=0.8, **kw)
+
+    sgd, mom = SGD(G, _group(G, parts, ids), **kw), momentum()
+    x0 = G.initial_point()
+    points = {t: x0 + 0.01 * t * torch.randn(G.dim, generator=torch.Generator().manual_seed(t)) for t in range(1, 6)}
+    expected, sent = None, {}
+    for t, x in points.items():
+        g = sgd.step(x, t)
+        expected = g.clone() if expected is None else 0.8 * expected + 0.2 * g  # m_1 = g_1
+        sent[t] = mom.step(x, t)
+        assert torch.allclose(sent[t], expected, atol=1e-6), t
+        if t == 3:
+            saved = mom.state_dict()
+    resumed = momentum()
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(resumed.step(points[t], t), sent[t]) for t in (4, 5))
+    assert not torch.allclose(momentum().step(points[4], 4), sent[4])  # the state is what carries the past
+    with pytest.raises(ValueError, match="beta must be in"):
+        Momentum(G, _group(G, parts, ids), beta=1.0, **kw)
+
+
+def test_worker_momentum_is_an_optimizer_from_run_config():
+    from byzflower.config import ConfigError, resolve
+
+    cfg = resolve({"optimizer": "momentum", "momentum-beta": 0.5})
+    assert (cfg.lr, cfg.batch_size) == (0.1, 5)
+    with pytest.raises(ConfigError, match="momentum-beta"):
+        resolve({"optimizer": "momentum", "momentum-beta": 1.0})

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import threading
 import time
 
@@ -15,10 +16,30 @@ TIMING = {"elapsed_s", "iters_per_s"}
 BASE = {"num-server-rounds": 20, "eval-every": 10, "num-honest": 20, "attack": "none", "aggregator": "mean", "seed": 7}
 
 
+# A user's own model, importable by every process of the run (here through PYTHONPATH)
+USER_MODELS = """
+from torch import nn
+
+
+def conv_groupnorm(input_shape, num_classes):
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 4, 5, stride=2), nn.GroupNorm(2, 4), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 12 * 12, num_classes),
+    )
+"""
+
+
 @pytest.fixture(scope="module")
-def superlink():
-    with LocalSuperLink() as link:
-        yield link
+def superlink(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user-models")
+    (folder / "byzflower_user_models.py").write_text(USER_MODELS)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    sys.path.insert(0, str(folder))  # the local engine's runs, in this process
+    try:
+        with LocalSuperLink(env={"PYTHONPATH": path}) as link:
+            yield link
+    finally:
+        sys.path.remove(str(folder))
 
 
 def _run(superlink, tmp_path, name, supernodes, **overrides):
@@ -160,11 +181,18 @@ def _close(flower, local):
     "overrides",
     [
         {"optimizer": "batch-sgd", "attack": "label-flip", "aggregator": "gm", "num-byzantine": 5},
-        {"optimizer": "svrg", "attack": "gaussian", "aggregator": "krum", "num-byzantine": 5, "snapshot-interval": 4},
+        {
+            "optimizer": "svrg",
+            "attack": "gaussian",
+            "aggregator": "krum",
+            "num-byzantine": 5,
+            "snapshot-interval": 4,
+            "model": "byzflower_user_models:conv_groupnorm",
+        },
         {"optimizer": "sarah", "attack": "label-flip", "aggregator": "median", "num-byzantine": 5, "sarah-interval": 5},
         {"optimizer": "saga", "attack": "alie", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
     ],
-    ids=["batch-sgd+label-flip", "svrg+gaussian", "sarah+label-flip", "saga+alie+nnm"],
+    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip", "saga+alie+nnm"],
 )
 def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
     overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}

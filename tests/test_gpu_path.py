@@ -66,7 +66,7 @@ def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatc
         for t in range(4, 7):
             run.step(t)
     assert probe.seen == []
-    assert run.honest.prepare(run.x, 7)  # and the estimator's step is capturable
+    assert run.workers.estimator.prepare(run.x, 7)  # and the estimator's step is capturable
 
 
 def test_the_device_side_branches_give_the_host_side_numbers(tmp_path, mnist, monkeypatch):
@@ -94,7 +94,7 @@ def _records(run: LocalRun) -> list[dict]:
 
 def _poison(run: LocalRun, iterations: set[int]) -> None:
     """Byzantine rows of Inf and NaN at ``iterations`` (what an overflowing attack would send)."""
-    craft = run.attack.craft
+    craft = run.workers.attack.craft
 
     def poisoned(ids, t, stats, dim):
         out = craft(ids, t, stats, dim)
@@ -103,7 +103,7 @@ def _poison(run: LocalRun, iterations: set[int]) -> None:
             out[-1, :3] = float("nan")
         return out
 
-    run.attack.craft = poisoned
+    run.workers.attack.craft = poisoned
 
 
 @pytest.mark.parametrize("poison", [set(), {5, 9, 23}], ids=["clean", "faulty"])
@@ -145,11 +145,11 @@ def test_positions_come_in_blocks_with_each_iterations_order():
 
 def test_graph_wrapper_on_the_cpu_is_the_estimator(tmp_path, mnist):
     run = _run(tmp_path, "graphs", optimizer="saga", aggregator="mean", attack="none", **{"num-server-rounds": 9})
-    wrapped = GraphedEstimator(run.honest)
+    wrapped = GraphedEstimator(run.workers.estimator)
     assert wrapped.fallback == "not on a CUDA device"
-    saved = run.honest.state_dict()
-    plain = [run.honest.step(run.x, t).clone() for t in (1, 2, 3)]
-    run.honest.load_state_dict(saved)
+    saved = run.workers.estimator.state_dict()
+    plain = [run.workers.estimator.step(run.x, t).clone() for t in (1, 2, 3)]
+    run.workers.estimator.load_state_dict(saved)
     graphed = [wrapped.step(run.x, t).clone() for t in (1, 2, 3)]
     assert all(torch.equal(a, b) for a, b in zip(plain, graphed, strict=True))
     assert wrapped.last_iteration == 3 and wrapped.replays == 0

@@ -14,7 +14,6 @@ Replies with worker messages carry ``content["rows"]`` (ArrayRecord, one (k, d) 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,6 +33,7 @@ from strategies.messages import (
     RESUME_FROM,
     SERVER_ROUND,
     STATS,
+    arrays_to_flat,
     rows_content,
 )
 from strategies.npy import decode
@@ -65,9 +65,10 @@ def node_for(context: Context) -> NodeWorkers:
 
 
 def _flat(arrays: ArrayRecord, names: list[str]) -> torch.Tensor:
-    if list(arrays.keys()) != names:
-        raise ValueError(f"model arrays {list(arrays.keys())} do not match this node's model {names}")
-    return torch.from_numpy(np.concatenate([decode(a).reshape(-1) for a in arrays.values()]))
+    flat, keys, _ = arrays_to_flat(arrays)
+    if keys != names:
+        raise ValueError(f"model arrays {keys} do not match this node's model {names}")
+    return torch.from_numpy(flat)
 
 
 def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor) -> Message:
@@ -82,8 +83,8 @@ def discover(msg: Message, context: Context) -> Message:
         {
             "partition-id": pid,
             "num-partitions": k,
-            "honest": [int(w) for w in node.honest],
-            "byzantine": [int(w) for w in node.byzantine],
+            "honest": [int(w) for w in node.honest_ids],
+            "byzantine": [int(w) for w in node.byzantine_ids],
         }
     )
     return Message(RecordDict({"node": reply}), reply_to=msg)
@@ -97,13 +98,13 @@ def train(msg: Message, context: Context) -> Message:
     iteration = int(config[SERVER_ROUND])
     if phase == HONEST:
         if config.get(REBUILD, False):  # this node (re)joined mid-run: its state is rebuilt at x
-            node.rebuild()
+            node.reset()
         elif int(config.get(RESUME_FROM, 0)):  # a resumed named run: the state of its checkpoint
             node.restore(int(config[RESUME_FROM]))
         x = _flat(msg.content[ARRAYS], node.grads.names)
-        workers, rows = list(node.honest), [node.honest_messages(x, iteration)]
-        if node.byzantine and not node.omniscient:  # attacks that need no knowledge go in the same round
-            workers += node.byzantine
+        workers, rows = list(node.honest_ids), [node.honest_messages(x, iteration)]
+        if node.byzantine_ids and not node.omniscient:  # attacks that need no knowledge go in the same round
+            workers += node.byzantine_ids
             rows.append(node.byzantine_messages(x, iteration, None))
         every = int(node.cfg["checkpoint-every"])
         if node.cfg["run-name"] and every and iteration % every == 0:
@@ -116,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             torch.from_numpy(decode(stats_record["std"]).copy()),
             int(config[HONEST_COUNT]),
         )
-        return rows_reply(msg, node.byzantine, node.byzantine_messages(None, iteration, stats))
+        return rows_reply(msg, node.byzantine_ids, node.byzantine_messages(None, iteration, stats))
     raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")
 
 

@@ -372,12 +372,7 @@ class LocalDeployment(LocalSuperLink):
         node = self.nodes[i]
         if node is None:
             return
-        pids = _tree(node.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal(_tree(node.pid), signal.SIGKILL)
         node.wait(timeout=30)
         self.nodes[i] = None
 
@@ -451,27 +446,27 @@ def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
     Returns every pid it signalled."""
 
     pids = _tree(process.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         process.poll()
         time.sleep(0.1)
     pids = sorted(set(pids) | set(_tree(process.pid)))
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    _signal([p for p in pids if _alive(p)], signal.SIGKILL)
     try:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
     return pids
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    """Send ``sig`` to each of ``pids`` (by PID; one already gone is skipped)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _alive(pid: int) -> bool:

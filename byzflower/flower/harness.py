@@ -64,9 +64,7 @@ REJECT_REASONS = (
 class RoundRecord:
     """What the harness saw in one iteration (kept for the results, never shown to the Strategy)."""
 
-    iteration: int
     honest: torch.Tensor  # (H', d) honest messages received, worker order
-    honest_ids: list[int]
     byzantine_ids: list[int]
     order: list[int]  # worker ids in the order the Strategy received them
     missing: list[int] = field(default_factory=list)  # workers whose message did not arrive
@@ -341,9 +339,7 @@ class Harness(Grid):
         order = [w for w in role_blind_order(self.seed, iteration, self.layout.num_workers) if w in rows]
         out = [Message(RecordDict({GRADIENT: flat_to_arrays(rows[w], keys, shapes)}), reply_to=anchor) for w in order]
         missing = sorted(set(range(self.layout.num_workers)) - set(rows))
-        self.last_round = RoundRecord(
-            iteration, honest, honest_ids, list(self.layout.byzantine_ids), order, missing, rejected
-        )
+        self.last_round = RoundRecord(honest, list(self.layout.byzantine_ids), order, missing, rejected)
         if missing or rejected:
             shown = ", ".join(f"{k} {v}" for k, v in rejected.items())
             self.log(

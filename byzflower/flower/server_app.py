@@ -12,13 +12,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from byzflower.config import ConfigError, attack_of, min_workers_of, resolve, rule_of, warnings_of
+from byzflower.config import ConfigError, RunConfig, attack_of, min_workers_of, resolve, rule_of
 from byzflower.data import DataError
 from byzflower.engine import open_run
-from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, objective_of, preflight
+from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
 from byzflower.flower.harness import Harness, HarnessError, poll
-from byzflower.records.experiment import Evaluator, Recorder, name_selected
-from byzflower.records.results import RunFolderError, status_of
+from byzflower.records.experiment import Recorder, name_selected
+from byzflower.records.results import RunDirectory, RunFolderError, status_of
 from strategies.strategy import RobustSGD
 
 app = ServerApp()
@@ -51,44 +51,26 @@ def main(grid: Grid, context: Context) -> None:
         cfg = resolve(context.run_config)
         data = dataset_of(cfg)
         preflight(cfg)
-    except (ConfigError, DataError) as exc:
+        run, resume = _named_run(cfg)
+    except (ConfigError, DataError, RunFolderError) as exc:
         _abort(exc)
-
-    run, resume = None, False
-    if cfg["run-name"]:  # a named run started again on its folder resumes from its checkpoint
-        try:
-            run, resume = open_run(cfg)
-        except RunFolderError as exc:
-            _abort(exc)
-        finished = run.summary()
-        if resume and finished is not None and finished.get("status") == "finished":
-            _say(f"already finished: {run.path}")
-            run.unlock()
-            return
+    if resume and (run.summary() or {}).get("status") == "finished":
+        _say(f"already finished: {run.path}")
+        run.unlock()
+        return
     device = device_of(cfg)
     layout = layout_of(cfg)
     grads = gradients_of(cfg, data, device)
-    recorder = Recorder(cfg, Evaluator(cfg, data, grads, device, objective_of(cfg, data, grads)), _say, run)
+    recorder = recorder_of(cfg, data, grads, device, _say, run)
     status, error = "failed", None
     quiet = _QuietStrategyLoop()
     flwr_logger = logging.getLogger("flwr")
     harness = None
     try:  # the run folder exists from here on: whatever happens, summary.json says how it ended
-        recorder.byzantine_ids = list(layout.byzantine_ids)
         _say(f"results: {recorder.run.path}")
         if cfg["attack"] == "none" and cfg["num-byzantine"]:
             _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
-        attack = attack_of(cfg)
-        harness = Harness(
-            grid,
-            layout,
-            int(cfg["seed"]),
-            omniscient=attack is not None and attack.omniscient,
-            timeout=float(cfg["round-timeout"]),
-            min_workers=min_workers_of(cfg),
-            log=lambda line: log(WARNING, "[byzflower] %s", line),
-        )
-        recorder.warnings = warnings_of(cfg)
+        harness = _harness(grid, cfg)
         for warning in recorder.warnings:
             log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
         strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
@@ -123,6 +105,28 @@ def main(grid: Grid, context: Context) -> None:
         flwr_logger.removeFilter(quiet)
         if not recorder.finished:
             _finish(recorder, status, error, harness, grid)
+
+
+def _named_run(cfg: RunConfig) -> tuple[RunDirectory | None, bool]:
+    """A named run's folder (locked) and whether it holds a run to resume; (None, False) for an
+    unnamed run, whose folder the recorder creates."""
+    if not cfg["run-name"]:
+        return None, False
+    return open_run(cfg)
+
+
+def _harness(grid: Grid, cfg: RunConfig) -> Harness:
+    """The message exchange of the run: the server assigns workers to nodes and checks replies."""
+    attack = attack_of(cfg)
+    return Harness(
+        grid,
+        layout_of(cfg),
+        int(cfg["seed"]),
+        omniscient=attack is not None and attack.omniscient,
+        timeout=float(cfg["round-timeout"]),
+        min_workers=min_workers_of(cfg),
+        log=lambda line: log(WARNING, "[byzflower] %s", line),
+    )
 
 
 def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness | None, grid: Grid) -> None:
