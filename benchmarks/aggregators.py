@@ -25,11 +25,18 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from strategies.aggregators import (
+    ARC,
+    CGE,
+    MDA,
     NNM,
+    Bucketing,
     Bulyan,
     CenteredClipping,
+    Clipping,
+    DnC,
     GeometricMedian,
     Krum,
+    Meamed,
     Mean,
     Median,
     MultiKrum,
@@ -128,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="39760,100000,1000000")
     parser.add_argument("--quick", action="store_true", help="skip the loop-based baselines")
+    parser.add_argument("--only", default="", help="comma-separated rule labels to time (default: all)")
+    parser.add_argument("--float32", action="store_true", help="float32 only")
     args = parser.parse_args()
     torch.set_num_threads(2)
     f = N_BYZ
@@ -141,10 +150,20 @@ def main() -> None:
         "bulyan (f=16)": Bulyan(16),
         "centered-clipping": CenteredClipping(init="median"),
         "nnm+gm": NNM(GeometricMedian(), f),
+        "meamed": Meamed(f),
+        "cge": CGE(f),
+        "dnc": DnC(f),
+        "bucketing+gm (s=2)": Bucketing(GeometricMedian(), 2),
+        "clipping+gm": Clipping(GeometricMedian(), 1.0),
+        "arc+gm": ARC(GeometricMedian(), f),
+        "mda (n=20, f=5)": (MDA(5), 20),  # exact MDA scores C(n, f) subsets: n = 70, f = 20 is out of reach
     }
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        rules = {label: rule for label, rule in rules.items() if label.split(" ")[0] in wanted}
     print(f"n = {N_HONEST + N_BYZ} ({N_HONEST} honest + {N_BYZ} Byzantine), torch threads = {torch.get_num_threads()}")
     for d in (int(x) for x in args.dims.split(",")):
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32,) if args.float32 else (torch.float32, torch.float64):
             name = str(dtype).replace("torch.", "")
             m = messages(d, "gaussian", dtype)
             gram = timeit(lambda m=m: m @ m.T)
@@ -153,7 +172,11 @@ def main() -> None:
             a = m.numpy()
             records = flower_records(m) if dtype == torch.float32 else None
             for label, rule in rules.items():
-                t = timeit(lambda rule=rule, m=m: rule(m))
+                rows = m
+                if isinstance(rule, tuple):  # a rule timed on the first rows only
+                    rule, count = rule
+                    rows = m[:count]
+                t = timeit(lambda rule=rule, m=rows: rule(m))
                 note = ""
                 if label == "krum" and records is not None:
                     decode = timeit(lambda records=records: [r["arrays"].to_numpy_ndarrays() for r in records])
@@ -175,7 +198,7 @@ def main() -> None:
                 if label == "gm":
                     note = f"{t / gram:.2f} Gram"
                 print(f"{label:<22}{t * 1e3:>10.1f}  {note}")
-            for attack in ("gaussian", "sign-flip", "zero-gradient", "outliers-1e6"):
+            for attack in ("gaussian", "sign-flip", "zero-gradient", "outliers-1e6") if "gm" in rules else ():
                 ma = messages(d, attack, dtype)
                 gm = GeometricMedian()
                 t = timeit(lambda gm=gm, ma=ma: gm(ma))

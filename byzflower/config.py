@@ -499,8 +499,11 @@ def attack_of(cfg: RunConfig):
     """The attack object the config describes (None for attack='none')."""
     if cfg["attack"] == "none":
         return None
+    cls = ATTACK_CLASSES[cfg["attack"]]
     context = {"seed": int(cfg["seed"]), "num_workers": cfg.num_workers, "num_byzantine": cfg.num_byzantine}
-    return build_component("attack", ATTACK_CLASSES[cfg["attack"]], cfg, context)
+    if "rule" in inspect.signature(cls).parameters:  # attacks optimised against the rule get their own copy
+        context["rule"] = rule_of(cfg)
+    return build_component("attack", cls, cfg, context)
 
 
 def min_workers_of(cfg: RunConfig) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from statistics import NormalDist
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -61,12 +61,21 @@ class HonestStats:
     def sum(self) -> torch.Tensor:
         return self.mean * self.count
 
+    @property
+    def messages(self) -> torch.Tensor:
+        """(count, d) the honest messages themselves, in honest-worker order (for the attacks that
+        declare ``needs_messages``)."""
+        if self._honest is None:
+            raise ValueError("this attack needs the honest messages, and only their statistics were given")
+        return self._honest
+
 
 class Attack:
     """Base class: ``craft`` returns the (k, d) messages of the Byzantine workers ``worker_ids``."""
 
     name = "attack"
-    omniscient = False
+    omniscient = False  # receives the honest messages' statistics of the iteration
+    needs_messages = False  # ... and the honest messages themselves (HonestStats.messages)
     uses_data = False
     options: ClassVar[Options] = {}
 
@@ -252,6 +261,180 @@ class LabelFlip(Attack):
         raise TypeError("label-flip messages come from the honest estimator on flipped labels")
 
 
+class Mimic(Attack):
+    """Mimic (Karimireddy, He and Jaggi, ICLR 2022): every Byzantine worker sends the message of
+    one honest worker, the same one every round (the ``worker``-th honest worker by id; the first
+    one present when it is missing), over-weighting its data. Needs the honest messages."""
+
+    name = "mimic"
+    omniscient = True
+    needs_messages = True
+    options: ClassVar[Options] = {
+        "mimic-worker": (
+            "worker",
+            "the honest worker copied, by rank among honest workers (0 = first).",
+            {"minimum": 0},
+        )
+    }
+
+    def __init__(self, worker: int = 0) -> None:
+        if isinstance(worker, bool) or int(worker) != worker or worker < 0:
+            raise ValueError(f"mimic-worker must be an integer >= 0, got {worker!r}")
+        self.worker = int(worker)
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        honest = self._need(stats).messages
+        row = honest[self.worker] if self.worker < len(honest) else honest[0]
+        return row.expand(len(worker_ids), -1).clone()
+
+
+def _perturbation(kind: str, honest: torch.Tensor) -> torch.Tensor:
+    """The direction p of MinMax / MinSum from the (n, d) float64 honest messages: -std (default),
+    -sign(mean) or -mean / ||mean||."""
+    mean = honest.mean(dim=0)
+    if kind == "std":
+        return -(honest.std(dim=0) if len(honest) > 1 else torch.zeros_like(mean))
+    if kind == "sign":
+        return -torch.sign(mean)
+    return -mean / torch.linalg.vector_norm(mean).clamp_min(1e-300)
+
+
+class _Shejwalkar(Attack):
+    """MinMax and MinSum (Shejwalkar and Houmansadr, "Manipulating the Byzantine", NDSS 2021):
+    m = mean + gamma * p with the largest gamma that keeps m as close to the honest messages as
+    they are to each other. The paper finds gamma by bisection; here it is solved exactly: with
+    a_i = ||mean - g_i||^2, b_i = <p, mean - g_i>, c = ||p||^2, each distance is a quadratic in gamma
+    (the b_i sum to 0). Computed in float64 from the honest messages' Gram matrix."""
+
+    omniscient = True
+    needs_messages = True
+    KINDS = ("std", "sign", "unit")
+    options: ClassVar[Options] = {
+        "attack-perturbation": (
+            "perturbation",
+            "the direction p: std = -std, sign = -sign(mean), unit = -mean / ||mean||.",
+            {"choices": KINDS},
+        )
+    }
+
+    def __init__(self, perturbation: str = "std") -> None:
+        if perturbation not in self.KINDS:
+            raise ValueError(
+                f"attack-perturbation={perturbation!r} is not valid; choose one of: {', '.join(self.KINDS)}"
+            )
+        self.perturbation = perturbation
+
+    def _gamma(self, a: torch.Tensor, b: torch.Tensor, c: float, d2: torch.Tensor) -> float:
+        raise NotImplementedError
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        g = s.messages.double()
+        mean = g.mean(dim=0)
+        p = _perturbation(self.perturbation, g)
+        p = p / (float(p.abs().max()) or 1.0)  # the direction alone: gamma takes the size
+        centred = mean - g
+        scale = float(centred.abs().max()) or 1.0  # float64 squares of float32 values cannot overflow
+        a = (centred / scale).pow(2).sum(dim=1)
+        b = (centred / scale) @ p
+        c = float(p @ p)
+        gram = (g - g[0]) / scale
+        gram = gram @ gram.T
+        diag = torch.diagonal(gram)
+        d2 = (diag[:, None] + diag[None, :] - 2 * gram).clamp_min(0)
+        gamma = self._gamma(a, b, c, d2) * scale if c > 0 else 0.0
+        bad = (mean + gamma * p).clamp(-F32_MAX, F32_MAX)  # a message float32 can carry
+        return bad.to(s.messages.dtype).expand(len(worker_ids), -1).clone()
+
+
+class MinMax(_Shejwalkar):
+    __doc__ = "MinMax: the largest gamma with max_i ||m - g_i|| <= max_ij ||g_i - g_j||. " + _Shejwalkar.__doc__
+
+    name = "minmax"
+
+    def _gamma(self, a, b, c, d2):
+        limit = float(d2.max())
+        # a_i + 2 gamma b_i + gamma^2 c <= limit for every i: the smallest positive root of all
+        roots = (-b + torch.sqrt((b * b - c * (a - limit)).clamp_min(0))) / c
+        return float(roots.min().clamp_min(0))
+
+
+class MinSum(_Shejwalkar):
+    __doc__ = (
+        "MinSum: the largest gamma with sum_i ||m - g_i||^2 <= max_i sum_j ||g_i - g_j||^2. " + _Shejwalkar.__doc__
+    )
+
+    name = "minsum"
+
+    def _gamma(self, a, b, c, d2):
+        # sum_i (a_i + 2 gamma b_i + gamma^2 c) = A + n c gamma^2 (the b_i sum to 0) <= S
+        room = float(d2.sum(dim=1).max() - a.sum())
+        return math.sqrt(max(room, 0.0) / (len(a) * c))
+
+
+class _AgainstTheRule(Attack):
+    """An attack whose one parameter is chosen each round against the rule in use (as ByzFL's
+    optimised attacks): every value of a fixed grid is tried on the honest messages plus B copies
+    of the candidate, and the one whose aggregate lands farthest from the honest mean is sent.
+    The attacker knows the rule by name and parameters (its own copy, built from the run config),
+    never the server's state: a stateful rule's copy is put back after each trial."""
+
+    omniscient = True
+    needs_messages = True
+    GRID: ClassVar[tuple[float, ...]] = ()
+
+    def __init__(self, rule: Any, num_byzantine: int) -> None:
+        if num_byzantine < 1:
+            raise ValueError(f"{self.name} needs at least one Byzantine worker, got {num_byzantine}")
+        self.rule = rule
+        self.num_byzantine = int(num_byzantine)
+        self.last_choice: float | None = None  # the parameter of the last round (a diagnostic)
+
+    def candidate(self, value: float, stats: HonestStats) -> torch.Tensor:
+        raise NotImplementedError
+
+    def craft(self, worker_ids, iteration, stats, dim):
+        s = self._need(stats)
+        honest = s.messages
+        state = self.rule.state_dict()
+        best, best_gap = None, -1.0
+        for value in self.GRID:
+            bad = self.candidate(value, s)
+            trial = torch.cat([honest, bad.expand(self.num_byzantine, -1)])
+            try:
+                out = self.rule(trial).vector
+            except ValueError:  # the rule refuses these messages: not a candidate
+                continue
+            finally:
+                self.rule.load_state_dict(state)
+            gap = float(torch.linalg.vector_norm(out.double() - s.mean.double()))
+            if math.isfinite(gap) and gap > best_gap:
+                best, best_gap, self.last_choice = bad, gap, value
+        if best is None:
+            best = self.candidate(self.GRID[0], s)
+        return best.expand(len(worker_ids), -1).clone()
+
+
+class OptimisedALIE(_AgainstTheRule):
+    """ALIE with z chosen each round against the rule (mean - z * std, z on a grid 0.1..10)."""
+
+    name = "alie-opt"
+    GRID = tuple(float(z) for z in torch.logspace(-1, 1, 13).tolist())
+
+    def candidate(self, value, stats):
+        return stats.mean - value * stats.std
+
+
+class OptimisedIPM(_AgainstTheRule):
+    """IPM with epsilon chosen each round against the rule (-epsilon * mean, epsilon on a grid 0.01..100)."""
+
+    name = "ipm-opt"
+    GRID = tuple(float(e) for e in torch.logspace(-2, 2, 13).tolist())
+
+    def candidate(self, value, stats):
+        return -value * stats.mean
+
+
 _POOL: ThreadPoolExecutor | None = None
 _PREFETCHED: dict[tuple, _Draws] = {}
 
@@ -307,5 +490,20 @@ def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: 
 
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Gaussian, SignFlip, ZeroGradient, ALIE, IPM, LabelFlip, Noise, Inf)
+    cls.name: cls
+    for cls in (
+        Gaussian,
+        SignFlip,
+        ZeroGradient,
+        ALIE,
+        IPM,
+        LabelFlip,
+        Noise,
+        Inf,
+        Mimic,
+        MinMax,
+        MinSum,
+        OptimisedALIE,
+        OptimisedIPM,
+    )
 }

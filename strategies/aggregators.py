@@ -331,7 +331,7 @@ class Bulyan(Rule):
         selected = kernels.iterated_krum(dist, f, n - 2 * f)
         chosen = messages[selected]
         theta = len(selected)
-        return Aggregate(_closest_to_median(chosen, theta - 2 * f), {"selected_count": theta})
+        return Aggregate(kernels.closest_to_median_mean(chosen, theta - 2 * f), {"selected_count": theta})
 
 
 class CenteredClipping(Rule):
@@ -411,17 +411,6 @@ class CenteredClipping(Rule):
         return Aggregate(v, {"clipped": clipped})
 
 
-def _closest_to_median(chosen: torch.Tensor, keep: int) -> torch.Tensor:
-    """(d,) per coordinate, the mean of the ``keep`` values closest to the coordinate-wise median."""
-    n = chosen.shape[0]
-    median = kernels.order_statistic_mean(chosen, (n - 1) // 2, n // 2 + 1)
-    gap = chosen - median
-    if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
-        gap = chosen.double() - median.double()
-    closest = torch.topk(gap.abs(), keep, dim=0, largest=False).indices
-    return kernels.safe_mean(torch.gather(chosen, 0, closest))
-
-
 class Meamed(Rule):
     """Mean around the median (Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD", 2018):
     per coordinate, the mean of the n - f values closest to the coordinate-wise median."""
@@ -439,7 +428,7 @@ class Meamed(Rule):
         return f"n > 2f with f = {self.f}"
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        return Aggregate(_closest_to_median(messages, messages.shape[0] - self.f))
+        return Aggregate(kernels.closest_to_median_mean(messages, messages.shape[0] - self.f))
 
 
 class CGE(Rule):
@@ -463,7 +452,7 @@ class CGE(Rule):
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
         keep = torch.topk(norms, messages.shape[0] - self.f, largest=False).indices
-        return Aggregate(kernels.safe_mean(messages[keep]), {"largest_kept_norm": float(norms[keep].max())})
+        return Aggregate(_mean_of(messages, keep), {"largest_kept_norm": float(norms[keep].max())})
 
 
 class MDA(GramRule):
@@ -585,7 +574,7 @@ class DnC(Rule):
             scores = values[-1].clamp_min(0) * vectors[:, -1] ** 2
             if drop:
                 good[torch.topk(scores, drop).indices] = False
-        return Aggregate(kernels.safe_mean(messages[good.to(messages.device)]), {"kept": int(good.sum())})
+        return Aggregate(_mean_of(messages, good.nonzero().reshape(-1)), {"kept": int(good.sum())})
 
 
 def _mix(seed: int, counter: int) -> int:
@@ -751,11 +740,22 @@ class ARC(PreAggregator):
 
 
 def _clipped(messages: torch.Tensor, norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-    """Each row scaled by min(1, limit / norm) (rows at or under their limit untouched)."""
+    """Each row scaled by min(1, limit / norm) (rows at or under their limit untouched); a factor
+    <= 1 cannot overflow, so the product stays in the messages' dtype."""
     factor = torch.where(norms > limits, limits / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
     if bool((factor == 1).all()):
         return messages
-    return (messages.double() * factor[:, None].to(messages.device)).to(messages.dtype)
+    return messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+
+
+def _mean_of(messages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(d,) the mean of ``rows`` of the messages, without copying them out (a weighted sum)."""
+    weights = torch.zeros(messages.shape[0], dtype=messages.dtype, device=messages.device)
+    weights.index_fill_(0, rows.to(messages.device), 1.0 / len(rows))
+    out = weights @ messages
+    if kernels.reads_are_free(out) and bool(torch.isfinite(out).all()):
+        return out
+    return kernels.safe_mean(messages.index_select(0, rows.to(messages.device)))
 
 
 def _mixed(rule: Rule, messages: torch.Tensor, mix: torch.Tensor, gram: kernels.Gram | None = None) -> Aggregate:

@@ -420,3 +420,40 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
         edges = np.linspace(0, d, workers + 1).astype(int)
         list(_pool().map(lambda i: block(edges[i], edges[i + 1]), range(workers)))
     return torch.from_numpy(out)
+
+
+def closest_to_median_mean(messages: torch.Tensor, keep: int) -> torch.Tensor:
+    """(d,) per coordinate, the mean of the ``keep`` values closest to the coordinate-wise median.
+
+    The ``keep`` values nearest any point are a window of the sorted column, so each column is
+    sorted once and the window is the one of the n - keep + 1 candidates whose farther end is
+    nearest the median (Meamed; Bulyan's second stage)."""
+    n, d = messages.shape
+    if not 1 <= keep <= n:
+        raise ValueError(f"keep={keep} is outside 1..{n}")
+    if messages.device.type != "cpu":
+        median = order_statistic_mean(messages, (n - 1) // 2, n // 2 + 1)
+        gap = messages - median
+        if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64
+            gap = messages.double() - median.double()
+        closest = torch.topk(gap.abs(), keep, dim=0, largest=False).indices
+        return safe_mean(torch.gather(messages, 0, closest))
+    a = messages.detach().contiguous().numpy()
+    out = np.empty(d, dtype=a.dtype)
+    starts = np.arange(n - keep + 1)
+
+    def block(lo: int, hi: int) -> None:
+        x = np.sort(a[:, lo:hi], axis=0).astype(np.float64)  # float64: no gap or sum overflows
+        median = (x[(n - 1) // 2] + x[n // 2]) / 2
+        reach = np.maximum(median - x[starts], x[starts + keep - 1] - median)  # (candidates, columns)
+        first = np.argmin(reach, axis=0)
+        rows = first[None, :] + np.arange(keep)[:, None]
+        out[lo:hi] = np.take_along_axis(x, rows, axis=0).mean(axis=0)
+
+    workers = _pool()._max_workers
+    if workers == 1 or d < 8192:
+        block(0, d)
+    else:
+        edges = np.linspace(0, d, workers + 1).astype(int)
+        list(_pool().map(lambda i: block(edges[i], edges[i + 1]), range(workers)))
+    return torch.from_numpy(out)

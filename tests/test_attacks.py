@@ -131,3 +131,92 @@ def test_the_inf_attack_is_screened_out_and_the_run_goes_on(tmp_path, mnist):
     assert any("dropped" in w for w in summary["warnings"])
     records = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["test_accuracy"] > records[0]["test_accuracy"] + 0.3
+
+
+# -- attacks that see the honest messages themselves (issue 14) ---------------------------------------------
+def _bisection_gamma(honest, p, within, gamma=10.0, tau=1e-9):
+    """Shejwalkar and Houmansadr 2021, Alg. 1's search for gamma, run to a fine tolerance."""
+    mean = honest.mean(0)
+    step, best = gamma / 2, 0.0
+    while abs(step) > tau:
+        if within(mean + gamma * p):
+            best = gamma
+            gamma += step
+        else:
+            gamma -= step
+        step /= 2
+    return best
+
+
+def test_minmax_and_minsum_solve_the_papers_constraints_exactly(honest):
+    from clients.attacks import MinMax, MinSum
+
+    stats = HonestStats.of(honest)
+    d = torch.cdist(honest, honest)
+    for kind, p in (("std", -honest.std(0)), ("sign", -torch.sign(honest.mean(0)))):
+        mm = MinMax(kind).craft([50, 51], 1, stats, D)
+        assert torch.equal(mm[0], mm[1])
+        gamma = float((mm[0] - honest.mean(0)).norm() / p.norm())
+        # the binding constraint: its farthest honest message is exactly the honest diameter away
+        assert float((honest - mm[0]).norm(dim=1).max()) == pytest.approx(float(d.max()), rel=1e-9)
+        want = _bisection_gamma(honest, p, lambda m: float((honest - m).norm(dim=1).max()) <= float(d.max()))
+        assert gamma == pytest.approx(want, rel=1e-6)
+        ms = MinSum(kind).craft([50], 1, stats, D)[0]
+        limit = float((d**2).sum(1).max())
+        assert float(((honest - ms) ** 2).sum()) == pytest.approx(limit, rel=1e-9)
+        want = _bisection_gamma(honest, p, lambda m, limit=limit: float(((honest - m) ** 2).sum()) <= limit)
+        assert float((ms - honest.mean(0)).norm() / p.norm()) == pytest.approx(want, rel=1e-6)
+
+
+def test_mimic_copies_one_honest_worker_every_round_and_attacks_refuse_missing_messages(honest):
+    from clients.attacks import Mimic, MinMax
+
+    stats = HonestStats.of(honest)
+    assert torch.equal(Mimic(3).craft([50, 51], 7, stats, D), honest[3].expand(2, -1))
+    assert torch.equal(Mimic(99).craft([50], 7, stats, D)[0], honest[0])  # that worker missing: the first one
+    only_stats = HonestStats(stats.mean, stats.std, stats.count)
+    with pytest.raises(ValueError, match="needs the honest messages"):
+        MinMax().craft([50], 1, only_stats, D)
+    with pytest.raises(ValueError, match="attack-perturbation='up' is not valid; choose one of: std, sign, unit"):
+        MinMax("up")
+
+
+def test_message_attacks_stay_finite_at_the_extremes_of_float32():
+    from clients.attacks import MinMax, MinSum
+
+    g = torch.Generator().manual_seed(2)
+    honest = (torch.rand(10, 64, generator=g) * 2 - 1) * 3.0e38  # float32 values over its whole range
+    for attack in (MinMax("std"), MinMax("unit"), MinSum("sign")):
+        out = attack.craft([10], 1, HonestStats.of(honest), 64)
+        assert out.dtype == torch.float32 and bool(torch.isfinite(out).all()), attack
+
+
+def test_optimised_alie_and_ipm_pick_the_grid_value_that_hurts_the_rule_most(honest):
+    from byzflower.config import attack_of, resolve
+    from clients.attacks import OptimisedALIE, OptimisedIPM
+    from strategies.aggregators import CenteredClipping, Median
+
+    stats = HonestStats.of(honest)
+    # against the mean the damage grows with the parameter: the largest value of the grid wins
+    alie = OptimisedALIE(Mean(), 20)
+    alie.craft([50], 1, stats, D)
+    assert alie.last_choice == pytest.approx(10.0)
+    ipm = OptimisedIPM(Mean(), 20)
+    assert torch.allclose(ipm.craft([50], 1, stats, D)[0], -100.0 * honest.mean(0))
+    # against the median: the choice is the grid's best, checked by trying every value by hand
+    alie = OptimisedALIE(Median(), 20)
+    sent = alie.craft([50, 51], 1, stats, D)
+    gaps = {
+        z: float(
+            (Median()(torch.cat([honest, (stats.mean - z * stats.std).expand(20, -1)])).vector - stats.mean).norm()
+        )
+        for z in OptimisedALIE.GRID
+    }
+    assert alie.last_choice == max(gaps, key=gaps.get)
+    assert torch.allclose(sent[1], stats.mean - alie.last_choice * stats.std)
+    # a stateful rule's copy is left as it was: the attacker never moves it
+    cc = CenteredClipping(init="previous")
+    OptimisedALIE(cc, 20).craft([50], 1, stats, D)
+    assert cc.state_dict() == {}
+    built = attack_of(resolve({"attack": "ipm-opt", "aggregator": "median", "num-byzantine": 20}))
+    assert isinstance(built.rule, Median) and built.num_byzantine == 20

@@ -190,9 +190,9 @@ def _close(flower, local):
             "model": "byzflower_user_models:conv_groupnorm",
         },
         {"optimizer": "sarah", "attack": "label-flip", "aggregator": "median", "num-byzantine": 5, "sarah-interval": 5},
-        {"optimizer": "saga", "attack": "alie", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
+        {"optimizer": "saga", "attack": "minmax", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
     ],
-    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip", "saga+alie+nnm"],
+    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip", "saga+minmax+nnm"],
 )
 def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
     overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}

@@ -112,10 +112,12 @@ def train(msg: Message, context: Context) -> Message:
         return rows_reply(msg, workers, torch.cat(rows))
     if phase == BYZANTINE:
         stats_record = msg.content[STATS]
+        honest = torch.from_numpy(decode(stats_record["honest"]).copy()) if "honest" in stats_record else None
         stats = HonestStats(
             torch.from_numpy(decode(stats_record["mean"]).copy()),
             torch.from_numpy(decode(stats_record["std"]).copy()),
             int(config[HONEST_COUNT]),
+            honest,
         )
         return rows_reply(msg, node.byzantine_ids, node.byzantine_messages(None, iteration, stats))
     raise ValueError(f"unknown phase {phase!r}; this ClientApp is driven by byzflower's ServerApp")

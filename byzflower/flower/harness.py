@@ -117,6 +117,7 @@ class Harness(Grid):
         seed: int,
         omniscient: bool = False,
         timeout: float | None = 300.0,
+        share_messages: bool = False,
         min_workers: int = 1,
         log: Log | None = None,
     ) -> None:
@@ -124,6 +125,7 @@ class Harness(Grid):
         self.layout = layout
         self.seed = int(seed)
         self.omniscient = bool(omniscient)
+        self.share_messages = bool(share_messages)  # phase 2 also carries the honest messages themselves
         self.timeout = timeout
         self.min_workers = int(min_workers)
         self.log = log or (lambda _: None)
@@ -323,12 +325,16 @@ class Harness(Grid):
         honest_ids = [w for w in self.layout.honest_ids if w in rows]
         honest = torch.from_numpy(np.stack([rows[w] for w in honest_ids])) if honest_ids else torch.zeros(0, dim)
 
-        # Phase 2: omniscient attackers see the honest messages' statistics, nothing else.
+        # Phase 2: omniscient attackers see the honest messages' statistics (and the messages
+        # themselves for the attacks that need them: Mimic, MinMax, MinSum), nothing else.
         if self.omniscient and honest_ids:
             stats = HonestStats.of(honest)
+            shared = {"mean": array(stats.mean.numpy()), "std": array(stats.std.numpy())}
+            if self.share_messages:
+                shared["honest"] = array(honest.numpy())
             content = RecordDict(
                 {
-                    STATS: ArrayRecord({"mean": array(stats.mean.numpy()), "std": array(stats.std.numpy())}),
+                    STATS: ArrayRecord(shared),
                     CONFIG: ConfigRecord({SERVER_ROUND: iteration, PHASE: BYZANTINE, HONEST_COUNT: stats.count}),
                 }
             )

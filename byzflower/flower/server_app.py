@@ -123,6 +123,7 @@ def _harness(grid: Grid, cfg: RunConfig) -> Harness:
         layout_of(cfg),
         int(cfg["seed"]),
         omniscient=attack is not None and attack.omniscient,
+        share_messages=attack is not None and attack.needs_messages,
         timeout=float(cfg["round-timeout"]),
         min_workers=min_workers_of(cfg),
         log=lambda line: log(WARNING, "[byzflower] %s", line),
