@@ -137,7 +137,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from byzflower.experiments.report import write_report
 
         paths = write_report([out])
-        print(f"report: {paths['markdown']}, {paths['csv']}, {paths['figure']}")
+        print("report: " + ", ".join(str(p) for p in paths.values()))
     return 0 if all(o.get("status") == "finished" for o in outcomes) else 1
 
 
@@ -146,7 +146,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     paths = write_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
     print(paths["markdown"].read_text())
-    print(f"written: {paths['markdown']}, {paths['csv']}, {paths['figure']}")
+    if "worst" in paths:
+        print(paths["worst"].read_text())
+    print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 from byzflower.config import RunConfig, rule_of
 from byzflower.core import role_blind_order, role_blind_positions
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
+from byzflower.records.detection import shares_of
 from byzflower.records.experiment import name_selected
 from byzflower.records.results import (
     RunDirectory,
@@ -152,11 +153,14 @@ class LocalRun:
             self._first = t
         return self._positions[t - self._first]
 
-    def _name_selected(self, info: dict[str, Any], valid: torch.Tensor | None, t: int) -> None:
-        if "selected" in info:  # Krum-like rules: which worker was chosen (read on the host)
-            rows = valid.nonzero().reshape(-1).tolist() if valid is not None else list(range(self.layout.num_workers))
-            order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
-            name_selected(info, rows, order, self.byzantine_ids)
+    def _name_rows(self, info: dict[str, Any], weights, valid: torch.Tensor | None, t: int) -> dict[int, float]:
+        """Krum-like rules' selected worker into ``info``; each aggregated worker's share (detection)."""
+        if "selected" not in info and weights is None:
+            return {}
+        rows = valid.nonzero().reshape(-1).tolist() if valid is not None else list(range(self.layout.num_workers))
+        order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        name_selected(info, rows, order, self.byzantine_ids)
+        return shares_of(weights, rows, order)
 
     def step(self, t: int) -> None:
         if self.speculate and self._segment is None:
@@ -177,13 +181,14 @@ class LocalRun:
         self.x = outcome.point
         info = dict(outcome.info)
         counts["failed"] = int(outcome.failed)
+        shares = {}
         if outcome.failed:
             counts[f"failed-{outcome.reason}"] = 1
             self.log(f"round {t} failed: {outcome.failure}; the model is unchanged")
         else:
-            self._name_selected(info, valid, t)
+            shares = self._name_rows(info, outcome.weights, valid, t)
         aggregate = outcome.aggregate
-        self.recorder.observe(t, honest, aggregate, counts, info, honest_mean=stats.mean)
+        self.recorder.observe(t, honest, aggregate, counts, info, honest_mean=stats.mean, shares=shares)
 
     # -- speculation (GPU) ------------------------------------------------------------------------
     def _speculative(
@@ -197,8 +202,9 @@ class LocalRun:
         self.x = outcome.point
         self._suspect += ~outcome.ok
         info = dict(outcome.info)
-        self._name_selected(info, None, t)
-        self.recorder.observe(t, honest, outcome.aggregate, dict.fromkeys(_CLEAN, 0), info, honest_mean=stats.mean)
+        shares = self._name_rows(info, outcome.weights, None, t)
+        counts = dict.fromkeys(_CLEAN, 0)
+        self.recorder.observe(t, honest, outcome.aggregate, counts, info, honest_mean=stats.mean, shares=shares)
 
     def _begin_segment(self, t: int) -> None:
         self._suspect = torch.zeros((), dtype=torch.int64, device=self.device)

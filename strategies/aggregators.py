@@ -31,10 +31,29 @@ from strategies import kernels
 
 @dataclass
 class Aggregate:
-    """The aggregated (d,) vector and the rule's diagnostics (numbers only)."""
+    """The aggregated (d,) vector, the rule's diagnostics (numbers only) and, where the rule
+    computes it anyway, each input row's share of the aggregate: ``weights`` (n,) >= 0 summing to 1
+    (Weiszfeld's coefficients, Krum's selection, the rows a filter kept, clipping's factors). None
+    for coordinate-wise rules, whose rows count per coordinate. Detection (the recorder's
+    suspicion scores) reads it; the rule never learns who is Byzantine."""
 
     vector: torch.Tensor
     info: dict[str, float] = field(default_factory=dict)
+    weights: np.ndarray | None = None
+
+
+def _shares(weights: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Non-negative weights scaled to sum 1 (float64 numpy)."""
+    w = np.clip(np.asarray(weights.cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64), 0, None)
+    total = w.sum()
+    return w / total if total > 0 else np.full(len(w), 1.0 / max(len(w), 1))
+
+
+def _kept(n: int, rows: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
+    """Equal shares on ``rows``, none elsewhere."""
+    w = np.zeros(n)
+    w[np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)] = 1.0
+    return _shares(w)
 
 
 class AggregationError(ValueError):
@@ -133,7 +152,8 @@ class Mean(Rule):
     breakdown = 0.0
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        return Aggregate(kernels.safe_mean(messages))
+        n = messages.shape[0]
+        return Aggregate(kernels.safe_mean(messages), weights=np.full(n, 1.0 / n))
 
     def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
         n = gram.matrix.shape[0]
@@ -154,7 +174,7 @@ class GramRule(Rule):
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         gram = kernels.centered_gram(messages)
         alpha, info = self.coefficients(gram)
-        return Aggregate(kernels.combine(messages, alpha, gram), info)
+        return Aggregate(kernels.combine(messages, alpha, gram), info, _shares(alpha))
 
 
 class GeometricMedian(GramRule):
@@ -224,8 +244,8 @@ class Krum(GramRule):
         return alpha, {"selected": best, "score": float(scores[best]) * gram.scale**2}
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
-        _, info = self.coefficients(kernels.centered_gram(messages))
-        return Aggregate(messages[int(info["selected"])].clone(), info)  # exactly the chosen input
+        alpha, info = self.coefficients(kernels.centered_gram(messages))
+        return Aggregate(messages[int(info["selected"])].clone(), info, alpha)  # exactly the chosen input
 
 
 class MultiKrum(Krum):
@@ -331,7 +351,8 @@ class Bulyan(Rule):
         selected = kernels.iterated_krum(dist, f, n - 2 * f)
         chosen = messages[selected]
         theta = len(selected)
-        return Aggregate(kernels.closest_to_median_mean(chosen, theta - 2 * f), {"selected_count": theta})
+        mean = kernels.closest_to_median_mean(chosen, theta - 2 * f)
+        return Aggregate(mean, {"selected_count": theta}, _kept(n, selected))
 
 
 class CenteredClipping(Rule):
@@ -408,7 +429,7 @@ class CenteredClipping(Rule):
             gamma, beta = gamma * keep, beta * keep + scale / n
         v = gamma * v0 + kernels.combine(messages, beta, gram)
         self._previous = v.detach().clone()
-        return Aggregate(v, {"clipped": clipped})
+        return Aggregate(v, {"clipped": clipped}, _shares(beta))
 
 
 class Meamed(Rule):
@@ -452,7 +473,8 @@ class CGE(Rule):
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
         keep = torch.topk(norms, messages.shape[0] - self.f, largest=False).indices
-        return Aggregate(_mean_of(messages, keep), {"largest_kept_norm": float(norms[keep].max())})
+        info = {"largest_kept_norm": float(norms[keep].max())}
+        return Aggregate(_mean_of(messages, keep), info, _kept(messages.shape[0], keep))
 
 
 class MDA(GramRule):
@@ -574,7 +596,8 @@ class DnC(Rule):
             scores = values[-1].clamp_min(0) * vectors[:, -1] ** 2
             if drop:
                 good[torch.topk(scores, drop).indices] = False
-        return Aggregate(_mean_of(messages, good.nonzero().reshape(-1)), {"kept": int(good.sum())})
+        kept = good.nonzero().reshape(-1)
+        return Aggregate(_mean_of(messages, kept), {"kept": int(good.sum())}, _kept(n, kept))
 
 
 def _mix(seed: int, counter: int) -> int:
@@ -715,7 +738,7 @@ class Clipping(PreAggregator):
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
-        return self.rule(_clipped(messages, norms, torch.full_like(norms, self.threshold)))
+        return _through(self.rule, messages, norms, torch.full_like(norms, self.threshold))
 
 
 class ARC(PreAggregator):
@@ -736,16 +759,19 @@ class ARC(PreAggregator):
             return self.rule(messages)
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
         limit = torch.topk(norms, k + 1).values[-1]
-        return self.rule(_clipped(messages, norms, limit.expand_as(norms)))
+        return _through(self.rule, messages, norms, limit.expand_as(norms))
 
 
-def _clipped(messages: torch.Tensor, norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
-    """Each row scaled by min(1, limit / norm) (rows at or under their limit untouched); a factor
-    <= 1 cannot overflow, so the product stays in the messages' dtype."""
+def _through(rule: Rule, messages: torch.Tensor, norms: torch.Tensor, limits: torch.Tensor) -> Aggregate:
+    """``rule`` on the messages with each row scaled by min(1, limit / norm) (a factor <= 1 cannot
+    overflow, so the product stays in the messages' dtype); a row's share shrinks with its factor."""
     factor = torch.where(norms > limits, limits / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
     if bool((factor == 1).all()):
-        return messages
-    return messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+        return rule(messages)
+    out = rule(messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None])
+    if out.weights is not None:
+        out.weights = _shares(out.weights * factor.cpu().numpy())
+    return out
 
 
 def _mean_of(messages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -768,10 +794,15 @@ def _mixed(rule: Rule, messages: torch.Tensor, mix: torch.Tensor, gram: kernels.
         mixed = dataclasses.replace(gram, matrix=mix @ gram.matrix @ mix.T)
         rule.check(messages[: mix.shape[0]])
         alpha, info = rule.coefficients(mixed)
-        return Aggregate(kernels.combine(messages, mix.T.numpy() @ alpha, gram), info)
+        combined = mix.T.numpy() @ alpha
+        return Aggregate(kernels.combine(messages, combined, gram), info, _shares(combined))
     if gram.wide:  # averages of values near the dtype's limit: mix in float64
-        return rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
-    return rule(mix.to(messages.dtype).to(messages.device) @ messages)
+        inner = rule((mix.to(messages.device) @ messages.to(torch.float64)).to(messages.dtype))
+    else:
+        inner = rule(mix.to(messages.dtype).to(messages.device) @ messages)
+    if inner.weights is not None:  # a mixed row's share goes to the rows it mixes
+        inner.weights = _shares(mix.T.numpy() @ inner.weights)
+    return inner
 
 
 def finite_rows(messages: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from strategies.aggregators import AggregationError, Rule
@@ -23,6 +24,7 @@ class StepOutcome:
     info: dict[str, float] = field(default_factory=dict)
     failure: str | None = None  # why the round failed, None when the model moved
     reason: str = ""  # a short tag for the metrics: 'too-few', 'rule-error', 'nonfinite'
+    weights: np.ndarray | None = None  # each aggregated row's share (Aggregate.weights), for detection
 
     @property
     def failed(self) -> bool:
@@ -53,7 +55,7 @@ def server_step(point: torch.Tensor, messages: torch.Tensor, rule: Rule, lr: flo
             failure=f"the step lr * aggregate overflows the model (lr={lr})",
             reason="nonfinite",
         )
-    return StepOutcome(moved, result.vector, dict(result.info))
+    return StepOutcome(moved, result.vector, dict(result.info), weights=result.weights)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class SpeculativeOutcome:
     aggregate: torch.Tensor
     ok: torch.Tensor
     info: dict[str, float] = field(default_factory=dict)
+    weights: np.ndarray | None = None
 
 
 def speculative_step(
@@ -85,4 +88,4 @@ def speculative_step(
         return None
     moved = point - lr * result.vector.to(point)
     ok = valid.all() & torch.isfinite(moved).all()  # a non-finite aggregate makes the step non-finite
-    return SpeculativeOutcome(torch.where(ok, moved, point), result.vector, ok, dict(result.info))
+    return SpeculativeOutcome(torch.where(ok, moved, point), result.vector, ok, dict(result.info), result.weights)

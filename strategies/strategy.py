@@ -62,6 +62,7 @@ class RobustSGD(Strategy):
         self.last_metrics: MetricRecord | None = None
         self.last_aggregate: torch.Tensor | None = None
         self.last_valid: list[int] = []  # positions, among the last round's replies, of the aggregated ones
+        self.last_weights: np.ndarray | None = None  # the rule's share of each aggregated reply
         self.round_offset = 0  # a resumed run: Flower's round r is iteration round_offset + r
 
     # -- model <-> flat vector ---------------------------------------------------------------
@@ -130,6 +131,7 @@ class RobustSGD(Strategy):
         assert self._point is not None
         outcome = server_step(self._point, torch.from_numpy(buffer[:n]).to(self.device), self.rule, self.lr)
         self.last_aggregate = outcome.aggregate
+        self.last_weights = outcome.weights  # per aggregated reply (positions: last_valid), for detection
         if outcome.failed:
             log(
                 ERROR,

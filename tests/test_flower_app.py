@@ -173,6 +173,8 @@ def _close(flower, local):
         for key, value in a.items():
             if isinstance(value, float):
                 assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["iteration"], key)
+            elif key == "suspicion":  # 4 digits of sums of shares: a last digit may round apart
+                assert b[key] == pytest.approx(value, abs=2e-4), (a["iteration"], key)
             elif key not in ("rule_selected",):
                 assert b[key] == value, (a["iteration"], key)
 

@@ -166,11 +166,11 @@ def test_bad_sweep_arguments_are_clear():
         run_sweep([Cell("sgd", "krum", "none")], {"num-honest": 3, "aggregator-f": 1}, "/tmp/unused", say=print)
 
 
-def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished"):
-    folder = root / f"{optimizer}-{aggregator}-{attack}"
+def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished", pre="none"):
+    folder = root / f"{optimizer}-{pre}-{aggregator}-{attack}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(
-        json.dumps({"optimizer": optimizer, "aggregator": aggregator, "attack": attack})
+        json.dumps({"optimizer": optimizer, "aggregator": aggregator, "attack": attack, "pre-aggregator": pre})
     )
     records = [
         {"iteration": 0, "test_accuracy": 0.1, "train_loss": 2.3, "honest_variance": None},
@@ -232,6 +232,27 @@ def test_report_table_is_laid_out_like_the_papers_table_one(tmp_path):
     assert paths["figure"].stat().st_size > 10_000 and paths["csv"].exists()
     with pytest.raises(FileNotFoundError, match="no run folders"):
         collect([tmp_path / "out"])
+
+
+def test_a_rules_by_attacks_grid_reports_each_rules_worst_case_and_a_heatmap(tmp_path):
+    from byzflower.experiments.report import worst_case
+
+    for attack, acc in (("none", 0.95), ("gaussian", 0.9), ("sign-flip", 0.3), ("alie", 0.6)):
+        _fake_run(tmp_path, "sgd", "gm", attack, acc)
+    for attack, acc in (("none", 0.94), ("gaussian", 0.92), ("sign-flip", 0.8)):
+        _fake_run(tmp_path, "sgd", "gm", attack, acc, pre="nnm")
+    _fake_run(tmp_path, "sgd", "gm", "alie", 0.1, status="failed", pre="nnm")  # not counted, but listed
+    _fake_run(tmp_path, "sgd", "krum", "gaussian", 0.5)  # one attack only: no worst case for it
+    assert worst_case(collect([tmp_path])).splitlines()[2:] == [
+        "| optimizer rule | no attack | worst under attack | by | attacks finished | not finished |",
+        "|---|---|---|---|---|---|",
+        "| sgd gm | 0.9500 | 0.3000 | sign-flip | 3 | - |",
+        "| sgd nnm+gm | 0.9400 | 0.8000 | sign-flip | 2 | alie |",
+    ]
+    paths = write_report([tmp_path], tmp_path / "out")
+    assert paths["worst"].read_text() == worst_case(collect([tmp_path]))
+    assert paths["heatmap"].stat().st_size > 10_000
+    assert worst_case([r for r in collect([tmp_path]) if r.column == "sgd krum"]) is None
 
 
 def test_the_cnn_and_fashion_mnist_plug_in(tmp_path):

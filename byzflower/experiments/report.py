@@ -31,7 +31,9 @@ class Run:
 
     @property
     def column(self) -> str:
-        return f"{self.config['optimizer']} {self.config['aggregator']}"
+        pre = self.config.get("pre-aggregator", "none")
+        rule = self.config["aggregator"] if pre in ("none", "", None) else f"{pre}+{self.config['aggregator']}"
+        return f"{self.config['optimizer']} {rule}"
 
     @property
     def status(self) -> str:
@@ -179,6 +181,60 @@ def beside_paper(runs: list[Run]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def worst_case(runs: list[Run]) -> str | None:
+    """Markdown: per optimizer + rule, the worst final test accuracy over the attacks run against it
+    and which attack achieved it, beside its accuracy without attack; None unless some column met
+    at least two attacks. Unfinished runs are listed, never counted as a result."""
+    columns = _ordered({r.column for r in runs}, ())
+    rows = []
+    for column in columns:
+        mine = [r for r in runs if r.column == column and r.config["attack"] != "none"]
+        done = [(r.final_accuracy, r.config["attack"]) for r in mine if r.final_accuracy is not None]
+        if len({r.config["attack"] for r in mine}) < 2:
+            continue
+        clean = [r.final_accuracy for r in runs if r.column == column and r.config["attack"] == "none"]
+        clean_text = f"{clean[0]:.4f}" if clean and clean[0] is not None else "-"
+        missing = sorted(r.config["attack"] for r in mine if r.final_accuracy is None)
+        worst = min(done) if done else None
+        rows.append((worst[0] if worst else 2.0, column, clean_text, worst, len(done), missing))
+    if not rows:
+        return None
+    lines = [
+        "Worst final test accuracy over the attacks run against each rule (lowest first).",
+        "",
+        "| optimizer rule | no attack | worst under attack | by | attacks finished | not finished |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, column, clean_text, worst, finished, missing in sorted(rows):
+        worst_text, by = (f"{worst[0]:.4f}", worst[1]) if worst else ("-", "-")
+        lines.append(f"| {column} | {clean_text} | {worst_text} | {by} | {finished} | {', '.join(missing) or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(runs: list[Run], path: Path) -> None:
+    """Final test accuracy per optimizer + rule (rows) and attack (columns), annotated."""
+    attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
+    columns = _ordered({r.column for r in runs}, ())
+    grid = [[float("nan")] * len(attacks) for _ in columns]
+    for run in runs:
+        acc = run.final_accuracy
+        if acc is not None:
+            grid[columns.index(run.column)][attacks.index(run.config["attack"])] = acc
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(attacks), 1.0 + 0.45 * len(columns)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right")
+    ax.set_yticks(range(len(columns)), columns)
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            text = "-" if value != value else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="final test accuracy")
+    ax.set_title("rule x attack (- : not run or not finished)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def figure(runs: list[Run], path: Path) -> None:
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
     panels = [
@@ -216,7 +272,8 @@ def figure(runs: list[Run], path: Path) -> None:
 
 def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     """Write table.md, table.csv, figure.png and, when the runs cover cells of the paper's Table I,
-    paper.md (``beside_paper``) into ``out`` (default: the first folder)."""
+    paper.md (``beside_paper``), and when rules met two attacks or more, worst.md and heatmap.png,
+    into ``out`` (default: the first folder)."""
     runs = collect(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -229,4 +286,10 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     if compared is not None:
         paths["paper"] = out / "paper.md"
         paths["paper"].write_text(compared)
+    worst = worst_case(runs)
+    if worst is not None:  # a rules x attacks grid: the worst case per rule and the heatmap
+        paths["worst"] = out / "worst.md"
+        paths["worst"].write_text(worst)
+        paths["heatmap"] = out / "heatmap.png"
+        heatmap(runs, paths["heatmap"])
     return paths

@@ -17,6 +17,7 @@ from byzflower.data import DataError
 from byzflower.engine import open_run
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
 from byzflower.flower.harness import Harness, HarnessError, poll
+from byzflower.records.detection import shares_of
 from byzflower.records.experiment import Recorder, name_selected
 from byzflower.records.results import RunDirectory, RunFolderError, status_of
 from strategies.strategy import RobustSGD
@@ -184,8 +185,11 @@ def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, 
             rec = harness.last_round
             info = {k[5:]: v for k, v in metrics.items() if k.startswith("rule-")}
             counts = {k: v for k, v in metrics.items() if k.startswith(("dropped-", "failed"))}
+            shares = {}
             if rec is not None:
                 name_selected(info, strategy.last_valid, rec.order, rec.byzantine_ids)
+                if not counts.get("failed"):
+                    shares = shares_of(strategy.last_weights, strategy.last_valid, rec.order)
                 counts["missing-messages"] = len(rec.missing)
                 counts.update({f"rejected-{k}": v for k, v in rec.rejected.items()})
             recorder.observe(
@@ -195,6 +199,7 @@ def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, 
                 counts,
                 info,
                 missing=None if rec is None else rec.missing,
+                shares=shares,
             )
         record = None
         if recorder.due(server_round):

@@ -12,6 +12,7 @@ import torch
 
 from byzflower.config import RunConfig
 from byzflower.data import ImageData
+from byzflower.records.detection import Suspicion
 from byzflower.records.results import RunDirectory, default_results_dir, run_name
 from clients.gradients import ModelGradients
 from clients.rng import derive_seed
@@ -95,6 +96,7 @@ class Recorder:
         self.warnings: list[str] = []
         self.resumed_at: list[int] = []
         self.totals: dict[str, float] = {}  # dropped / failed counts over the whole run
+        self.suspicion = Suspicion(cfg.num_workers)  # detection: per-worker running suspicion
         self.finished = False
 
     def _reset_interval(self) -> None:
@@ -112,6 +114,7 @@ class Recorder:
         rule_info: dict[str, float],
         honest_mean: torch.Tensor | None = None,
         missing: list[int] | None = None,
+        shares: dict[int, float] | None = None,
     ) -> None:
         """Note one iteration: the honest messages (H, d) (and their mean, when known), the
         aggregate (d,), strategy counts, the workers whose message did not arrive.
@@ -120,6 +123,8 @@ class Recorder:
         observing an iteration never waits for a GPU."""
         if missing:
             self._missing.update(missing)
+        if shares:  # each aggregated worker's share of the aggregate (detection)
+            self.suspicion.observe(shares)
         for k, v in counts.items():
             self._counts[k] = self._counts.get(k, 0) + v
             self.totals[k] = self.totals.get(k, 0) + v
@@ -169,6 +174,7 @@ class Recorder:
             "missing": set(self._missing),
             "totals": dict(self.totals),
             "latest": dict(self._latest),
+            "suspicion": self.suspicion.state_dict(),
         }
 
     def load_interval_state(self, state: dict[str, Any]) -> None:
@@ -177,6 +183,8 @@ class Recorder:
         self._missing = set(state["missing"])
         self.totals = dict(state["totals"])
         self._latest = dict(state["latest"])
+        if "suspicion" in state:
+            self.suspicion.load_state_dict(state["suspicion"])
 
     def due(self, iteration: int) -> bool:
         return (
@@ -209,6 +217,10 @@ class Recorder:
             **{k: v for k, v in self._latest.items() if k.startswith("rule_")},
             **{k.replace("-", "_"): v for k, v in self._counts.items()},
         }
+        scores = self.suspicion.scores()
+        if scores is not None:
+            record["suspicion"] = [round(float(v), 4) for v in scores]
+            record.update(self.suspicion.quality(self.byzantine_ids))
         if iteration == 0 and self.warnings:
             record["warnings"] = list(self.warnings)
         self.run.append(record)

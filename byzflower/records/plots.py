@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from byzflower.records.results import RunDirectory
@@ -19,8 +20,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_run(run: RunDirectory) -> list[str]:
-    """Write loss.png, accuracy.png, variance.png (and gap.png for convex runs) into the run folder; returns the
-    names."""
+    """Write loss.png, accuracy.png, variance.png (gap.png for convex runs, suspicion.png where the rule gives
+    per-worker shares) into the run folder; returns the names."""
     records = run.records()
     cfg = run.config()
     title = f"{cfg.get('optimizer')} + {cfg.get('aggregator')}, attack {cfg.get('attack')}"
@@ -52,4 +53,35 @@ def plot_run(run: RunDirectory) -> list[str]:
         fig.savefig(run.path / filename, dpi=100)
         plt.close(fig)
         written.append(filename)
+    last = next((r for r in reversed(records) if r.get("suspicion")), None)
+    if last is not None:
+        _suspicion(run, records, last, title)
+        written.append("suspicion.png")
     return written
+
+
+def _suspicion(run: RunDirectory, records: list[dict], last: dict, title: str) -> None:
+    """Each worker's final suspicion coloured by its role, and the detection quality over time."""
+    byzantine = set(last.get("byzantine_ids") or [])
+    scores = last["suspicion"]
+    fig, (bars, quality) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    colours = ["tab:red" if w in byzantine else "tab:blue" for w in range(len(scores))]
+    bars.bar(range(len(scores)), scores, color=colours)
+    bars.set_xlabel("worker (red: Byzantine, blue: honest)")
+    bars.set_ylabel(f"suspicion at iteration {last['iteration']}")
+    bars.set_ylim(0, 1)
+    bars.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bars.set_title(title)
+    for key, label in (("detection_auc", "AUC"), ("detection_precision", "precision of the top B")):
+        xs, ys = _series(records, key)
+        if xs:
+            quality.plot(xs, ys, marker="o", markersize=3, label=label)
+    quality.set_ylim(0, 1.05)
+    quality.set_xlabel("iteration")
+    quality.set_title("detection")
+    quality.grid(alpha=0.3)
+    if byzantine:
+        quality.legend()
+    fig.tight_layout()
+    fig.savefig(run.path / "suspicion.png", dpi=100)
+    plt.close(fig)
