@@ -199,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     creds.set_defaults(func=_cmd_credentials)
 
     sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack")
-    sweep.add_argument("--optimizer", default="sgd,batch-sgd,saga", help="comma-separated optimizers")
-    sweep.add_argument("--aggregator", default="mean,gm", help="comma-separated aggregators")
-    sweep.add_argument("--attack", default="none,gaussian,sign-flip,zero-gradient", help="comma-separated attacks")
+    sweep.add_argument("--optimizer", default="sgd,batch-sgd,saga", help="comma-separated optimizers, or all")
+    sweep.add_argument("--aggregator", default="mean,gm", help="comma-separated aggregators, or all")
+    sweep.add_argument(
+        "--attack", default="none,gaussian,sign-flip,zero-gradient", help="comma-separated attacks, or all"
+    )
     sweep.add_argument("--run-config", default="", help="overrides for every run, TOML syntax")
     sweep.add_argument(
         "--out", default=None, help="sweep folder (default: <results-dir>/sweep); reruns skip finished runs"

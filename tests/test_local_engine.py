@@ -253,6 +253,12 @@ def test_a_rules_by_attacks_grid_reports_each_rules_worst_case_and_a_heatmap(tmp
     assert paths["worst"].read_text() == worst_case(collect([tmp_path]))
     assert paths["heatmap"].stat().st_size > 10_000
     assert worst_case([r for r in collect([tmp_path]) if r.column == "sgd krum"]) is None
+    assert "detection" not in paths  # no run recorded detection
+    metrics = tmp_path / "sgd-none-gm-sign-flip" / "metrics.jsonl"
+    last = {"iteration": 20, "test_accuracy": 0.3, "detection_auc": 0.875, "detection_precision": 0.75}
+    metrics.write_text(metrics.read_text() + json.dumps(last) + "\n")
+    table_lines = write_report([tmp_path], tmp_path / "out")["detection"].read_text().splitlines()
+    assert table_lines[2:] == ["| optimizer rule | sign-flip |", "|---|---|", "| sgd gm | 0.88 / 0.75 |"]
 
 
 def test_the_cnn_and_fashion_mnist_plug_in(tmp_path):

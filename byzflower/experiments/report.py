@@ -211,6 +211,34 @@ def worst_case(runs: list[Run]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def detection(runs: list[Run]) -> str | None:
+    """Markdown: per optimizer + rule (rows) and attack (columns), the final detection AUC (and the
+    precision of the top B); None when no run recorded detection."""
+    scored = [r for r in runs if r.final_accuracy is not None and r.records[-1].get("detection_auc") is not None]
+    if not scored:
+        return None
+    attacks = _ordered({r.config["attack"] for r in scored}, ATTACKS)
+    columns = _ordered({r.column for r in scored}, ())
+    cells = {
+        (
+            r.column,
+            r.config["attack"],
+        ): f"{r.records[-1]['detection_auc']:.2f} / {r.records[-1]['detection_precision']:.2f}"
+        for r in scored
+    }
+    lines = [
+        "Detection at the last evaluation: AUC / precision of the B most suspected workers (1 / 1: every attacker "
+        "is more suspected than every honest worker; 0.5: no better than chance; - : the rule gives no shares, or "
+        "the run did not finish).",
+        "",
+        "| optimizer rule | " + " | ".join(attacks) + " |",
+        "|---|" + "---|" * len(attacks),
+    ]
+    for column in columns:
+        lines.append(f"| {column} | " + " | ".join(cells.get((column, a), "-") for a in attacks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def heatmap(runs: list[Run], path: Path) -> None:
     """Final test accuracy per optimizer + rule (rows) and attack (columns), annotated."""
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
@@ -292,4 +320,8 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
         paths["worst"].write_text(worst)
         paths["heatmap"] = out / "heatmap.png"
         heatmap(runs, paths["heatmap"])
+    detected = detection(runs)
+    if detected is not None:
+        paths["detection"] = out / "detection.md"
+        paths["detection"].write_text(detected)
     return paths

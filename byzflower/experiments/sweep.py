@@ -45,7 +45,9 @@ class Cell:
 
 
 def parse_axis(name: str, text: str) -> list[str]:
-    """'sgd, saga' -> ['sgd', 'saga'], checked against the valid choices."""
+    """'sgd, saga' -> ['sgd', 'saga'], checked against the valid choices; 'all' -> every choice."""
+    if text.strip() == "all":
+        return list(AXES[name])
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
         raise ConfigError(f"--{name} is empty; give one or more of: {', '.join(AXES[name])}")
