@@ -1,11 +1,12 @@
-"""Server side: aggregation rules (pure torch) and the RobustSGD Flower Strategy.
+"""Server side: aggregation rules (pure torch), the RobustSGD Flower Strategy (gradient rounds)
+and RobustFedAvg (FedAvg rounds with any rule).
 
-``strategies.aggregators`` imports no Flower; ``RobustSGD`` is loaded on first use.
+``strategies.aggregators`` imports no Flower; the strategies are loaded on first use.
 """
 
 from strategies.aggregators import RULES, Aggregate, AggregationError, Rule, make_rule
 
-__all__ = ["RULES", "Aggregate", "AggregationError", "RobustSGD", "Rule", "make_rule"]
+__all__ = ["RULES", "Aggregate", "AggregationError", "RobustFedAvg", "RobustSGD", "Rule", "make_rule"]
 
 
 def __getattr__(name: str):
@@ -13,4 +14,8 @@ def __getattr__(name: str):
         from strategies.strategy import RobustSGD
 
         return RobustSGD
+    if name == "RobustFedAvg":
+        from strategies.robust_fedavg import RobustFedAvg
+
+        return RobustFedAvg
     raise AttributeError(name)

@@ -155,6 +155,12 @@ class Mean(Rule):
         n = messages.shape[0]
         return Aggregate(kernels.safe_mean(messages), weights=np.full(n, 1.0 / n))
 
+    def weighted(self, messages: torch.Tensor, weights: np.ndarray) -> Aggregate:
+        """sum_i a_i m_i / sum_i a_i (FedAvg's sample-weighted average)."""
+        self.check(messages)
+        a = _shares(weights)
+        return Aggregate(kernels.combine(messages, a, kernels.centered_gram(messages)), weights=a)
+
     def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
         n = gram.matrix.shape[0]
         return np.full(n, 1.0 / n), {}
@@ -213,9 +219,18 @@ class GeometricMedian(GramRule):
         self.max_iter = _check_int("gm max_iter", max_iter, 1)
         self.eps = _check_positive("gm eps", eps)
 
-    def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
-        alpha, iterations, step = kernels.weiszfeld(gram, self.tol, self.max_iter, self.eps)
+    def coefficients(
+        self, gram: kernels.Gram, point_weights: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        alpha, iterations, step = kernels.weiszfeld(gram, self.tol, self.max_iter, self.eps, point_weights)
         return alpha, {"iterations": iterations, "converged": float(step <= self.tol), "last_step": step}
+
+    def weighted(self, messages: torch.Tensor, weights: np.ndarray) -> Aggregate:
+        """argmin_z sum_i a_i ||m_i - z||: the weighted geometric median (RFA, Pillutla et al. 2022)."""
+        self.check(messages)
+        gram = kernels.centered_gram(messages)
+        alpha, info = self.coefficients(gram, np.asarray(weights, dtype=np.float64))
+        return Aggregate(kernels.combine(messages, alpha, gram), info, _shares(alpha))
 
 
 class Krum(GramRule):

@@ -264,7 +264,9 @@ def robust_start(gram: Gram) -> tuple[np.ndarray, float]:
     return start, scale
 
 
-def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.ndarray, int, float]:
+def weiszfeld(
+    gram: Gram, tol: float, max_iter: int, eps: float, point_weights: np.ndarray | None = None
+) -> tuple[np.ndarray, int, float]:
     """Weiszfeld iterations on the coefficients alpha of z = sum_i alpha_i m_i, from ``robust_start``.
 
     ``tol`` and ``eps`` are relative to the data's scale (see ``robust_start``): stop when an
@@ -273,12 +275,19 @@ def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.nda
     coincident messages (copies, or NNM's identical mixtures) are neither divided by zero nor
     given an arbitrary finite weight. Returns (alpha, iterations used, last step / scale).
     The loop runs on the host in as few numpy calls as the math allows: on a GPU it is the
-    part of the iteration the device waits for.
+    part of the iteration the device waits for. ``point_weights`` (n,) > 0: the weighted median
+    argmin_z sum_i a_i ||m_i - z|| (RFA's, a_i the clients' sample counts), started at the
+    weighted mean where the unweighted start is the mean.
     """
     g = gram.host()[0]
     n = g.shape[0]
     diag = np.diag(g).copy()
     alpha, spread = robust_start(gram)
+    a = None
+    if point_weights is not None:
+        a = np.asarray(point_weights, dtype=np.float64) / float(np.sum(point_weights))
+        if np.allclose(alpha, 1.0 / n):
+            alpha = a.copy()
     spread = spread or 1.0  # all messages equal: any tolerance does
     floor = max(eps * spread, math.sqrt(gram.resolution), np.finfo(np.float64).tiny)
     step, used = math.inf, 0
@@ -294,6 +303,8 @@ def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.nda
             step = 0.0
             break
         w = 1.0 / np.maximum(dist, floor)
+        if a is not None:
+            w *= a
         if sitting:
             w[at] = 0.0
         new = w / w.sum()
@@ -303,7 +314,8 @@ def weiszfeld(gram: Gram, tol: float, max_iter: int, eps: float) -> tuple[np.nda
             # (Flooring the distances instead would bias the result by about floor * B / H.)
             toward = new - alpha
             pull = w.sum() * math.sqrt(max(float(toward @ g @ toward), 0.0))
-            keep = min(1.0, sitting / pull) if pull > 0 else 1.0
+            mass = sitting if a is None else float(a[at].sum())  # the weight sitting on the iterate
+            keep = min(1.0, mass / pull) if pull > 0 else 1.0
             new = alpha + (1.0 - keep) * toward
         delta = new - alpha
         step = math.sqrt(max(float(delta @ g @ delta), 0.0)) / spread

@@ -52,6 +52,35 @@ def arrays_to_flat(arrays: ArrayRecord) -> tuple[np.ndarray, list[str], list[tup
     return flat, list(arrays.keys()), [tuple(a.shape) for a in parts]
 
 
+def read_flat(
+    record: ArrayRecord | None, keys: list[str], shapes: list[tuple[int, ...]], out: np.ndarray | None = None
+) -> tuple[np.ndarray | None, str]:
+    """A reply's arrays as one flat float32 vector (written into ``out`` if given) when they mirror
+    the model (same keys in order, same shapes, a floating dtype) and are finite; else (None,
+    reason) with reason 'malformed' or 'nonfinite'. Checked from the headers before any copy."""
+    try:
+        if record is None or list(record.keys()) != keys:
+            return None, "malformed"
+        if [tuple(record[k].shape) for k in keys] != shapes or not all(
+            np.issubdtype(np.dtype(record[k].dtype), np.floating) for k in keys
+        ):
+            return None, "malformed"
+        dim = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes)
+        flat = np.empty(dim, dtype=np.float32) if out is None else out
+        offset = 0
+        for k in keys:
+            part = decode(record[k])
+            if part.shape != record[k].shape:
+                return None, "malformed"
+            flat[offset : offset + part.size] = part.reshape(-1)
+            offset += part.size
+    except Exception:  # undecodable bytes and the like: a bad message, not a server failure
+        return None, "malformed"
+    if not np.isfinite(flat).all():
+        return None, "nonfinite"
+    return flat, "ok"
+
+
 def rows_content(workers: list[int], rows: np.ndarray) -> RecordDict:
     """A node's reply: its workers' ids and their (k, d) messages, as float32."""
     return RecordDict(

@@ -30,8 +30,8 @@ from strategies.messages import (
     SERVER_ROUND,
     arrays_to_flat,
     flat_to_arrays,
+    read_flat,
 )
-from strategies.npy import decode
 from strategies.step import server_step
 
 DROP_REASONS = ("error", "malformed", "nonfinite")
@@ -80,23 +80,9 @@ class RobustSGD(Strategy):
             return None, "error"
         try:
             record = reply.content.array_records.get(GRADIENT)
-            if record is None or list(record.keys()) != self._keys:
-                return None, "malformed"
-            parts = [decode(record[k]) for k in self._keys]
-            if [tuple(p.shape) for p in parts] != self._shapes or not all(
-                np.issubdtype(p.dtype, np.floating) for p in parts
-            ):
-                return None, "malformed"
-            flat = np.empty(self._dim, dtype=np.float32) if out is None else out
-            offset = 0
-            for p in parts:
-                flat[offset : offset + p.size] = p.reshape(-1)
-                offset += p.size
-        except Exception:  # undecodable bytes and the like: a bad message, not a server failure
+        except Exception:
             return None, "malformed"
-        if not np.isfinite(flat).all():
-            return None, "nonfinite"
-        return flat, "ok"
+        return read_flat(record, self._keys, self._shapes, out)
 
     # -- Strategy -------------------------------------------------------------------------------
     def configure_train(

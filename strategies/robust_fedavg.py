@@ -1,0 +1,139 @@
+"""RobustFedAvg: Flower's FedAvg round with its average replaced by any byzflower rule.
+
+A drop-in for ``flwr.serverapp.strategy.FedAvg`` in any Flower app whose clients train locally
+and reply with their model (``content["arrays"]``) and a ``num-examples`` metric, as Flower's
+quickstarts do. Each round the replies are screened (keys, shapes and a floating dtype checked from
+the headers, non-finite values dropped, each counted in the round's metrics), turned into updates
+(reply - current global model), aggregated by the rule, and the global model moves by the result.
+With ``weighted=True`` the clients' ``num-examples`` weigh the mean (FedAvg) and the geometric median
+(RFA, Pillutla, Kakade and Harchaoui 2022, which Flower lacks); the other rules treat replies alike, as
+their papers do. Off by default: a sample count is the client's claim, and a Byzantine client that
+claims a huge one would carry any weighted rule with it.
+Rules that commute with a shift (mean, median, trimmed mean, GM, Krum, Multi-Krum, Bulyan, MDA, Meamed)
+give the same model from updates as from weights; those that measure norms (CGE, clipping, ARC,
+centred clipping) see the updates, as they should.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from logging import ERROR
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.aggregators import GeometricMedian, Mean, Rule, make_rule
+from strategies.messages import array, arrays_to_flat, read_flat
+
+
+class RobustFedAvg(FedAvg):
+    """FedAvg with ``rule`` in place of the weighted average.
+
+    Args:
+        rule: a byzflower rule object, or a rule's name (``make_rule``'s, with ``f`` and ``pre``).
+        f: the Byzantine clients the rule assumes (where it takes f).
+        pre: pre-aggregators in front of the rule ('none', 'nnm', 'bucketing,nnm', ...).
+        weighted: weigh the mean and the geometric median by each reply's ``weighted_by_key`` metric
+            (a client's claim: only where clients are trusted to report it).
+        **kwargs: FedAvg's own arguments (fractions, minimum nodes, keys, metric aggregation); the
+            others go to the rule named by ``rule`` (e.g. ``m`` for multi-krum).
+    """
+
+    def __init__(self, rule: Rule | str = "gm", *, f: int = 0, pre: str = "none", weighted: bool = False, **kwargs):
+        own = set(inspect.signature(FedAvg.__init__).parameters)
+        super().__init__(**{k: v for k, v in kwargs.items() if k in own})
+        params = {k: v for k, v in kwargs.items() if k not in own}  # the rule's own (e.g. m, tol)
+        if not isinstance(rule, str) and params:
+            raise TypeError(f"parameters {sorted(params)} are for a rule given by name, not for a Rule object")
+        self.rule = make_rule(rule, f=f, pre=pre, **params) if isinstance(rule, str) else rule
+        if not isinstance(self.rule, Rule):
+            raise TypeError(f"rule must be a byzflower Rule or a rule name, got {type(rule).__name__}")
+        self.weighted = bool(weighted)
+        self._global: tuple[np.ndarray, list[str], list[tuple[int, ...]], list[np.dtype]] | None = None
+        self.last_info: dict[str, float] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        flat, keys, shapes = arrays_to_flat(arrays)
+        self._global = (flat.astype(np.float64), keys, shapes, [np.dtype(arrays[k].dtype) for k in keys])
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train: the global model is unknown")
+        start, keys, shapes, dtypes = self._global
+        replies = list(replies)
+        buffer = np.empty((len(replies), start.size), dtype=np.float32)  # the updates, one row per valid reply
+        origin = start.astype(np.float32)
+        samples, kept = [], []
+        counts = {"dropped-error": 0, "dropped-malformed": 0, "dropped-nonfinite": 0}
+        for reply in replies:
+            if reply.has_error():
+                counts["dropped-error"] += 1
+                continue
+            record = reply.content.array_records.get(self.arrayrecord_key)
+            flat, reason = read_flat(record, keys, shapes, buffer[len(kept)])
+            weight = _weight(reply, self.weighted_by_key) if self.weighted else 1.0
+            if flat is None or weight is None:
+                counts[f"dropped-{reason if flat is None else 'malformed'}"] += 1
+                continue
+            np.subtract(flat, origin, out=flat)
+            samples.append(weight)
+            kept.append(reply)
+        updates = buffer[: len(kept)]
+        if len(updates) < self.rule.min_messages():
+            log(
+                ERROR,
+                "round %s: %d valid replies, %s needs %s",
+                server_round,
+                len(updates),
+                self.rule.name,
+                self.rule.requirement(),
+            )
+            return None, MetricRecord({**counts, "aggregated": len(updates), "failed": 1})
+        messages = torch.from_numpy(updates)
+        weights = np.asarray(samples, dtype=np.float64)
+        if self.weighted and isinstance(self.rule, Mean | GeometricMedian):
+            out = self.rule.weighted(messages, weights)
+        else:
+            out = self.rule(messages)
+        step = out.vector.numpy().astype(np.float64)
+        if not np.isfinite(step).all():
+            log(
+                ERROR, "round %s: %s returned a non-finite update; the model is unchanged", server_round, self.rule.name
+            )
+            return None, MetricRecord({**counts, "aggregated": len(updates), "failed": 1})
+        self.last_info = dict(out.info)
+        new, arrays, offset = start + step, ArrayRecord(), 0
+        for key, shape, dtype in zip(keys, shapes, dtypes, strict=True):  # the model's dtypes, as FedAvg keeps them
+            size = int(np.prod(shape, dtype=np.int64))
+            arrays[key] = array(new[offset : offset + size].reshape(shape).astype(dtype))
+            offset += size
+        try:  # the clients' own metrics, averaged as FedAvg does (needs each reply's weight key)
+            metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
+        except Exception as exc:  # a client's metrics are not ours to trust: the round goes on
+            log(ERROR, "round %s: the clients' metrics could not be averaged (%s)", server_round, exc)
+            metrics = None
+        record = MetricRecord(dict(metrics or {}))
+        for name, value in {**counts, "aggregated": len(updates), "failed": 0}.items():
+            record[name] = value
+        for name, value in out.info.items():
+            record[f"rule-{name}"] = float(value)
+        return arrays, record
+
+
+def _weight(reply: Message, key: str) -> float | None:
+    """The reply's sample count (``key`` in its metric records), None when absent or not positive."""
+    for metrics in reply.content.metric_records.values():
+        if key in metrics:
+            value = float(metrics[key])
+            return value if np.isfinite(value) and value > 0 else None
+    return None
