@@ -403,6 +403,17 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _by_column_blocks(block, d: int) -> None:
+    """Run ``block(start, end)`` over the d columns: in one piece when small, else one block per
+    pool thread (numpy releases the GIL in its sorts and partitions)."""
+    workers = _pool()._max_workers
+    if workers == 1 or d < 8192:
+        block(0, d)
+    else:
+        edges = np.linspace(0, d, workers + 1).astype(int)
+        list(_pool().map(lambda i: block(edges[i], edges[i + 1]), range(workers)))
+
+
 def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """(d,) per coordinate, the mean of the order statistics lo..hi-1 (0-based, ascending).
 
@@ -425,12 +436,7 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
             mean = part.mean(axis=0, dtype=np.float64)
         out[start:end] = mean
 
-    workers = _pool()._max_workers
-    if workers == 1 or d < 8192:
-        block(0, d)
-    else:
-        edges = np.linspace(0, d, workers + 1).astype(int)
-        list(_pool().map(lambda i: block(edges[i], edges[i + 1]), range(workers)))
+    _by_column_blocks(block, d)
     return torch.from_numpy(out)
 
 
@@ -462,10 +468,5 @@ def closest_to_median_mean(messages: torch.Tensor, keep: int) -> torch.Tensor:
         rows = first[None, :] + np.arange(keep)[:, None]
         out[lo:hi] = np.take_along_axis(x, rows, axis=0).mean(axis=0)
 
-    workers = _pool()._max_workers
-    if workers == 1 or d < 8192:
-        block(0, d)
-    else:
-        edges = np.linspace(0, d, workers + 1).astype(int)
-        list(_pool().map(lambda i: block(edges[i], edges[i + 1]), range(workers)))
+    _by_column_blocks(block, d)
     return torch.from_numpy(out)
