@@ -492,31 +492,26 @@ class CGE(Rule):
         return Aggregate(_mean_of(messages, keep), info, _kept(messages.shape[0], keep))
 
 
-class MDA(GramRule):
-    """Minimum diameter averaging (El Mhamdi, Guerraoui and Rouault, "The hidden vulnerability of
-    distributed learning in Byzantium", ICML 2018): the mean of the n - f messages whose largest
-    pairwise distance is smallest.
+class _SubsetRule(GramRule):
+    """The mean of the n - f messages whose subset scores lowest, found exactly: every one of the
+    C(n, f) subsets is scored from the Gram matrix, in blocks, so the cost grows like n^f. More
+    than ``max_subsets`` are refused before any work (and before the run, by the config check).
+    Measured on 2 cores (``benchmarks/aggregators.py``): MDA at n = 20, f = 5 (15,504 subsets)
+    41 ms including the Gram matrix of d = 39,760; 1.8e5 subsets about 0.5 s; the paper's n = 70,
+    f = 20 (1.6e17 subsets) is out of reach for any exact method of this kind."""
 
-    Exact: every one of the C(n, f) subsets is scored (in blocks, from the Gram matrix's
-    distances), so the cost grows like n^f. Subsets beyond ``max_subsets`` are refused before
-    any work; measured on 2 cores (``benchmarks/rules.py``): n = 20, f = 5 (15,504 subsets) takes
-    a few milliseconds, C(n, f) = 1e6 about a second; the paper's n = 70, f = 20 (1.6e17) is
-    out of reach for any exact method of this kind.
-    """
-
-    name = "mda"
     breakdown = 0.5
     options: ClassVar[Options] = {
-        "mda-max-subsets": (
+        "max-subsets": (
             "max_subsets",
-            "the most subsets MDA may score (C(n, f)); more are refused before the run.",
+            "the most subsets an exact subset rule may score (C(n, f)); more are refused before the run.",
             {"positive": True},
         )
     }
 
     def __init__(self, f: int, max_subsets: int = 200_000) -> None:
-        self.f = _check_int("mda f (assumed Byzantine messages)", f, 0)
-        self.max_subsets = _check_int("mda max_subsets", max_subsets, 1)
+        self.f = _check_int(f"{self.name} f (assumed Byzantine messages)", f, 0)
+        self.max_subsets = _check_int(f"{self.name} max_subsets", max_subsets, 1)
 
     def min_messages(self) -> int:
         return 2 * self.f + 1
@@ -529,27 +524,116 @@ class MDA(GramRule):
         subsets = math.comb(messages.shape[0], self.f)
         if subsets > self.max_subsets:
             raise AggregationError(
-                f"mda: n = {messages.shape[0]}, f = {self.f} means C(n, f) = {subsets:.3g} subsets to score, more "
-                f"than mda-max-subsets = {self.max_subsets:,}; use fewer workers, a smaller f or another rule"
+                f"{self.name}: n = {messages.shape[0]}, f = {self.f} means C(n, f) = {subsets:.3g} subsets to "
+                f"score, more than max-subsets = {self.max_subsets:,}; use fewer workers, a smaller f or "
+                "another rule"
             )
 
+    def _scores(self, kept: np.ndarray, g: np.ndarray, d2: np.ndarray) -> np.ndarray:
+        """(c,) the score of each of c subsets, given as (c, n - f) member indices."""
+        raise NotImplementedError
+
     def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
-        d2 = kernels.squared_distances(gram).numpy()
-        n = d2.shape[0]
-        best, best_out = math.inf, ()
-        outs = itertools.combinations(range(n), self.f)
-        while block := list(itertools.islice(outs, 4096)):
-            keep = np.ones((len(block), n), dtype=bool)
-            if self.f:
-                keep[np.arange(len(block))[:, None], np.array(block)] = False
-            # a subset's diameter: the largest distance between two of its members
-            diam = np.where(keep[:, :, None] & keep[:, None, :], d2[None], 0.0).max(axis=(1, 2))
-            i = int(np.argmin(diam))  # the first of equal diameters, in lexicographic order
-            if diam[i] < best:
-                best, best_out = float(diam[i]), block[i]
-        alpha = np.full(n, 1.0 / (n - self.f))
-        alpha[list(best_out)] = 0.0
-        return alpha, {"diameter": math.sqrt(best) * gram.scale}
+        g, d2 = gram.host()[:2]
+        n = g.shape[0]
+        best, best_kept = math.inf, None
+        subsets = itertools.combinations(range(n), n - self.f)
+        while block := list(itertools.islice(subsets, 4096)):
+            kept = np.array(block, dtype=np.int64).reshape(len(block), n - self.f)
+            scores = self._scores(kept, g, d2)
+            i = int(np.argmin(scores))  # the first of equal scores, in lexicographic order
+            if scores[i] < best:
+                best, best_kept = float(scores[i]), kept[i]
+        alpha = np.zeros(n)
+        alpha[best_kept] = 1.0 / (n - self.f)
+        return alpha, {self.score_name: self._in_units(best, gram.scale)}
+
+
+class MDA(_SubsetRule):
+    """Minimum diameter averaging (El Mhamdi, Guerraoui and Rouault, "The hidden vulnerability of
+    distributed learning in Byzantium", ICML 2018): the mean of the n - f messages whose largest
+    pairwise distance is smallest. Exact, see ``_SubsetRule``."""
+
+    name = "mda"
+    score_name = "diameter"
+
+    def _scores(self, kept, g, d2):
+        sub = d2[kept[:, :, None], kept[:, None, :]]  # (c, k, k) squared distances within each subset
+        return sub.max(axis=(1, 2))
+
+    @staticmethod
+    def _in_units(score: float, scale: float) -> float:
+        return math.sqrt(score) * scale
+
+
+class SMEA(_SubsetRule):
+    """Smallest maximum eigenvalue averaging (Allouah et al., "Fixing by mixing: a recipe for optimal
+    Byzantine ML under heterogeneity", AISTATS 2023): the mean of the n - f messages whose empirical
+    covariance has the smallest largest eigenvalue. Exact, see ``_SubsetRule``."""
+
+    name = "smea"
+    score_name = "max_eigenvalue"
+
+    def _scores(self, kept, g, d2):
+        k = kept.shape[1]
+        sub = g[kept[:, :, None], kept[:, None, :]]  # (c, k, k) Gram matrices of the subsets
+        centre = np.eye(k) - 1.0 / k
+        # the covariance's nonzero eigenvalues are those of J G J / k (J centres the subset)
+        return np.linalg.eigvalsh(centre @ sub @ centre / k)[:, -1]
+
+    @staticmethod
+    def _in_units(score: float, scale: float) -> float:
+        return score * scale**2
+
+
+class ClippedClustering(Rule):
+    """Clipped clustering (Li, Ngai and Voigt, "An experimental study of Byzantine-robust aggregation
+    schemes in federated learning", IEEE Trans. Big Data 2023; Blades): every message is clipped to
+    the median norm of the round, the clipped messages are split in two clusters by agglomerative
+    clustering with average linkage on cosine distance, and the result is the mean of the larger
+    cluster. (Blades clips to the median over all rounds so far; the round's median keeps the rule
+    stateless.) Cosines are taken in float64 from the normalised messages."""
+
+    name = "clipped-clustering"
+    breakdown = 0.5
+
+    def min_messages(self) -> int:
+        return 2
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        n = messages.shape[0]
+        norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
+        limit = norms.median()
+        unit = messages.double() / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None].to(messages.device)
+        cosine = (unit @ unit.T).clamp(-1.0, 1.0).cpu().numpy()
+        members = _two_clusters(1.0 - cosine)
+        larger = max(members, key=lambda c: (len(c), -min(c)))  # ties: the cluster holding the lowest row
+        rows = torch.tensor(sorted(larger), dtype=torch.long)
+        factor = torch.where(norms > limit, limit / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        clipped = messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+        weights = np.zeros(n)
+        weights[rows.numpy()] = factor[rows].numpy()
+        return Aggregate(_mean_of(clipped, rows), {"cluster_size": len(larger)}, _shares(weights))
+
+
+def _two_clusters(distance: np.ndarray) -> list[list[int]]:
+    """Agglomerative clustering with average linkage (UPGMA) of n points, stopped at 2 clusters."""
+    n = distance.shape[0]
+    d = distance.astype(np.float64).copy()
+    np.fill_diagonal(d, np.inf)
+    members = [[i] for i in range(n)]
+    alive = np.ones(n, dtype=bool)
+    for _ in range(n - 2):
+        masked = np.where(alive[:, None] & alive[None, :], d, np.inf)
+        i, j = np.unravel_index(np.argmin(masked), masked.shape)
+        i, j = min(i, j), max(i, j)
+        a, b = len(members[i]), len(members[j])
+        merged = (a * d[i] + b * d[j]) / (a + b)  # average linkage (Lance-Williams)
+        d[i, :], d[:, i] = merged, merged
+        d[i, i] = np.inf
+        members[i] += members[j]
+        alive[j] = False
+    return [members[k] for k in np.flatnonzero(alive)]
 
 
 class DnC(Rule):
@@ -848,7 +932,9 @@ RULES: dict[str, type[Rule]] = {
         Meamed,
         CGE,
         MDA,
+        SMEA,
         DnC,
+        ClippedClustering,
     )
 }
 #: what may stand in front of any rule; NNM(rule, f)

@@ -133,7 +133,7 @@ def test_validation_and_costs_are_stated_before_any_work():
         Meamed(3)(torch.randn(6, 2))
     big = torch.randn(70, 3)
     start = time.perf_counter()
-    with pytest.raises(AggregationError, match=r"C\(n, f\) = 1.62e\+17 subsets to score, more than mda-max-subsets"):
+    with pytest.raises(AggregationError, match=r"C\(n, f\) = 1.62e\+17 subsets to score, more than max-subsets"):
         MDA(20)(big)
     assert time.perf_counter() - start < 0.1  # refused, not attempted
     assert make_rule("mda", f=2, max_subsets=10).max_subsets == 10
@@ -153,13 +153,14 @@ def test_the_run_config_checks_mda_cost_and_builds_dnc_with_the_run_seed():
 
 
 # -- extremes of float32 for MDA (the n of test_extremes is beyond its exact cost) ------------------------
+@pytest.mark.parametrize("name", ["mda", "smea"])
 @pytest.mark.parametrize("scale", [1e20, 3.4e38])
-def test_mda_at_the_extremes_of_float32(scale):
+def test_mda_at_the_extremes_of_float32(scale, name):
     g = _gen(5)
     honest = (0.3 + 0.01 * torch.randn(11, 64, generator=g, dtype=torch.float64)).float()
     bad = torch.cat([torch.full((2, 64), scale), -torch.full((1, 64), scale)]).float()
     m = torch.cat([honest, bad])[torch.randperm(14, generator=g)]
-    out = MDA(3)(m).vector
+    out = make_rule(name, f=3)(m).vector
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     assert torch.allclose(out.double(), honest.double().mean(0), atol=1e-6)
 
@@ -254,3 +255,74 @@ def test_pre_aggregators_at_the_extremes_of_float32(pre, scale):
             # at the honest scale, not the attackers' (a bucket of +scale and -scale averages to 0, a
             # plausible point that pulls the rule: that is bucketing's known cost)
             assert float((out.double() - centre).norm()) <= float(centre.norm()), (pre, name)
+
+
+def ref_smea(m, f):
+    """Allouah et al. 2023: the n - f subset whose covariance's largest eigenvalue is smallest."""
+
+    def top(subset):
+        x = m[list(subset)]
+        centred = x - x.mean(0)
+        return float(torch.linalg.eigvalsh(centred.T @ centred / len(x))[-1])
+
+    best = min(itertools.combinations(range(len(m)), len(m) - f), key=top)
+    return m[list(best)].mean(0), top(best)
+
+
+def test_smea_matches_its_plain_reference_and_shares_the_subset_rules_checks():
+    from strategies.aggregators import SMEA
+
+    m, _ = _messages(n_honest=9, n_bad=3, d=6, seed=8)
+    out = SMEA(3)(m)
+    want, top = ref_smea(m, 3)
+    assert torch.allclose(out.vector, want, atol=1e-10)
+    assert out.info["max_eigenvalue"] == pytest.approx(top, rel=1e-8)
+    assert (out.weights[9:] == 0).all()  # the three far messages are the ones left out
+    with pytest.raises(AggregationError, match=r"smea: n = 70, f = 20 means C\(n, f\) = 1.62e\+17"):
+        SMEA(20)(torch.randn(70, 3))
+    # both exact subset rules read one key
+    from byzflower.config import KEYS
+
+    assert KEYS["max-subsets"].default == 200_000 and KEYS["max-subsets"].help.startswith("mda, smea:")
+
+
+def ref_clipped_clustering(m):
+    """Li et al. 2023 written plainly: clip to the median norm; average-linkage clusters by cosine
+    distance, merged until two remain (each merge re-averaging the original distances); the mean
+    of the larger cluster."""
+    norms = m.norm(dim=1)
+    limit = norms.median()
+    clipped = torch.stack([row * min(1.0, float(limit / nrm)) for row, nrm in zip(m, norms, strict=True)])
+    unit = m / norms[:, None]
+    dist = 1 - unit @ unit.T
+    clusters = [[i] for i in range(len(m))]
+    while len(clusters) > 2:
+        pairs = itertools.combinations(range(len(clusters)), 2)
+        a, b = min(pairs, key=lambda p: float(dist[clusters[p[0]]][:, clusters[p[1]]].mean()))
+        clusters[a] += clusters.pop(b)
+    return clipped[max(clusters, key=len)].mean(0)
+
+
+def test_clipped_clustering_against_its_plain_reference_by_hand_and_at_the_extremes():
+    from strategies.aggregators import ClippedClustering
+
+    m, _ = _messages(n_honest=11, n_bad=4, d=7, seed=9)
+    m[11:] *= -1  # the attackers point the other way: cosines separate them (a shared direction would not)
+    out = ClippedClustering()(m)
+    assert torch.allclose(out.vector, ref_clipped_clustering(m), atol=1e-10)
+    assert out.info["cluster_size"] == 11 and out.weights[11:].sum() == 0
+    same_way, _ = _messages(n_honest=11, n_bad=4, d=7, seed=9)
+    assert torch.allclose(ClippedClustering()(same_way).vector, ref_clipped_clustering(same_way), atol=1e-10)
+    perm = torch.randperm(15, generator=_gen(2))
+    assert torch.allclose(ClippedClustering()(m[perm]).vector, out.vector, atol=1e-10)
+    # by hand: (1, 0) twice and (0, 1) once; the median norm is 1, so only (3, 0) is clipped to (1, 0)
+    hand = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    assert ClippedClustering()(hand).vector.tolist() == [1.0, 0.0]
+    for scale in (1e20, 3.4e38):
+        g = _gen(3)
+        good = (0.3 + 0.01 * torch.randn(12, 64, generator=g, dtype=torch.float64)).float()
+        bad = -torch.full((4, 64), scale).float()
+        both = torch.cat([good, bad])
+        got = ClippedClustering()(both).vector
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+        assert torch.allclose(got.double(), ref_clipped_clustering(both.double()), atol=1e-6)  # the good ones, clipped
