@@ -616,6 +616,97 @@ class ClippedClustering(Rule):
         return Aggregate(_mean_of(clipped, rows), {"cluster_size": len(larger)}, _shares(weights))
 
 
+class SignGuard(Rule):
+    """SignGuard (Xu et al., "SignGuard: Byzantine-robust federated learning through collaborative
+    malicious gradient filtering", ICDCS 2022): keep the messages whose norm is within
+    [``lower``, ``upper``] x the median norm and which fall in the largest cluster of sign statistics
+    (the fractions of positive, zero and negative entries on a random ``fraction`` of the
+    coordinates, clustered by mean shift with a flat kernel and the bandwidth estimated as
+    scikit-learn does at quantile 0.3); the result is the mean of the kept messages, each clipped to
+    the median norm. The coordinates are drawn from (seed, call number): the call counter is state."""
+
+    name = "signguard"
+    breakdown = 0.5
+    options: ClassVar[Options] = {
+        "signguard-fraction": (
+            "fraction",
+            "signguard: the share of coordinates sampled.",
+            {"positive": True, "maximum": 1.0},
+        ),
+    }
+
+    def __init__(self, fraction: float = 0.1, lower: float = 0.1, upper: float = 3.0, seed: int = 0) -> None:
+        self.fraction = _check_positive("signguard fraction", fraction)
+        if self.fraction > 1:
+            raise ValueError(f"signguard fraction must be <= 1, got {fraction}")
+        self.lower = _check_positive("signguard lower", lower)
+        self.upper = _check_positive("signguard upper", upper)
+        self.seed = int(seed)
+        self._calls = 0
+
+    def min_messages(self) -> int:
+        return 2
+
+    def reset(self) -> None:
+        self._calls = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"calls": torch.tensor(self._calls)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._calls = int(state.get("calls", 0))
+
+    def aggregate(self, messages: torch.Tensor) -> Aggregate:
+        n, d = messages.shape
+        norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64).cpu()
+        median = norms.median()
+        ratio = norms / median.clamp_min(torch.finfo(torch.float64).tiny)
+        by_norm = (ratio >= self.lower) & (ratio <= self.upper)
+        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
+        self._calls += 1
+        coords = torch.randperm(d, generator=generator)[: max(1, math.ceil(self.fraction * d))]
+        sub = messages.index_select(1, coords.to(messages.device))
+        stats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1), (sub < 0).double().mean(1)], 1)
+        labels = _mean_shift(stats.cpu().numpy())
+        largest = np.bincount(labels).argmax()
+        keep = by_norm & torch.from_numpy(labels == largest)
+        if not bool(keep.any()):  # no message passes both filters: the norm filter alone decides
+            keep = by_norm
+        rows = keep.nonzero().reshape(-1)
+        factor = torch.where(norms > median, median / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        clipped = messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+        weights = np.zeros(n)
+        weights[rows.numpy()] = factor[rows].numpy()
+        return Aggregate(_mean_of(clipped, rows), {"kept": len(rows)}, _shares(weights))
+
+
+def _mean_shift(points: np.ndarray, quantile: float = 0.3, max_iter: int = 300) -> np.ndarray:
+    """Cluster labels (n,) by mean shift with a flat kernel, seeded at every point; the bandwidth is
+    the mean distance to the k-th nearest point, k = quantile * n (scikit-learn's estimate)."""
+    n = len(points)
+    dist = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
+    k = max(1, min(n - 1, int(n * quantile)))
+    bandwidth = float(np.sort(dist, axis=1)[:, k].mean())
+    if bandwidth == 0.0:  # (nearly) all points coincide: one cluster
+        return np.zeros(n, dtype=np.int64)
+    centres = points.copy()
+    for _ in range(max_iter):
+        near = np.sqrt(((centres[:, None, :] - points[None, :, :]) ** 2).sum(-1)) <= bandwidth
+        moved = (near[:, :, None] * points[None]).sum(1) / near.sum(1, keepdims=True)
+        done = np.abs(moved - centres).max() <= 1e-3 * bandwidth
+        centres = moved
+        if done:
+            break
+    # merge centres within a bandwidth of a more populated one, then label by the nearest centre
+    population = (np.sqrt(((centres[:, None, :] - points[None, :, :]) ** 2).sum(-1)) <= bandwidth).sum(1)
+    kept: list[int] = []
+    for c in np.argsort(-population, kind="stable"):
+        if all(np.linalg.norm(centres[c] - centres[o]) > bandwidth for o in kept):
+            kept.append(int(c))
+    final = centres[kept]
+    return np.argmin(((points[:, None, :] - final[None, :, :]) ** 2).sum(-1), axis=1)
+
+
 def _two_clusters(distance: np.ndarray) -> list[list[int]]:
     """Agglomerative clustering with average linkage (UPGMA) of n points, stopped at 2 clusters."""
     n = distance.shape[0]
@@ -935,6 +1026,7 @@ RULES: dict[str, type[Rule]] = {
         SMEA,
         DnC,
         ClippedClustering,
+        SignGuard,
     )
 }
 #: what may stand in front of any rule; NNM(rule, f)

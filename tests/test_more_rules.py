@@ -326,3 +326,30 @@ def test_clipped_clustering_against_its_plain_reference_by_hand_and_at_the_extre
         got = ClippedClustering()(both).vector
         assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
         assert torch.allclose(got.double(), ref_clipped_clustering(both.double()), atol=1e-6)  # the good ones, clipped
+
+
+def test_signguard_filters_by_norm_and_by_sign_statistics():
+    from strategies.aggregators import SignGuard, _mean_shift
+
+    g = _gen(5)
+    honest = torch.randn(14, 400, generator=g, dtype=torch.float64) + 0.5  # ~69% positive entries each
+    flipped = -honest[:3].clone()  # same norms, ~31% positive: caught by the sign statistics
+    huge = 50 * honest[3:5].clone()  # same signs, 50x the norm: caught by the norm filter
+    m = torch.cat([honest, flipped, huge])
+    out = SignGuard(fraction=0.5, seed=2)(m)
+    assert out.info["kept"] == 14 and out.weights[14:].sum() == 0
+    norms = honest.norm(dim=1)
+    clipped = honest * torch.clamp(m.norm(dim=1).median() / norms, max=1.0)[:, None]
+    assert torch.allclose(out.vector, clipped.mean(0), atol=1e-10)  # the kept ones, clipped to the median norm
+    perm = torch.randperm(19, generator=_gen(6))
+    assert torch.allclose(SignGuard(fraction=0.5, seed=2)(m[perm]).vector, out.vector, atol=1e-10)
+    # mean shift by hand: two tight groups and a lone point -> three labels, the groups' members together
+    pts = np.array([[0.0, 0, 0], [0.01, 0, 0], [0.0, 0.01, 0], [1.0, 1, 1], [1.01, 1, 1], [1.0, 1.01, 1], [5.0, 5, 5]])
+    labels = _mean_shift(pts)
+    assert len(set(labels[:3])) == 1 and len(set(labels[3:6])) == 1 and len({labels[0], labels[3], labels[6]}) == 3
+    for scale in (1e20, 3.4e38):
+        bad = torch.full((3, 400), -scale, dtype=torch.float64)
+        got = SignGuard()(torch.cat([honest, bad]).float()).vector
+        assert bool(torch.isfinite(got).all()) and float((got.double() - honest.mean(0)).abs().max()) < 1.0
+    with pytest.raises(ValueError, match="signguard fraction must be <= 1"):
+        SignGuard(fraction=2.0)
