@@ -574,12 +574,34 @@ class SMEA(_SubsetRule):
     name = "smea"
     score_name = "max_eigenvalue"
 
-    def _scores(self, kept, g, d2):
-        k = kept.shape[1]
-        sub = g[kept[:, :, None], kept[:, None, :]]  # (c, k, k) Gram matrices of the subsets
+    def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
+        # The covariance's nonzero eigenvalues are those of J G_S J / k (J centres the subset S);
+        # its trace bounds the largest from below (at most k - 1 are nonzero). Subsets are
+        # decomposed in increasing order of that bound until it reaches the best so far.
+        g = gram.host()[0]
+        n = g.shape[0]
+        k = n - self.f
+        kept = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
+        diag_sums = np.diag(g)[kept].sum(axis=1)
+        totals = np.concatenate(
+            [g[b[:, :, None], b[:, None, :]].sum(axis=(1, 2)) for b in np.array_split(kept, max(1, len(kept) // 4096))]
+        )
+        lower = (diag_sums - totals / k) / k / max(k - 1, 1)
+        order = np.argsort(lower, kind="stable")
         centre = np.eye(k) - 1.0 / k
-        # the covariance's nonzero eigenvalues are those of J G J / k (J centres the subset)
-        return np.linalg.eigvalsh(centre @ sub @ centre / k)[:, -1]
+        best, best_i = math.inf, -1
+        for start in range(0, len(order), 256):
+            chunk = order[start : start + 256]
+            if lower[chunk[0]] > best:
+                break
+            sub = g[kept[chunk][:, :, None], kept[chunk][:, None, :]]
+            scores = np.linalg.eigvalsh(centre @ sub @ centre / k)[:, -1]
+            for score, index in zip(scores.tolist(), chunk.tolist(), strict=True):
+                if score < best or (score == best and index < best_i):  # ties: the first subset in order
+                    best, best_i = score, index
+        alpha = np.zeros(n)
+        alpha[kept[best_i]] = 1.0 / k
+        return alpha, {self.score_name: self._in_units(best, gram.scale)}
 
     @staticmethod
     def _in_units(score: float, scale: float) -> float:
