@@ -29,9 +29,11 @@ from strategies.aggregators import (
     CGE,
     MDA,
     NNM,
+    SMEA,
     Bucketing,
     Bulyan,
     CenteredClipping,
+    ClippedClustering,
     Clipping,
     DnC,
     GeometricMedian,
@@ -40,6 +42,7 @@ from strategies.aggregators import (
     Mean,
     Median,
     MultiKrum,
+    SignGuard,
     TrimmedMean,
 )
 
@@ -157,6 +160,9 @@ def main() -> None:
         "clipping+gm": Clipping(GeometricMedian(), 1.0),
         "arc+gm": ARC(GeometricMedian(), f),
         "mda (n=20, f=5)": (MDA(5), 20),  # exact MDA scores C(n, f) subsets: n = 70, f = 20 is out of reach
+        "smea (n=20, f=5)": (SMEA(5), 20),
+        "clipped-clustering": ClippedClustering(),
+        "signguard": SignGuard(),
     }
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]

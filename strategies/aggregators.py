@@ -626,16 +626,22 @@ class ClippedClustering(Rule):
         n = messages.shape[0]
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
         limit = norms.median()
-        unit = messages.double() / norms.clamp_min(torch.finfo(torch.float64).tiny)[:, None].to(messages.device)
-        cosine = (unit @ unit.T).clamp(-1.0, 1.0).cpu().numpy()
+        # unit rows (a zero row stays zero: cosine 0 with every row), in the messages' dtype when every
+        # 1 / norm fits it (entries <= 1: no product overflows), else in float64
+        inverse = torch.where(norms > 0, 1.0 / norms, 0.0)
+        narrow = inverse.to(messages.dtype)
+        if bool(torch.isfinite(narrow).all()):
+            unit = messages * narrow.to(messages.device)[:, None]
+        else:
+            unit = messages.double() * inverse.to(messages.device)[:, None]
+        cosine = (unit @ unit.T).double().clamp(-1.0, 1.0).cpu().numpy()
         members = _two_clusters(1.0 - cosine)
         larger = max(members, key=lambda c: (len(c), -min(c)))  # ties: the cluster holding the lowest row
-        rows = torch.tensor(sorted(larger), dtype=torch.long)
-        factor = torch.where(norms > limit, limit / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-        clipped = messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+        rows = np.array(sorted(larger))
+        factor = torch.where(norms > limit, limit / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0).numpy()
         weights = np.zeros(n)
-        weights[rows.numpy()] = factor[rows].numpy()
-        return Aggregate(_mean_of(clipped, rows), {"cluster_size": len(larger)}, _shares(weights))
+        weights[rows] = factor[rows] / len(rows)  # the mean of the kept rows, each clipped
+        return Aggregate(_weighted_sum(messages, weights), {"cluster_size": len(larger)}, _shares(weights))
 
 
 class SignGuard(Rule):
@@ -694,12 +700,11 @@ class SignGuard(Rule):
         keep = by_norm & torch.from_numpy(labels == largest)
         if not bool(keep.any()):  # no message passes both filters: the norm filter alone decides
             keep = by_norm
-        rows = keep.nonzero().reshape(-1)
-        factor = torch.where(norms > median, median / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
-        clipped = messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None]
+        rows = keep.nonzero().reshape(-1).numpy()
+        factor = torch.where(norms > median, median / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0).numpy()
         weights = np.zeros(n)
-        weights[rows.numpy()] = factor[rows].numpy()
-        return Aggregate(_mean_of(clipped, rows), {"kept": len(rows)}, _shares(weights))
+        weights[rows] = factor[rows] / len(rows)  # the mean of the kept rows, each clipped to the median norm
+        return Aggregate(_weighted_sum(messages, weights), {"kept": len(rows)}, _shares(weights))
 
 
 def _mean_shift(points: np.ndarray, quantile: float = 0.3, max_iter: int = 300) -> np.ndarray:
@@ -984,6 +989,17 @@ def _through(rule: Rule, messages: torch.Tensor, norms: torch.Tensor, limits: to
     if out.weights is not None:
         out.weights = _shares(out.weights * factor.cpu().numpy())
     return out
+
+
+def _weighted_sum(messages: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+    """(d,) sum_i w_i m_i for weights (n,) >= 0 summing to at most 1 (finite for finite messages: in
+    float64 when the dtype's sum overflows)."""
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float64))
+    out = w.to(device=messages.device, dtype=messages.dtype) @ messages
+    if kernels.reads_are_free(out) and bool(torch.isfinite(out).all()):
+        return out
+    wide = (w.to(messages.device) @ messages.double()).to(messages.dtype)
+    return wide if kernels.reads_are_free(out) else torch.where(torch.isfinite(out), out, wide)
 
 
 def _mean_of(messages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
