@@ -131,23 +131,3 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on(task_identity
     assert np.isfinite(flat).all() and arrays["w"].numpy().dtype == np.float32
     with pytest.raises(ValueError, match="choose one of"):
         RobustFedAvg("nope")
-
-
-@pytest.mark.flower
-def test_the_quickstart_example_runs_robust_fedavg_in_flowers_simulation(tmp_path, mnist):
-    """The README's example through Flower's simulation engine: Flower's quickstart shape (local
-    epochs, replies with num-examples), 6 SuperNodes, one replying with N(0, 100^2) noise; the
-    geometric median learns. (The README gives the same run with FedAvg's average: 0.10.)"""
-    import json
-    import os
-
-    from byzflower.flower.flower_runner import LocalSuperLink
-
-    app = os.path.join(os.path.dirname(__file__), "..", "examples", "robust-fedavg")
-    out = tmp_path / "gm.json"
-    config = {"rule": "gm", "num-byzantine": 1, "attack": "noise", "num-server-rounds": 2, "result-file": str(out)}
-    with LocalSuperLink() as link:
-        outcome = link.run(app, config, {"num-supernodes": 6}, timeout=400)
-    assert outcome.ok, outcome.output[-3000:]
-    result = json.loads(out.read_text())
-    assert result["rule"] == "gm" and result["accuracy_by_round"]["2"]["accuracy"] > 0.85, result
