@@ -392,12 +392,10 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
         ]
-    while rule is not None:  # what a rule refuses from the shape of its input alone (e.g. MDA's cost)
-        try:
-            rule.check(torch.zeros(n, 1))
-        except AggregationError as exc:
-            return [f"aggregator={cfg['aggregator']!r}: {exc}"]
-        rule = getattr(rule, "rule", None)  # the rule behind a pre-aggregator
+    try:  # what the rule (and any rule behind a pre-aggregator) refuses from the input's shape: MDA's cost
+        rule.check(torch.zeros(n, 1))
+    except AggregationError as exc:
+        return [f"aggregator={cfg['aggregator']!r}: {exc}"]
     return []
 
 

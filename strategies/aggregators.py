@@ -321,20 +321,27 @@ class Median(Rule):
         return Aggregate(kernels.order_statistic_mean(messages, lo, hi + 1))
 
 
-class TrimmedMean(Rule):
-    """Coordinate-wise trimmed mean: drop the f largest and f smallest values, average the rest."""
+class _MajorityRule(Rule):
+    """A rule assuming ``f`` Byzantine messages that needs n > 2f of them."""
 
-    name = "trimmed-mean"
     breakdown = 0.5
+    f_is = "assumed Byzantine messages"  # what f means, for the error message
 
     def __init__(self, f: int) -> None:
-        self.f = _check_int("trimmed-mean f (values dropped at each end)", f, 0)
+        self.f = _check_int(f"{self.name} f ({self.f_is})", f, 0)
 
     def min_messages(self) -> int:
         return 2 * self.f + 1
 
     def requirement(self) -> str:
         return f"n > 2f with f = {self.f}"
+
+
+class TrimmedMean(_MajorityRule):
+    """Coordinate-wise trimmed mean: drop the f largest and f smallest values, average the rest."""
+
+    name = "trimmed-mean"
+    f_is = "values dropped at each end"
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         n = messages.shape[0]
@@ -447,37 +454,23 @@ class CenteredClipping(Rule):
         return Aggregate(v, {"clipped": clipped}, _shares(beta))
 
 
-class Meamed(Rule):
+class Meamed(_MajorityRule):
     """Mean around the median (Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD", 2018):
     per coordinate, the mean of the n - f values closest to the coordinate-wise median."""
 
     name = "meamed"
-    breakdown = 0.5
-
-    def __init__(self, f: int) -> None:
-        self.f = _check_int("meamed f (assumed Byzantine messages)", f, 0)
-
-    def min_messages(self) -> int:
-        return 2 * self.f + 1
-
-    def requirement(self) -> str:
-        return f"n > 2f with f = {self.f}"
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         return Aggregate(kernels.closest_to_median_mean(messages, messages.shape[0] - self.f))
 
 
-class CGE(Rule):
+class CGE(_MajorityRule):
     """Comparative gradient elimination (Gupta, Liu and Vaidya, "Byzantine fault-tolerant
     distributed machine learning with norm-based comparative gradient elimination", DSN-W 2021):
     the n - f messages of smallest norm, averaged (the paper sums them; the average keeps the step
     size comparable with the other rules). Norms are taken in float64, so no norm overflows."""
 
     name = "cge"
-    breakdown = 0.5
-
-    def __init__(self, f: int) -> None:
-        self.f = _check_int("cge f (assumed Byzantine messages)", f, 0)
 
     def min_messages(self) -> int:
         return self.f + 1
@@ -488,11 +481,11 @@ class CGE(Rule):
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         norms = torch.linalg.vector_norm(messages, dim=1, dtype=torch.float64)
         keep = torch.topk(norms, messages.shape[0] - self.f, largest=False).indices
-        info = {"largest_kept_norm": float(norms[keep].max())}
-        return Aggregate(_mean_of(messages, keep), info, _kept(messages.shape[0], keep))
+        shares = _kept(messages.shape[0], keep)
+        return Aggregate(_weighted_sum(messages, shares), {"largest_kept_norm": float(norms[keep].max())}, shares)
 
 
-class _SubsetRule(GramRule):
+class _SubsetRule(_MajorityRule, GramRule):
     """The mean of the n - f messages whose subset scores lowest, found exactly: every one of the
     C(n, f) subsets is scored from the Gram matrix, in blocks, so the cost grows like n^f. More
     than ``max_subsets`` are refused before any work (and before the run, by the config check).
@@ -500,7 +493,6 @@ class _SubsetRule(GramRule):
     41 ms including the Gram matrix of d = 39,760; 1.8e5 subsets about 0.5 s; the paper's n = 70,
     f = 20 (1.6e17 subsets) is out of reach for any exact method of this kind."""
 
-    breakdown = 0.5
     options: ClassVar[Options] = {
         "max-subsets": (
             "max_subsets",
@@ -510,14 +502,11 @@ class _SubsetRule(GramRule):
     }
 
     def __init__(self, f: int, max_subsets: int = 200_000) -> None:
-        self.f = _check_int(f"{self.name} f (assumed Byzantine messages)", f, 0)
+        super().__init__(f)
         self.max_subsets = _check_int(f"{self.name} max_subsets", max_subsets, 1)
 
-    def min_messages(self) -> int:
-        return 2 * self.f + 1
-
     def requirement(self) -> str:
-        return f"n > 2f with f = {self.f} and C(n, f) <= {self.max_subsets:,} subsets"
+        return f"{super().requirement()} and C(n, f) <= {self.max_subsets:,} subsets"
 
     def check(self, messages: torch.Tensor) -> None:
         super().check(messages)
@@ -608,6 +597,36 @@ class SMEA(_SubsetRule):
         return score * scale**2
 
 
+class _SeededDraws:
+    """For rules whose draws come from (seed, call number): reproducible, with the call counter as
+    their state (``reset``, ``state_dict`` and ``load_state_dict`` like the other stateful rules)."""
+
+    seed: int
+    _calls: int = 0
+
+    def _next_generator(self) -> torch.Generator:
+        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
+        self._calls += 1
+        return generator
+
+    def reset(self) -> None:
+        self._calls = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"calls": torch.tensor(self._calls)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._calls = int(state.get("calls", 0))
+
+
+def _mix(seed: int, counter: int) -> int:
+    """A 63-bit generator seed from (seed, counter) (splitmix64's finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
 class ClippedClustering(Rule):
     """Clipped clustering (Li, Ngai and Voigt, "An experimental study of Byzantine-robust aggregation
     schemes in federated learning", IEEE Trans. Big Data 2023; Blades): every message is clipped to
@@ -638,13 +657,13 @@ class ClippedClustering(Rule):
         members = _two_clusters(1.0 - cosine)
         larger = max(members, key=lambda c: (len(c), -min(c)))  # ties: the cluster holding the lowest row
         rows = np.array(sorted(larger))
-        factor = torch.where(norms > limit, limit / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0).numpy()
+        factor = _clip_factors(norms, limit).numpy()
         weights = np.zeros(n)
         weights[rows] = factor[rows] / len(rows)  # the mean of the kept rows, each clipped
         return Aggregate(_weighted_sum(messages, weights), {"cluster_size": len(larger)}, _shares(weights))
 
 
-class SignGuard(Rule):
+class SignGuard(_SeededDraws, Rule):
     """SignGuard (Xu et al., "SignGuard: Byzantine-robust federated learning through collaborative
     malicious gradient filtering", ICDCS 2022): keep the messages whose norm is within
     [``lower``, ``upper``] x the median norm and which fall in the largest cluster of sign statistics
@@ -670,19 +689,9 @@ class SignGuard(Rule):
         self.lower = _check_positive("signguard lower", lower)
         self.upper = _check_positive("signguard upper", upper)
         self.seed = int(seed)
-        self._calls = 0
 
     def min_messages(self) -> int:
         return 2
-
-    def reset(self) -> None:
-        self._calls = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"calls": torch.tensor(self._calls)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._calls = int(state.get("calls", 0))
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         n, d = messages.shape
@@ -690,8 +699,7 @@ class SignGuard(Rule):
         median = norms.median()
         ratio = norms / median.clamp_min(torch.finfo(torch.float64).tiny)
         by_norm = (ratio >= self.lower) & (ratio <= self.upper)
-        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
-        self._calls += 1
+        generator = self._next_generator()
         coords = torch.randperm(d, generator=generator)[: max(1, math.ceil(self.fraction * d))]
         sub = messages.index_select(1, coords.to(messages.device))
         stats = torch.stack([(sub > 0).double().mean(1), (sub == 0).double().mean(1), (sub < 0).double().mean(1)], 1)
@@ -701,7 +709,7 @@ class SignGuard(Rule):
         if not bool(keep.any()):  # no message passes both filters: the norm filter alone decides
             keep = by_norm
         rows = keep.nonzero().reshape(-1).numpy()
-        factor = torch.where(norms > median, median / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0).numpy()
+        factor = _clip_factors(norms, median).numpy()
         weights = np.zeros(n)
         weights[rows] = factor[rows] / len(rows)  # the mean of the kept rows, each clipped to the median norm
         return Aggregate(_weighted_sum(messages, weights), {"kept": len(rows)}, _shares(weights))
@@ -754,7 +762,7 @@ def _two_clusters(distance: np.ndarray) -> list[list[int]]:
     return [members[k] for k in np.flatnonzero(alive)]
 
 
-class DnC(Rule):
+class DnC(_SeededDraws, Rule):
     """Divide and conquer (Shejwalkar and Houmansadr, "Manipulating the Byzantine", NDSS 2021,
     Alg. 2): ``iterations`` times, on ``dim`` random coordinates, score each message by its squared
     projection on the top singular vector of the centred messages and drop the c * f highest; the
@@ -776,7 +784,6 @@ class DnC(Rule):
         self.iterations = _check_int("dnc iterations", iterations, 1)
         self.c = _check_positive("dnc c", c)
         self.seed = int(seed)
-        self._calls = 0
 
     def _dropped(self) -> int:
         return math.floor(self.c * self.f)
@@ -787,20 +794,10 @@ class DnC(Rule):
     def requirement(self) -> str:
         return f"n > c * f with c = {self.c:g}, f = {self.f}"
 
-    def reset(self) -> None:
-        self._calls = 0
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"calls": torch.tensor(self._calls)}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._calls = int(state.get("calls", 0))
-
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         n, d = messages.shape
         drop = self._dropped()
-        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
-        self._calls += 1
+        generator = self._next_generator()
         good = torch.ones(n, dtype=torch.bool)
         for _ in range(self.iterations):
             coords = torch.randperm(d, generator=generator)[: self.dim].to(messages.device)
@@ -813,16 +810,8 @@ class DnC(Rule):
             scores = values[-1].clamp_min(0) * vectors[:, -1] ** 2
             if drop:
                 good[torch.topk(scores, drop).indices] = False
-        kept = good.nonzero().reshape(-1)
-        return Aggregate(_mean_of(messages, kept), {"kept": int(good.sum())}, _kept(n, kept))
-
-
-def _mix(seed: int, counter: int) -> int:
-    """A 63-bit generator seed from (seed, counter) (splitmix64's finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + counter + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1
+        shares = _kept(n, good.nonzero().reshape(-1))
+        return Aggregate(_weighted_sum(messages, shares), {"kept": int(good.sum())}, shares)
 
 
 class PreAggregator(Rule):
@@ -850,6 +839,15 @@ class PreAggregator(Rule):
 
     def requirement(self) -> str:
         return self.rule.requirement()
+
+    def rows_out(self, n: int) -> int:
+        """How many rows the rule behind receives from n messages."""
+        return n
+
+    def check(self, messages: torch.Tensor) -> None:
+        """The messages', then the rule's refusals for the rows it will receive (e.g. MDA's cost)."""
+        super().check(messages)
+        self.rule.check(messages[: self.rows_out(messages.shape[0])])
 
     def reset(self) -> None:
         self.rule.reset()
@@ -894,7 +892,7 @@ class NNM(PreAggregator):
         return _mixed(self.rule, messages, mix, gram)
 
 
-class Bucketing(PreAggregator):
+class Bucketing(_SeededDraws, PreAggregator):
     """Bucketing (Karimireddy, He and Jaggi, "Byzantine-robust learning on heterogeneous datasets
     via bucketing", ICLR 2022): the messages are shuffled, split into ceil(n / s) buckets of s
     (the last one smaller when s does not divide n), and ``rule`` aggregates the buckets' means.
@@ -907,31 +905,33 @@ class Bucketing(PreAggregator):
         super().__init__(rule)
         self.s = _check_int("bucketing s (messages per bucket)", s, 1)
         self.seed = int(seed)
-        self._calls = 0
 
     def min_messages(self) -> int:
         return self.s * (self.rule.min_messages() - 1) + 1  # ceil(n / s) buckets for the rule
+
+    def rows_out(self, n: int) -> int:
+        return -(-n // self.s)
 
     def requirement(self) -> str:
         return f"ceil(n / s) buckets with s = {self.s}, and for the buckets {self.rule.requirement()}"
 
     def reset(self) -> None:
-        self._calls = 0
+        _SeededDraws.reset(self)
         self.rule.reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"calls": torch.tensor(self._calls), **{f"rule.{k}": v for k, v in self.rule.state_dict().items()}}
+        inner = {f"rule.{k}": v for k, v in self.rule.state_dict().items()}
+        return {**_SeededDraws.state_dict(self), **inner}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._calls = int(state.get("calls", 0))
+        _SeededDraws.load_state_dict(self, state)
         self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule.")})
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         n = messages.shape[0]
-        generator = torch.Generator().manual_seed(_mix(self.seed, self._calls))
-        self._calls += 1
+        generator = self._next_generator()
         order = torch.randperm(n, generator=generator)
-        buckets = -(-n // self.s)
+        buckets = self.rows_out(n)
         member = torch.empty(n, dtype=torch.long)
         member[order] = torch.arange(n) // self.s  # message order[k] goes to bucket k // s
         mix = torch.zeros(buckets, n, dtype=torch.float64)
@@ -979,10 +979,15 @@ class ARC(PreAggregator):
         return _through(self.rule, messages, norms, limit.expand_as(norms))
 
 
+def _clip_factors(norms: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 min(1, limit / norm) per row (rows at or under their limit keep 1)."""
+    return torch.where(norms > limits, limits / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+
+
 def _through(rule: Rule, messages: torch.Tensor, norms: torch.Tensor, limits: torch.Tensor) -> Aggregate:
     """``rule`` on the messages with each row scaled by min(1, limit / norm) (a factor <= 1 cannot
     overflow, so the product stays in the messages' dtype); a row's share shrinks with its factor."""
-    factor = torch.where(norms > limits, limits / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    factor = _clip_factors(norms, limits)
     if bool((factor == 1).all()):
         return rule(messages)
     out = rule(messages * factor.to(device=messages.device, dtype=messages.dtype)[:, None])
@@ -1002,16 +1007,6 @@ def _weighted_sum(messages: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
     return wide if kernels.reads_are_free(out) else torch.where(torch.isfinite(out), out, wide)
 
 
-def _mean_of(messages: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(d,) the mean of ``rows`` of the messages, without copying them out (a weighted sum)."""
-    weights = torch.zeros(messages.shape[0], dtype=messages.dtype, device=messages.device)
-    weights.index_fill_(0, rows.to(messages.device), 1.0 / len(rows))
-    out = weights @ messages
-    if kernels.reads_are_free(out) and bool(torch.isfinite(out).all()):
-        return out
-    return kernels.safe_mean(messages.index_select(0, rows.to(messages.device)))
-
-
 def _mixed(rule: Rule, messages: torch.Tensor, mix: torch.Tensor, gram: kernels.Gram | None = None) -> Aggregate:
     """``rule`` on the rows of mix @ messages ((k, n) float64 averaging weights), formed only
     when the rule needs the rows: a Gram rule works on mix G mix^T alone."""
@@ -1020,7 +1015,6 @@ def _mixed(rule: Rule, messages: torch.Tensor, mix: torch.Tensor, gram: kernels.
         # The mixed messages A m have Gram matrix A G A^T (rows of A sum to 1, so the centre
         # carries over): no k x d product is formed, only the final combination.
         mixed = dataclasses.replace(gram, matrix=mix @ gram.matrix @ mix.T)
-        rule.check(messages[: mix.shape[0]])
         alpha, info = rule.coefficients(mixed)
         combined = mix.T.numpy() @ alpha
         return Aggregate(kernels.combine(messages, combined, gram), info, _shares(combined))

@@ -239,7 +239,7 @@ def _median_sq_distance(g: np.ndarray, alpha: np.ndarray) -> float:
     return float(_row_medians((np.diag(g) - 2.0 * ga + alpha @ ga)[None, :])[1][0])
 
 
-def robust_start(gram: Gram) -> tuple[np.ndarray, float]:
+def robust_start(gram: Gram, point_weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(weights of Weiszfeld's start, the data's scale) from a Gram matrix.
 
     The scale is the medoid's median distance to the others (the medoid: the message with the
@@ -247,11 +247,12 @@ def robust_start(gram: Gram) -> tuple[np.ndarray, float]:
     of the messages, else the mean of the half of them nearest to the medoid. Both starts lead
     to the same limit, but attackers far away drag the mean with them, and Weiszfeld then needs
     about log(distance / spread) iterations to come back (over 80 from 1e38). A start at a
-    message would stall: its own weight is 1 / floor.
+    message would stall: its own weight is 1 / floor. With ``point_weights`` the mean is the
+    weighted one.
     """
     g, d2, (_, typical) = gram.host()
     n = g.shape[0]
-    mean = np.full(n, 1.0 / n)
+    mean = np.full(n, 1.0 / n) if point_weights is None else point_weights / float(np.sum(point_weights))
     medoid = int(np.argmin(typical))
     scale = math.sqrt(float(typical[medoid]))
     if scale == 0.0:  # over half the messages coincide: the finest distance present is the scale
@@ -282,12 +283,8 @@ def weiszfeld(
     g = gram.host()[0]
     n = g.shape[0]
     diag = np.diag(g).copy()
-    alpha, spread = robust_start(gram)
-    a = None
-    if point_weights is not None:
-        a = np.asarray(point_weights, dtype=np.float64) / float(np.sum(point_weights))
-        if np.allclose(alpha, 1.0 / n):
-            alpha = a.copy()
+    a = None if point_weights is None else np.asarray(point_weights, dtype=np.float64) / float(np.sum(point_weights))
+    alpha, spread = robust_start(gram, a)
     spread = spread or 1.0  # all messages equal: any tolerance does
     floor = max(eps * spread, math.sqrt(gram.resolution), np.finfo(np.float64).tiny)
     step, used = math.inf, 0

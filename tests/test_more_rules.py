@@ -353,3 +353,18 @@ def test_signguard_filters_by_norm_and_by_sign_statistics():
         assert bool(torch.isfinite(got).all()) and float((got.double() - honest.mean(0)).abs().max()) < 1.0
     with pytest.raises(ValueError, match="signguard fraction must be <= 1"):
         SignGuard(fraction=2.0)
+
+
+def test_a_pre_aggregator_checks_its_rule_on_the_rows_the_rule_will_receive():
+    """MDA's cost is C(rows, f) of what reaches it: 60 messages refused, their 20 buckets of 3 accepted."""
+    from byzflower.config import ConfigError, resolve
+
+    base = {"aggregator": "mda", "aggregator-f": 4, "num-honest": 56, "num-byzantine": 4}
+    with pytest.raises(ConfigError, match=r"C\(n, f\) = 4.88e\+05"):
+        resolve(base)
+    assert resolve({**base, "pre-aggregator": "bucketing", "bucket-size": 3})["bucket-size"] == 3
+    with pytest.raises(AggregationError, match=r"C\(n, f\) = 4.88e\+05"):
+        make_rule("mda", f=4, pre="nnm")(torch.randn(60, 3))
+    assert make_rule("mda", f=4, pre="bucketing", s=3)(torch.randn(60, 3, dtype=torch.float64)).weights.sum() == (
+        pytest.approx(1.0)
+    )

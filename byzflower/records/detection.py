@@ -22,8 +22,12 @@ def shares_of(weights: np.ndarray | None, valid_positions: list[int] | None, ord
     message of the round, which came from worker order[position] (all positions when None)."""
     if weights is None:
         return {}
-    positions = valid_positions if valid_positions is not None else range(len(weights))
-    return {int(order[p]): float(w) for p, w in zip(positions, weights, strict=True) if p < len(order)}
+    positions = np.arange(len(weights)) if valid_positions is None else np.asarray(valid_positions, dtype=np.int64)
+    if len(positions) != len(weights):
+        raise ValueError(f"{len(weights)} shares for {len(positions)} aggregated messages")
+    known = positions < len(order)
+    workers = np.asarray(order, dtype=np.int64)[positions[known]]
+    return dict(zip(workers.tolist(), np.asarray(weights, dtype=np.float64)[known].tolist(), strict=True))
 
 
 class Suspicion:
@@ -38,9 +42,9 @@ class Suspicion:
         if not shares:
             return
         distrust = np.ones_like(self.total)
-        present = len(shares)
-        for worker, share in shares.items():
-            distrust[worker] = max(0.0, 1.0 - present * share)
+        workers = np.fromiter(shares.keys(), dtype=np.int64, count=len(shares))
+        values = np.fromiter(shares.values(), dtype=np.float64, count=len(shares))
+        distrust[workers] = np.maximum(0.0, 1.0 - len(shares) * values)
         self.total += distrust
         self.rounds += 1
 
