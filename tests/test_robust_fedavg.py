@@ -131,3 +131,22 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on(task_identity
     assert np.isfinite(flat).all() and arrays["w"].numpy().dtype == np.float32
     with pytest.raises(ValueError, match="choose one of"):
         RobustFedAvg("nope")
+
+
+def test_sample_counts_that_are_not_positive_finite_numbers_drop_the_reply(task_identity):
+    """With weighted=True a reply's claimed num-examples weighs it: nan, inf, 0 or negative claims are
+    malformed replies, dropped and counted, never a weight."""
+    clients = _clients(n=9, bad=0)
+    strategy = RobustFedAvg("gm", weighted=True)
+    instructions = list(strategy.configure_train(1, _arrays(np.zeros(16)), ConfigRecord({}), _Grid(9)))
+    claims = [10, 10, 10, 10, 10, float("nan"), float("inf"), 0, -5]
+    replies = [
+        Message(
+            RecordDict({"arrays": _arrays(c), "metrics": MetricRecord({"num-examples": k})}), reply_to=instructions[i]
+        )
+        for i, (c, k) in enumerate(zip(clients, claims, strict=True))
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["aggregated"] == 5 and metrics["dropped-malformed"] == 4
+    flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
+    assert np.isfinite(flat).all()
