@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11, pip, node/npm):
 #   make run    set up what is missing, then run the main experiment through Flower
-#   make test   set up what is missing, fetch MNIST, then run the whole test suite
+#   make test   set up what is missing, fetch MNIST and Flower's app template, then run the whole test suite
 #   make paper  set up what is missing, then run the paper's Table I grid on both networks (about 3 h on 2 cores)
 #   make convex set up what is missing, then run the convex MNIST grid of Figs. 3/4 (logistic regression, gap)
 PYTHON ?= python3
@@ -25,6 +25,7 @@ run: setup
 
 test: setup
 	$(BIN)/byzflower data fetch mnist
+	$(BIN)/python tests/flower_template.py fetch
 	$(BIN)/python -m pytest -q
 
 # Resumable: run it again after an interruption and it skips or resumes every run.

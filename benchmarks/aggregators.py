@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 
 from strategies.aggregators import (
     ARC,
+    CAF,
     CGE,
     MDA,
     NNM,
@@ -41,6 +42,7 @@ from strategies.aggregators import (
     Meamed,
     Mean,
     Median,
+    MoNNA,
     MultiKrum,
     SignGuard,
     TrimmedMean,
@@ -163,6 +165,8 @@ def main() -> None:
         "smea (n=20, f=5)": (SMEA(5), 20),
         "clipped-clustering": ClippedClustering(),
         "signguard": SignGuard(),
+        "caf": CAF(f),
+        "monna": MoNNA(f),
     }
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
@@ -182,7 +186,11 @@ def main() -> None:
                 if isinstance(rule, tuple):  # a rule timed on the first rows only
                     rule, count = rule
                     rows = m[:count]
-                t = timeit(lambda rule=rule, m=rows: rule(m))
+                if rule.needs_workers:  # MoNNA: each call is told the rows' workers, as the engines do
+                    ids = list(range(len(rows)))
+                    t = timeit(lambda rule=rule, m=rows, ids=ids: (rule.label_rows(ids), rule(m)))
+                else:
+                    t = timeit(lambda rule=rule, m=rows: rule(m))
                 note = ""
                 if label == "krum" and records is not None:
                     decode = timeit(lambda records=records: [r["arrays"].to_numpy_ndarrays() for r in records])

@@ -392,6 +392,8 @@ def _rule_fits(cfg: RunConfig) -> list[str]:
             f"aggregator={cfg['aggregator']!r} needs {rule.requirement()}, i.e. at least {rule.min_messages()} "
             f"messages, but the run has {n} workers; lower aggregator-f or add workers"
         ]
+    if problem := rule.workers_problem(n):
+        return [problem]
     try:  # what the rule (and any rule behind a pre-aggregator) refuses from the input's shape: MDA's cost
         rule.check(torch.zeros(n, 1))
     except AggregationError as exc:

@@ -162,6 +162,13 @@ class LocalRun:
         name_selected(info, rows, order, self.byzantine_ids)
         return shares_of(weights, rows, order)
 
+    def _row_workers(self, t: int, valid: torch.Tensor | None = None) -> list[int] | None:
+        """The worker id of each aggregated row at iteration t, for rules that need it (else None)."""
+        if not self.rule.needs_workers:
+            return None
+        order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        return order if valid is None else [w for w, ok in zip(order, valid.tolist(), strict=True) if ok]
+
     def step(self, t: int) -> None:
         if self.speculate and self._segment is None:
             self._begin_segment(t)
@@ -177,7 +184,7 @@ class LocalRun:
             "missing-messages": 0,  # in-process: every worker's message always arrives
         }
         kept = everything[valid] if counts["dropped-nonfinite"] else everything
-        outcome = server_step(self.x, kept, self.rule, float(self.cfg.lr))
+        outcome = server_step(self.x, kept, self.rule, float(self.cfg.lr), self._row_workers(t, valid))
         self.x = outcome.point
         info = dict(outcome.info)
         counts["failed"] = int(outcome.failed)
@@ -195,7 +202,7 @@ class LocalRun:
         self, t: int, honest: torch.Tensor, stats: HonestStats, everything: torch.Tensor, valid: torch.Tensor
     ) -> None:
         """The round as if every message were finite and the step clean, checked later on the device."""
-        outcome = speculative_step(self.x, everything, valid, self.rule, float(self.cfg.lr))
+        outcome = speculative_step(self.x, everything, valid, self.rule, float(self.cfg.lr), self._row_workers(t))
         if outcome is None:  # the rule cannot run on all rows blind: this segment goes exact
             self._replay(t, include_current=True)
             return

@@ -85,6 +85,16 @@ class Rule:
     options: ClassVar[Options] = {}
     #: fraction of Byzantine messages the rule tolerates in theory (None: not defined)
     breakdown: float | None = None
+    #: whether the rule must be told which worker each row came from (``label_rows``): MoNNA's pivot
+    needs_workers: ClassVar[bool] = False
+
+    def label_rows(self, workers: list[int] | None) -> None:
+        """The worker id of each row of the next call (None: not known); only rules that
+        ``needs_workers`` use it. Engines assign workers, so ids are the server's, never a node's claim."""
+
+    def workers_problem(self, num_workers: int) -> str | None:
+        """Why the rule cannot run with workers 0..num_workers - 1 (None if it can)."""
+        return None
 
     def min_messages(self) -> int:
         """The fewest messages the rule accepts."""
@@ -597,6 +607,102 @@ class SMEA(_SubsetRule):
         return score * scale**2
 
 
+class CAF(_MajorityRule, GramRule):
+    """Covariance-bound agnostic filter (Allouah et al., "Towards trustworthy federated learning with
+    untrusted participants", 2025, as in ByzFL): a spectral filter that needs no bound on the honest
+    covariance. Weights c_i start at 1; while sum_i c_i > n - 2f, take the c-weighted mean mu_c and
+    covariance Sigma_c, its top eigenpair (lambda, v), keep mu_c if lambda is the smallest seen so
+    far, then shrink c_i by the factor 1 - tau_i / max tau over the rows still weighted, with
+    tau_i = <m_i - mu_c, v>^2 (the row furthest along v drops out). Returns the kept mean.
+
+    Sigma_c is never formed: its nonzero eigenvalues are those of D^1/2 G_c D^1/2 (n x n, D the
+    normalised weights, G_c the Gram matrix centred at mu_c), solved exactly in float64 (the paper
+    uses power iterations), so a round costs one n x n eigendecomposition whatever d is. At most n
+    rounds, as each removes at least one row; with f = 0 the loop never runs and CAF is the mean."""
+
+    name = "caf"
+    score_name = "max_eigenvalue"
+
+    def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
+        g = gram.host()[0]
+        n = g.shape[0]
+        c = np.ones(n)
+        best, best_w, rounds = math.inf, np.full(n, 1.0 / n), 0
+        while c.sum() > n - 2 * self.f:
+            w = c / c.sum()
+            gw = g @ w
+            centred = g - gw[:, None] - gw[None, :] + w @ gw  # <m_i - mu_c, m_j - mu_c>
+            root = np.sqrt(w)
+            values, vectors = np.linalg.eigh(root[:, None] * centred * root[None, :])
+            top = max(float(values[-1]), 0.0)
+            if top < best:
+                best, best_w = top, w
+            rounds += 1
+            if top <= gram.resolution:  # the weighted rows agree up to rounding: nothing left to filter
+                break
+            tau = (centred @ (root * vectors[:, -1])) ** 2 / top  # <m_i - mu_c, v>^2
+            tau_max = tau[c > 0].max()
+            if not tau_max > 0:
+                break
+            c = np.where(c > 0, c * np.clip(1.0 - tau / tau_max, 0.0, 1.0), 0.0)
+        info = {"rounds": rounds} if best == math.inf else {self.score_name: best * gram.scale**2, "rounds": rounds}
+        return best_w, info
+
+
+class MoNNA(_MajorityRule, GramRule):
+    """MoNNA (Farhadkhani et al., "Robust collaborative learning with linear gradient overhead",
+    ICML 2023): the mean of the n - f messages nearest to a trusted pivot's message, the pivot's own
+    included. In the paper each honest node is its own pivot; with a server, the pivot is a worker
+    the operator trusts (``pivot``, a worker id: a server-side worker, a node it runs itself). The
+    rule is told which worker each row came from (``label_rows``, by the engine: workers are
+    assigned by the server, so this is no node's claim, and it reveals no role); a round in which
+    the pivot's message is missing or was dropped fails, and says so."""
+
+    name = "monna"
+    needs_workers = True
+    options: ClassVar[Options] = {
+        "monna-pivot": (
+            "pivot",
+            "the id of the worker whose message the server trusts (the pivot).",
+            {"minimum": 0},
+        )
+    }
+
+    def __init__(self, f: int, pivot: int = 0) -> None:
+        super().__init__(f)
+        self.pivot = _check_int("monna pivot (a worker id)", pivot, 0)
+        self._row: int | None = None
+
+    def min_messages(self) -> int:
+        return self.f + 1
+
+    def requirement(self) -> str:
+        return f"n > f with f = {self.f}"
+
+    def workers_problem(self, num_workers: int) -> str | None:
+        if self.pivot >= num_workers:
+            return f"monna-pivot={self.pivot} is not a worker of this run; choose 0..{num_workers - 1}"
+        return None
+
+    def label_rows(self, workers: list[int] | None) -> None:
+        self._row = None if workers is None or self.pivot not in workers else list(workers).index(self.pivot)
+
+    def coefficients(self, gram: kernels.Gram) -> tuple[np.ndarray, dict[str, float]]:
+        row, self._row = self._row, None  # labels hold for one call
+        n = gram.matrix.shape[0]
+        if row is None or row >= n:
+            raise AggregationError(
+                f"monna: the trusted pivot's message (worker {self.pivot}) is not among the {n} rows "
+                "(missing, dropped, or the engine did not say which worker each row is)"
+            )
+        d2 = kernels.squared_distances(gram)[row].numpy()
+        others = np.arange(n) != row
+        nearest = np.lexsort((np.arange(n), others, d2))[: n - self.f]  # by distance, the pivot first
+        alpha = np.zeros(n)
+        alpha[nearest] = 1.0 / (n - self.f)
+        return alpha, {"radius": math.sqrt(float(d2[nearest].max())) * gram.scale}
+
+
 class _SeededDraws:
     """For rules whose draws come from (seed, call number): reproducible, with the call counter as
     their state (``reset``, ``state_dict`` and ``load_state_dict`` like the other stateful rules)."""
@@ -844,6 +950,16 @@ class PreAggregator(Rule):
         """How many rows the rule behind receives from n messages."""
         return n
 
+    @property
+    def needs_workers(self) -> bool:  # type: ignore[override]
+        return self.rule.needs_workers
+
+    def label_rows(self, workers: list[int] | None) -> None:
+        self.rule.label_rows(workers)  # row i still stands for worker i (mixed, or scaled)
+
+    def workers_problem(self, num_workers: int) -> str | None:
+        return self.rule.workers_problem(num_workers)
+
     def check(self, messages: torch.Tensor) -> None:
         """The messages', then the rule's refusals for the rows it will receive (e.g. MDA's cost)."""
         super().check(messages)
@@ -903,6 +1019,11 @@ class Bucketing(_SeededDraws, PreAggregator):
 
     def __init__(self, rule: Rule, s: int = 2, seed: int = 0) -> None:
         super().__init__(rule)
+        if rule.needs_workers:
+            raise ValueError(
+                f"bucketing cannot stand in front of {rule.name}: a bucket mixes several workers, so no row "
+                "stands for the worker the rule must find; use it without bucketing"
+            )
         self.s = _check_int("bucketing s (messages per bucket)", s, 1)
         self.seed = int(seed)
 
@@ -1056,6 +1177,8 @@ RULES: dict[str, type[Rule]] = {
         CGE,
         MDA,
         SMEA,
+        CAF,
+        MoNNA,
         DnC,
         ClippedClustering,
         SignGuard,

@@ -53,6 +53,11 @@ class RobustFedAvg(FedAvg):
         self.rule = make_rule(rule, f=f, pre=pre, **params) if isinstance(rule, str) else rule
         if not isinstance(self.rule, Rule):
             raise TypeError(f"rule must be a byzflower Rule or a rule name, got {type(rule).__name__}")
+        if self.rule.needs_workers:
+            raise ValueError(
+                f"{self.rule.name} must know which worker sent each update (a trusted pivot), but a FedAvg "
+                "round's replies are anonymous clients' claims; choose another rule"
+            )
         self.weighted = bool(weighted)
         self._global: tuple[np.ndarray, list[str], list[tuple[int, ...]], list[np.dtype]] | None = None
         self.last_info: dict[str, float] = {}

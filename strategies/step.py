@@ -31,14 +31,19 @@ class StepOutcome:
         return self.failure is not None
 
 
-def server_step(point: torch.Tensor, messages: torch.Tensor, rule: Rule, lr: float) -> StepOutcome:
-    """One aggregation and model step. ``messages`` (n, d) are already screened (finite rows)."""
+def server_step(
+    point: torch.Tensor, messages: torch.Tensor, rule: Rule, lr: float, workers: list[int] | None = None
+) -> StepOutcome:
+    """One aggregation and model step. ``messages`` (n, d) are already screened (finite rows);
+    ``workers`` (n,) says which worker each row is, for the rules that need it (MoNNA's pivot)."""
     if messages.shape[0] < rule.min_messages():
         return StepOutcome(
             point,
             failure=f"{rule.name} needs at least {rule.min_messages()} valid messages, got {messages.shape[0]}",
             reason="too-few",
         )
+    if rule.needs_workers:
+        rule.label_rows(workers)
     try:
         result = rule(messages)
     except AggregationError as exc:
@@ -71,7 +76,12 @@ class SpeculativeOutcome:
 
 
 def speculative_step(
-    point: torch.Tensor, messages: torch.Tensor, valid: torch.Tensor, rule: Rule, lr: float
+    point: torch.Tensor,
+    messages: torch.Tensor,
+    valid: torch.Tensor,
+    rule: Rule,
+    lr: float,
+    workers: list[int] | None = None,
 ) -> SpeculativeOutcome | None:
     """``server_step`` on all (n, d) messages as if all were valid (``valid``: (n,) bool from
     ``finite_rows``), with no host round-trip of its own, so a GPU runs ahead of the host.
@@ -82,6 +92,8 @@ def speculative_step(
     """
     if messages.shape[0] < rule.min_messages():
         return None
+    if rule.needs_workers:
+        rule.label_rows(workers)
     try:
         result = rule(messages)
     except Exception:

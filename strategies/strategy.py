@@ -64,6 +64,7 @@ class RobustSGD(Strategy):
         self.last_valid: list[int] = []  # positions, among the last round's replies, of the aggregated ones
         self.last_weights: np.ndarray | None = None  # the rule's share of each aggregated reply
         self.round_offset = 0  # a resumed run: Flower's round r is iteration round_offset + r
+        self._grid: Grid | None = None
 
     # -- model <-> flat vector ---------------------------------------------------------------
     def _load(self, arrays: ArrayRecord) -> None:
@@ -89,6 +90,7 @@ class RobustSGD(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._load(arrays)
+        self._grid = grid
         config = ConfigRecord({**config, SERVER_ROUND: server_round + self.round_offset})
         if server_round == 1 and self.round_offset:
             config[RESUME_FROM] = self.round_offset  # nodes put back their state of that iteration
@@ -115,7 +117,8 @@ class RobustSGD(Strategy):
         metrics = {"received": len(replies), "aggregated": n}
         metrics.update({f"dropped-{k}": v for k, v in counts.items()})
         assert self._point is not None
-        outcome = server_step(self._point, torch.from_numpy(buffer[:n]).to(self.device), self.rule, self.lr)
+        messages = torch.from_numpy(buffer[:n]).to(self.device)
+        outcome = server_step(self._point, messages, self.rule, self.lr, self._row_workers())
         self.last_aggregate = outcome.aggregate
         self.last_weights = outcome.weights  # per aggregated reply (positions: last_valid), for detection
         if outcome.failed:
@@ -131,6 +134,16 @@ class RobustSGD(Strategy):
         self._point = outcome.point
         self.last_metrics = MetricRecord({**metrics, "failed": 0, **{f"rule-{k}": v for k, v in outcome.info.items()}})
         return self._to_arrays(self._point), self.last_metrics
+
+    def _row_workers(self) -> list[int] | None:
+        """Which worker each aggregated reply is, for rules that need it (MoNNA's pivot): known when
+        the grid is byzflower's harness, which builds one reply per worker it assigned (``worker_ids``);
+        None with a plain grid, whose replies are only nodes' claims."""
+        if not self.rule.needs_workers:
+            return None
+        source = getattr(self._grid, "worker_ids", None)
+        ids = source() if callable(source) else None
+        return None if ids is None else [ids[p] for p in self.last_valid]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

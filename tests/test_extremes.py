@@ -12,10 +12,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_more_rules import ref_cge, ref_dnc, ref_meamed
+from test_more_rules import ref_caf, ref_cge, ref_dnc, ref_meamed, ref_monna
 
 from strategies import kernels
 from strategies.aggregators import (
+    CAF,
     CGE,
     NNM,
     Bulyan,
@@ -26,6 +27,7 @@ from strategies.aggregators import (
     Meamed,
     Mean,
     Median,
+    MoNNA,
     MultiKrum,
     TrimmedMean,
 )
@@ -118,6 +120,8 @@ RULES = {
     "meamed": (lambda: Meamed(B), lambda m: ref_meamed(m, B)),
     "cge": (lambda: CGE(B), lambda m: ref_cge(m, B)),
     "dnc": (lambda: DnC(B), lambda m: ref_dnc(m, B, 10_000, 5, 1.0, 0)),
+    "caf": (lambda: CAF(B), lambda m: ref_caf(m, B)[0]),
+    "monna": (lambda: MoNNA(B, pivot=0), None),  # its reference needs the pivot's row: see the test
 }
 
 
@@ -189,6 +193,8 @@ def test_rules_at_the_extremes_of_float32(rule_name, pre, attack_name):
     assert bool(torch.isfinite(m).all())
     build, reference = RULES[rule_name]
     rule = NNM(build(), B) if pre == "nnm" else build()
+    pivot = int((m == honest[0]).all(dim=1).nonzero()[0])  # worker 0 (honest) is MoNNA's pivot
+    rule.label_rows([0 if i == pivot else i + 1 for i in range(len(m))])
     out = rule(m).vector
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all()), f"{rule_name}: non-finite output"
 
@@ -209,7 +215,7 @@ def test_rules_at_the_extremes_of_float32(rule_name, pre, attack_name):
         lo, hi = plausible.min(0).values, plausible.max(0).values
         assert bool(((got >= lo - 1e-6) & (got <= hi + 1e-6)).all())
     else:
-        want = reference(fed)
+        want = ref_monna(fed, B, pivot) if rule_name == "monna" else reference(fed)
         if rule_name == "mean":
             assert float((got - want).norm()) <= 1e-5 * float(want.norm()) + 1e-3 * radius
         else:
@@ -220,7 +226,8 @@ def test_rules_at_the_extremes_of_float32(rule_name, pre, attack_name):
     if rule_name in ("gm", "krum", "multi-krum", "bulyan"):
         alpha = B / (H + B)
         assert distance <= (2 * (1 - alpha) / (1 - 2 * alpha)) * radius
-    elif rule_name == "cge" or (rule_name == "dnc" and attack_name != "one-huge"):  # honest messages alone
+    elif rule_name in ("cge", "caf", "monna") or (rule_name == "dnc" and attack_name != "one-huge"):
+        # weighted means of honest messages alone
         assert distance <= radius
     elif rule_name in ("median", "trimmed-mean", "meamed"):  # each coordinate within the honest range
         lo, hi = h.min(0).values, h.max(0).values

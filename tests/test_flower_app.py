@@ -36,7 +36,8 @@ def superlink(tmp_path_factory):
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
     sys.path.insert(0, str(folder))  # the local engine's runs, in this process
     try:
-        with LocalSuperLink(env={"PYTHONPATH": path}) as link:
+        # apps that write to their working directory (Flower's template: final_model.npz) write here
+        with LocalSuperLink(env={"PYTHONPATH": path}, cwd=folder) as link:
             yield link
     finally:
         sys.path.remove(str(folder))
@@ -192,10 +193,17 @@ def _close(flower, local):
             "model": "byzflower_user_models:conv_groupnorm",
             "num-honest": 10,  # per-sample conv gradients cost: fewer workers, same paths
         },
-        {"optimizer": "sarah", "attack": "label-flip", "aggregator": "median", "num-byzantine": 5, "sarah-interval": 5},
+        {  # MoNNA: the harness tells the strategy which worker each reply is (the pivot, worker 2)
+            "optimizer": "sarah",
+            "attack": "label-flip",
+            "aggregator": "monna",
+            "monna-pivot": 2,
+            "num-byzantine": 5,
+            "sarah-interval": 5,
+        },
         {"optimizer": "saga", "attack": "minmax", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
     ],
-    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip", "saga+minmax+nnm"],
+    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip+monna", "saga+minmax+nnm"],
 )
 def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
     overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}
@@ -258,3 +266,68 @@ def test_the_quickstart_example_runs_robust_fedavg_in_flowers_simulation(superli
     assert outcome.ok, outcome.output[-3000:]
     result = json.loads(out.read_text())
     assert result["rule"] == "gm" and result["accuracy_by_round"]["2"]["accuracy"] > 0.85, result
+
+
+BYZANTINE_CLIENTS = """
+from flwr.app import ArrayRecord
+from flwr.clientapp import ClientApp
+
+from {module}.client_app import evaluate, train as honest_train
+
+app = ClientApp()
+app.evaluate()(evaluate)
+
+
+@app.train()
+def train(msg, context):
+    \"\"\"The app's own training, except on the first {byzantine} partitions: the model moved by 1e6.\"\"\"
+    reply = honest_train(msg, context)
+    if int(context.node_config["partition-id"]) < {byzantine}:
+        reply.content["arrays"] = ArrayRecord([a + 1e6 for a in msg.content["arrays"].to_numpy_ndarrays()])
+    return reply
+"""
+
+
+def test_robust_fedavg_drops_into_flowers_own_app_unmodified_but_for_the_strategy(superlink, tmp_path):
+    """The app ``flwr new quickstart-numpy --framework NumPy`` writes (flwr 1.24's template, Message API:
+    a 1 x 1 model of ones, each client adds U[0, 1) noise per round), with FedAvg replaced by RobustFedAvg:
+    the only change to its code is that line and its import. 3 of its 10 SuperNodes reply with the
+    model + 1e6 (a separate ClientApp wrapping the app's own, named in pyproject.toml). FedAvg's model
+    would move ~3e5 per round; the geometric median's (in 1-D, a median) stays within the honest
+    clients' [x, x + 1) each round, so after 3 rounds the model is in [1, 4)."""
+    import difflib
+
+    import numpy as np
+    from flower_template import render
+
+    app = tmp_path / "app"
+    module = render(app)
+    server = app / module / "server_app.py"
+    flower = server.read_text()
+    ours = flower.replace(
+        "from flwr.serverapp.strategy import FedAvg\n",
+        "from flwr.serverapp.strategy import FedAvg\nfrom strategies.robust_fedavg import RobustFedAvg\n",
+    ).replace("strategy = FedAvg()", 'strategy = RobustFedAvg("gm", f=3)')
+    server.write_text(ours)
+    changed = [
+        line
+        for line in difflib.unified_diff(flower.splitlines(), ours.splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    assert sorted(changed) == sorted(
+        [
+            "-    strategy = FedAvg()",
+            "+from strategies.robust_fedavg import RobustFedAvg",
+            '+    strategy = RobustFedAvg("gm", f=3)',
+        ]
+    ), changed
+    (app / module / "byzantine_clients.py").write_text(BYZANTINE_CLIENTS.format(module=module, byzantine=3))
+    project = app / "pyproject.toml"
+    project.write_text(project.read_text().replace(f'"{module}.client_app:app"', f'"{module}.byzantine_clients:app"'))
+    saved = superlink.cwd / "final_model.npz"
+    saved.unlink(missing_ok=True)
+    outcome = superlink.run(app, {"num-server-rounds": 3}, {"num-supernodes": 10}, timeout=300)
+    assert outcome.ok, outcome.output[-3000:]
+    assert "'aggregated': 10" in outcome.output and "'failed': 0" in outcome.output
+    (model,) = np.load(saved).values()
+    assert model.shape == (1, 1) and 1.0 <= float(model[0, 0]) < 4.0, model

@@ -368,3 +368,141 @@ def test_a_pre_aggregator_checks_its_rule_on_the_rows_the_rule_will_receive():
     assert make_rule("mda", f=4, pre="bucketing", s=3)(torch.randn(60, 3, dtype=torch.float64)).weights.sum() == (
         pytest.approx(1.0)
     )
+
+
+# -- CAF and MoNNA --------------------------------------------------------------------------------------
+def ref_caf(m, f):
+    """Allouah et al. 2025 written in d-space: the weighted covariance's top eigenpair is the top
+    right singular pair of the weighted, centred data (numpy's SVD; no Gram matrix)."""
+    x = m.double().numpy()
+    n = len(x)
+    c, best, out = np.ones(n), math.inf, x.mean(0)
+    while c.sum() > n - 2 * f:
+        mu = (c[:, None] * x).sum(0) / c.sum()
+        y = x - mu
+        _, sigma, vt = np.linalg.svd(np.sqrt(c / c.sum())[:, None] * y, full_matrices=False)
+        if sigma[0] ** 2 < best:
+            best, out = sigma[0] ** 2, mu
+        tau = (y @ vt[0]) ** 2
+        c = np.where(c > 0, c * np.clip(1 - tau / tau[c > 0].max(), 0, 1), 0)
+    return torch.from_numpy(out), best
+
+
+def ref_monna(m, f, pivot_row):
+    return m[(m - m[pivot_row]).norm(dim=1).argsort(stable=True)[: len(m) - f]].mean(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_caf_and_monna_match_their_plain_references(dtype):
+    from strategies.aggregators import CAF, MoNNA
+
+    m, _ = _messages(seed=6)
+    m = m.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for f in (0, 2, 4, 6):
+        want, top = ref_caf(m, f)
+        out = CAF(f)(m)
+        assert torch.allclose(out.vector.double(), want, atol=tol), f
+        if f:
+            assert out.info["max_eigenvalue"] == pytest.approx(top, rel=1e-4 if dtype == torch.float32 else 1e-9)
+    workers = torch.randperm(len(m), generator=_gen(7)).tolist()  # row i is worker workers[i]
+    rule = MoNNA(4, pivot=5)
+    rule.label_rows(workers)
+    out = rule(m)
+    assert torch.allclose(out.vector.double(), ref_monna(m.double(), 4, workers.index(5)), atol=tol)
+    assert out.weights[workers.index(5)] == pytest.approx(1 / 16)
+
+
+def test_caf_and_monna_by_hand_and_by_property():
+    from strategies.aggregators import CAF, MoNNA
+
+    # CAF, f = 1: the far row (100, 0) carries the covariance's top direction and is filtered out first
+    m = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [100.0, 0.0]], dtype=torch.float64)
+    out = CAF(1)(m)
+    assert out.weights[4] == 0.0 and float(out.vector.norm()) < 0.01
+    # defining property: the result is the weighted mean with the smallest top eigenvalue the filter
+    # met, below the unfiltered covariance's, and reported as such
+    m, _ = _messages(seed=8)
+    out = CAF(4)(m)
+    w = out.weights
+    mu = torch.from_numpy(w) @ m
+    cov = ((m - mu) * torch.from_numpy(w)[:, None]).T @ (m - mu)
+    assert torch.allclose(out.vector, mu, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(cov)[-1]) == pytest.approx(out.info["max_eigenvalue"], rel=1e-9)
+    assert out.info["max_eigenvalue"] < float(torch.linalg.eigvalsh(torch.cov(m.T, correction=0))[-1])
+    assert w[16:].sum() == 0.0  # the four outliers at 40 +- 5 hold no weight
+    # MoNNA: the pivot is always kept, and the kept rows are the n - f nearest to it
+    rule = MoNNA(4, pivot=0)
+    rule.label_rows(list(range(20)))
+    out = rule(m)
+    d = (m - m[0]).norm(dim=1)
+    kept = out.weights > 0
+    assert kept[0] and kept.sum() == 16 and float(d[kept].max()) <= float(d[~kept].min())
+    assert out.info["radius"] == pytest.approx(float(d[kept].max()))
+
+
+@pytest.mark.parametrize("name", ["caf", "monna"])
+def test_caf_and_monna_are_permutation_invariant_and_robust(name):
+    m, honest = _messages(seed=9)
+    perm = torch.randperm(len(m), generator=_gen(10))
+    rule = make_rule(name, f=4)
+    rule.label_rows(list(range(len(m))))  # worker i at row i (the pivot, worker 0, is honest)
+    a = rule(m).vector
+    rule.label_rows(perm.tolist())  # row i of m[perm] is worker perm[i]
+    b = rule(m[perm]).vector
+    assert torch.allclose(a, b, atol=1e-10)
+    assert float((a - honest.mean(0)).norm()) <= float((honest - honest.mean(0)).norm(dim=1).max())
+
+
+def test_monna_without_its_pivot_fails_the_round_and_says_why():
+    from strategies.aggregators import MoNNA
+    from strategies.step import server_step
+
+    m, _ = _messages(seed=11)
+    point = torch.zeros(m.shape[1], dtype=torch.float64)
+    rule = MoNNA(4, pivot=3)
+    for workers in (None, [w for w in range(20) if w != 3] + [99]):  # unknown rows; the pivot dropped
+        out = server_step(point, m, rule, 0.1, workers)
+        assert out.failed and out.reason == "rule-error" and "worker 3" in out.failure
+        assert torch.equal(out.point, point)
+    out = server_step(point, m, rule, 0.1, list(range(20)))
+    assert not out.failed and out.weights[3] > 0
+    assert server_step(point, m, rule, 0.1).failed  # labels hold for one call only
+
+
+def test_monna_is_refused_where_no_row_stands_for_its_pivot():
+    from byzflower.config import ConfigError, resolve
+    from strategies.robust_fedavg import RobustFedAvg
+
+    base = {"aggregator": "monna", "num-honest": 10, "num-byzantine": 3}
+    assert resolve({**base, "monna-pivot": 12, "pre-aggregator": "nnm"})["monna-pivot"] == 12
+    with pytest.raises(ConfigError, match=r"monna-pivot=13 is not a worker of this run; choose 0..12"):
+        resolve({**base, "monna-pivot": 13})
+    with pytest.raises(ConfigError, match="bucketing cannot stand in front of monna"):
+        resolve({**base, "pre-aggregator": "bucketing"})
+    with pytest.raises(ValueError, match="replies are anonymous clients' claims"):
+        RobustFedAvg("monna", f=1)
+
+
+def test_monna_and_caf_in_the_local_engine(tmp_path, mnist):
+    """With an honest pivot MoNNA learns under sign-flip; with a Byzantine pivot that sends Inf
+    (dropped each round) every round fails, recorded in the metrics, the summary and the log."""
+    from byzflower.config import resolve
+    from byzflower.engine import run_local
+
+    base = {"num-honest": 10, "num-byzantine": 3, "seed": 2, "num-server-rounds": 60, "eval-every": 30}
+    base["results-dir"] = str(tmp_path)
+    logged = []
+    runs = {
+        "monna": {"aggregator": "monna", "attack": "sign-flip"},
+        "caf": {"aggregator": "caf", "attack": "sign-flip"},
+        "lost-pivot": {"aggregator": "monna", "attack": "inf", "monna-pivot": 11},
+    }
+    out = {k: run_local(resolve({**base, **v, "run-name": k}), log=logged.append) for k, v in runs.items()}
+    for name in ("monna", "caf"):
+        assert out[name]["final"]["test_accuracy"] > 0.6, name
+        assert out[name]["totals"].get("failed", 0) == 0
+    lost = out["lost-pivot"]
+    assert lost["totals"]["failed"] == 60 and lost["totals"]["failed_rule_error"] == 60
+    assert any("not among the" in line and "worker 11" in line for line in logged)
+    assert any("60 round(s) failed" in w for w in lost["warnings"])

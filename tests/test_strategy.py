@@ -134,3 +134,31 @@ def test_a_step_that_overflows_fails_the_round_and_keeps_the_model(round_one):
     arrays, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(np.full(8, 1e20)))])
     assert arrays is None and metrics["failed"] == 1 and metrics["failed-nonfinite"] == 1
     assert np.all(strategy._point.numpy() == 1.0)
+
+
+class _Harness(_Grid):
+    """A grid that, like byzflower's harness, says which worker each reply of the round is."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def worker_ids(self):
+        return self.ids
+
+
+def test_a_rule_that_needs_workers_gets_the_ids_of_the_replies_it_aggregates(task_identity):
+    """MoNNA's pivot is worker 7: the reply at position 2 once the NaN reply before it is dropped;
+    with a plain grid (replies are nodes' claims) no reply is trusted and the round fails."""
+    from strategies.aggregators import MoNNA
+
+    rows = [np.full(8, v, dtype=np.float32) for v in (0.0, np.nan, 10.0, 1.0, 2.0)]
+    for grid, expect in ((_Harness([4, 9, 7, 3, 5]), 10.0), (_Grid(), None)):
+        strategy = RobustSGD(MoNNA(f=2, pivot=7), lr=1.0)
+        (m, _) = list(strategy.configure_train(1, _model(0.0), ConfigRecord({}), grid))
+        arrays, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(r)) for r in rows])
+        if expect is None:
+            assert arrays is None and metrics["failed-rule-error"] == 1
+            continue
+        # the 2 nearest of the 4 finite rows to the pivot's 10: itself and 2 -> mean 6
+        assert metrics["failed"] == 0 and strategy.last_valid == [0, 2, 3, 4]
+        np.testing.assert_allclose(arrays["b"].numpy(), -6.0)

@@ -95,7 +95,10 @@ class LocalSuperLink:
 
     simulation = True
 
-    def __init__(self, home: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, home: str | Path | None = None, env: dict[str, str] | None = None, cwd: str | Path | None = None
+    ) -> None:
+        self.cwd = cwd  # where the SuperLink, and so the ServerApps it runs, work (None: here)
         self._tmp = None if home else tempfile.TemporaryDirectory(prefix=HOME_PREFIX)
         self.home = Path(home or self._tmp.name)
         self.port = _free_port()
@@ -168,6 +171,7 @@ class LocalSuperLink:
                 str(self.home / "state.db"),
             ],
             env=self.env,
+            cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

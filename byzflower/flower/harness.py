@@ -359,6 +359,11 @@ class Harness(Grid):
             )
         return out
 
+    def worker_ids(self) -> list[int] | None:
+        """The worker each reply of the last round came from, in the order handed to the Strategy
+        (the harness built those replies from rows it asked for by id)."""
+        return None if self.last_round is None else list(self.last_round.order)
+
     def _exchange(
         self,
         messages: list[Message],
