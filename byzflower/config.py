@@ -225,8 +225,9 @@ _KEYS = [
     Key(
         "partitioner",
         "iid",
-        "How the training set is split over the honest workers (flwr-datasets partitioners).",
-        choices=("iid", "dirichlet", "pathological"),
+        "How the training set is split over the honest workers (flwr-datasets partitioners); 'full': every honest "
+        "worker holds the whole training set (no heterogeneity: the paper's delta^2 = 0, Fig. 5).",
+        choices=("iid", "dirichlet", "pathological", "full"),
     ),
     Key("dirichlet-alpha", 0.5, "Concentration of partitioner='dirichlet' (smaller = more skewed).", positive=True),
     Key("pathological-classes", 2, "Classes per worker with partitioner='pathological'.", positive=True),

@@ -6,6 +6,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from byzflower.config import ConfigError, RunConfig, build_component, parse_ids, warnings_of
@@ -131,11 +132,25 @@ def worker_data(cfg: RunConfig, data: ImageData, workers: list[int], device: tor
     """The training samples of ``workers`` (honest ids), on ``device``."""
     layout = layout_of(cfg)
     parts = partitions_of(cfg)
-    pieces = []
-    for w in workers:
-        idx = parts[layout.honest_rank(w)]
-        pieces.append((data.inputs(data.train_images[idx]), torch.from_numpy(data.train_labels[idx])))
-    return WorkerData.from_parts(workers, pieces).to(device)
+    return _samples_of(cfg, data, workers, [parts[layout.honest_rank(w)] for w in workers]).to(device)
+
+
+def _samples_of(
+    cfg: RunConfig, data: ImageData, workers: list[int], indices: list[np.ndarray], flip: int = 0
+) -> WorkerData:
+    """``workers``' training samples (``indices`` into the training set, one array per worker); labels
+    y -> flip - 1 - y when ``flip``. With partitioner='full' every worker holds the whole set, stored once."""
+    labels = torch.from_numpy(data.train_labels)
+    if flip:
+        labels = flip - 1 - labels
+    if cfg["partitioner"] == "full":
+        every = torch.from_numpy(np.unique(np.concatenate(indices)))
+        position = torch.full((len(labels),), -1, dtype=torch.int64)
+        position[every] = torch.arange(len(every))
+        samples = data.inputs(data.train_images[every.numpy()])
+        return WorkerData.shared(workers, samples, labels[every], [position[torch.from_numpy(i)] for i in indices])
+    pieces = [(data.inputs(data.train_images[idx]), labels[torch.from_numpy(idx)]) for idx in indices]
+    return WorkerData.from_parts(workers, pieces)
 
 
 def byzantine_data(
@@ -145,12 +160,8 @@ def byzantine_data(
     partition i mod H (data like the honest workers'), with labels y -> classes - 1 - y."""
     layout = layout_of(cfg)
     parts = partitions_of(cfg)
-    pieces = []
-    for w in workers:
-        idx = parts[layout.byzantine_ids.index(w) % layout.num_honest]
-        labels = classes - 1 - torch.from_numpy(data.train_labels[idx])
-        pieces.append((data.inputs(data.train_images[idx]), labels))
-    return WorkerData.from_parts(workers, pieces).to(device)
+    indices = [parts[layout.byzantine_ids.index(w) % layout.num_honest] for w in workers]
+    return _samples_of(cfg, data, workers, indices, flip=classes).to(device)
 
 
 def make_estimator(

@@ -36,6 +36,11 @@ class HonestObjective:
         self.weights = torch.cat(
             [torch.full((len(p),), 1.0 / (len(parts) * len(p)), dtype=torch.float64) for p in parts]
         )
+        if len(np.unique(index)) < len(index):  # workers share samples (partitioner='full'): each once
+            index, inverse = np.unique(index, return_inverse=True)
+            self.weights = torch.zeros(len(index), dtype=torch.float64).index_add_(
+                0, torch.from_numpy(inverse), self.weights
+            )
         self.inputs = data.inputs(data.train_images[index]).to(torch.float64)
         self.targets = torch.from_numpy(data.train_labels[index])
         # a fresh copy of the network in float64 (its own weights are never used: x replaces them)

@@ -141,7 +141,7 @@ class Estimator:
 
     def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
         flat = rows.reshape(-1)
-        return self.grads.sample_grads(x, self.data.inputs[flat], self.data.targets[flat])
+        return self.grads.sample_grads(x, self.data.input_rows(flat), self.data.targets[flat])
 
     def _write(
         self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor, old: SampleGrads | None = None
@@ -242,7 +242,7 @@ class SAGA(Estimator):
     def __init__(self, grads: ModelGradients, data: WorkerData, **kwargs) -> None:
         kwargs.setdefault("batch_size", 1)
         super().__init__(grads, data, **kwargs)
-        n = int(data.inputs.shape[0])
+        n = data.num_rows
         self._store_input = [not d for d in grads.input_is_data]
         for i, f in enumerate(grads._factored):
             self._add_state(f"table.delta{i}", (n, f.out_features))
@@ -261,7 +261,7 @@ class SAGA(Estimator):
             if store:
                 inputs.append(self.state[f"table.input{i}"][srows].to(dev))
             else:
-                inputs.append(self.data.inputs[rows].reshape(rows.numel(), -1))
+                inputs.append(self.data.input_rows(rows).reshape(rows.numel(), -1))
         deltas = [self.state[f"table.delta{i}"][srows].to(dev) for i in range(len(self._store_input))]
         dense = self.state["table.dense"][srows].to(dev) if "table.dense" in self.state else None
         return SampleGrads(inputs, deltas, dense)

@@ -21,15 +21,18 @@ class WorkerData:
 
     Attributes:
         worker_ids: (k,) int64 global worker ids, increasing.
-        inputs: (N, *input_shape) all samples of the group, worker by worker.
-        targets: (N,) int64 labels.
+        inputs: (N, *input_shape) all samples of the group, worker by worker; or, when ``source`` is
+            given, each distinct sample once (workers sharing samples: partitioner='full').
+        targets: (N,) int64 labels, one per row.
         offsets: (k + 1,) int64, worker i owns rows offsets[i]:offsets[i+1].
+        source: None, or (N,) int64: row r's sample is ``inputs[source[r]]``.
     """
 
     worker_ids: torch.Tensor
     inputs: torch.Tensor
     targets: torch.Tensor
     offsets: torch.Tensor
+    source: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         k = int(self.worker_ids.numel())
@@ -53,6 +56,26 @@ class WorkerData:
             offsets,
         )
 
+    @classmethod
+    def shared(
+        cls, worker_ids: list[int], samples: torch.Tensor, labels: torch.Tensor, indices: list[torch.Tensor]
+    ) -> WorkerData:
+        """Workers whose rows are ``indices`` (one int64 array per worker) into the shared
+        ``samples`` (M, ...) and ``labels`` (M,): each sample is stored once, however many hold it."""
+        sizes = [int(i.numel()) for i in indices]
+        source = torch.cat(indices)
+        offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
+        return cls(torch.tensor(worker_ids, dtype=torch.int64), samples, labels[source], offsets, source)
+
+    @property
+    def num_rows(self) -> int:
+        """N, the rows of all the group's workers together."""
+        return int(self.targets.shape[0])
+
+    def input_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inputs of ``rows`` (any shape of int64 row numbers), shaped (*rows.shape, *input_shape)."""
+        return self.inputs[rows if self.source is None else self.source[rows]]
+
     @property
     def num_workers(self) -> int:
         return int(self.worker_ids.numel())
@@ -68,13 +91,18 @@ class WorkerData:
 
     def to(self, device: torch.device | str) -> WorkerData:
         return WorkerData(
-            self.worker_ids.to(device), self.inputs.to(device), self.targets.to(device), self.offsets.to(device)
+            self.worker_ids.to(device),
+            self.inputs.to(device),
+            self.targets.to(device),
+            self.offsets.to(device),
+            None if self.source is None else self.source.to(device),
         )
 
     def worker(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of the group's i-th worker."""
         s, e = int(self.offsets[i]), int(self.offsets[i + 1])
-        return self.inputs[s:e], self.targets[s:e]
+        inputs = self.inputs[s:e] if self.source is None else self.inputs[self.source[s:e]]
+        return inputs, self.targets[s:e]
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,59 @@ def test_the_gap_needs_a_convex_model_and_a_minimiser():
         resolve({"optimality-gap": True, "model": "mlp", "weight-decay": 0.0})
     assert "needs model='logreg'" in str(err.value) and "needs weight-decay > 0" in str(err.value)
     assert np.isclose(resolve({"optimality-gap": True, "model": "logreg", "weight-decay": 0.01})["weight-decay"], 0.01)
+
+
+def test_the_full_partitioner_gives_every_worker_the_whole_set_stored_once(small):
+    """partitioner='full' (Fig. 5, delta^2 = 0): every honest worker, and every label-flipping copy,
+    holds all samples; they are stored once, and every estimator's messages are those it computes on
+    separate copies of the set; F is the whole set's mean loss."""
+    from byzflower.factory import byzantine_data, make_estimator, worker_data
+    from clients.workers import WorkerData
+
+    cfg = resolve({**small, "partitioner": "full", "num-byzantine": 2, "attack": "label-flip", "batch-size": 5})
+    data = dataset_of(cfg)
+    cpu = torch.device("cpu")
+    assert all(np.array_equal(p, np.arange(240)) for p in partitions_of(cfg))
+    honest = worker_data(cfg, data, [0, 1, 2, 3], cpu)
+    assert honest.inputs.shape[0] == 240 and honest.num_rows == 960 and honest.sizes.tolist() == [240] * 4
+    everything = data.inputs(data.train_images)
+    labels = torch.from_numpy(data.train_labels)
+    assert torch.equal(honest.worker(3)[0], everything) and torch.equal(honest.worker(3)[1], labels)
+    flipped = byzantine_data(cfg, data, [4, 5], cpu, 3)
+    assert flipped.inputs.shape[0] == 240 and torch.equal(flipped.worker(1)[1], 2 - labels)
+    copies = WorkerData.from_parts([0, 1, 2, 3], [(everything, labels)] * 4)
+    grads = gradients_of(cfg, data, cpu)
+    x = grads.initial_point()
+    for optimizer in ("sgd", "saga", "svrg", "sarah"):
+        run = resolve({**small, "partitioner": "full", "optimizer": optimizer, "batch-size": 5})
+        shared, separate = make_estimator(run, grads, honest), make_estimator(run, grads, copies)
+        point = x
+        for t in range(1, 8):  # past SVRG's snapshot and SARAH's restart
+            messages = shared.step(point, t)
+            assert torch.equal(messages, separate.step(point, t)), (optimizer, t)
+            point = point - 0.1 * messages.mean(0)
+    # F: every worker's local mean is the whole set's mean, stored once
+    objective = objective_of(cfg, data, grads)
+    assert objective.inputs.shape[0] == 240
+    point = torch.randn(grads.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.1
+    w, b = point[: 3 * 36].view(3, 36), point[3 * 36 :]
+    logits = everything.double().flatten(1) @ w.T + b
+    mean = float((torch.logsumexp(logits, 1) - logits[torch.arange(240), labels]).mean())
+    assert float(objective.value(point)) == pytest.approx(mean + 0.005 * float(point @ point), rel=1e-12)
+
+
+def test_without_heterogeneity_saga_takes_the_honest_messages_together(small):
+    """The mechanism of Fig. 5: at the optimum of the honest objective, each worker's local gradient
+    is zero only when the workers hold the same data. SAGA's messages then all tend to the full
+    gradient and their variance to zero; with distinct partitions it stays at the spread of the local
+    gradients (delta^2)."""
+    base = {**small, "optimizer": "saga", "lr": 0.05, "num-server-rounds": 1000, "eval-every": 500}
+    base["aggregator"] = "mean"
+    variance = {}
+    for partitioner in ("dirichlet", "full"):
+        cfg = resolve({**base, "partitioner": partitioner, "run-name": f"delta-{partitioner}"})
+        run_local(cfg, log=lambda _: None)
+        lines = (Path(small["results-dir"]) / f"delta-{partitioner}" / "metrics.jsonl").read_text().splitlines()
+        variance[partitioner] = [json.loads(line)["honest_variance"] for line in lines[1:]]  # iterations 500, 1000
+    full, split = variance["full"], variance["dirichlet"]
+    assert full[-1] < 1e-3 * full[0] and full[-1] < 0.1 * min(split), variance
