@@ -513,9 +513,20 @@ def min_workers_of(cfg: RunConfig) -> int:
 
 
 def warnings_of(cfg: RunConfig) -> list[str]:
-    """Settings that run but that the rule cannot tolerate in theory (breakdown studies)."""
-    problem = rule_of(cfg).tolerance_problem(cfg.num_workers, cfg.num_byzantine)
-    return [problem] if problem else []
+    """Settings that run but that the rule cannot tolerate in theory (breakdown studies), and a rule
+    trusting a worker the run makes Byzantine (MoNNA's pivot)."""
+    rule = rule_of(cfg)
+    problems = [p] if (p := rule.tolerance_problem(cfg.num_workers, cfg.num_byzantine)) else []
+    if cfg["byzantine-ids"].strip():
+        byzantine = set(parse_ids(cfg["byzantine-ids"]))
+    else:
+        byzantine = set(range(int(cfg["num-honest"]), cfg.num_workers))
+    for w in sorted(set(rule.trusted_workers()) & byzantine):
+        problems.append(
+            f"{cfg['aggregator']} trusts worker {w}'s message, but worker {w} is Byzantine in this run "
+            "(its guarantee assumes a trusted, honest worker)"
+        )
+    return problems
 
 
 def resolve(run_config: Mapping[str, Any]) -> RunConfig:

@@ -96,6 +96,10 @@ class Rule:
         """Why the rule cannot run with workers 0..num_workers - 1 (None if it can)."""
         return None
 
+    def trusted_workers(self) -> list[int]:
+        """The workers whose messages the rule takes on trust (MoNNA's pivot); none for most rules."""
+        return []
+
     def min_messages(self) -> int:
         """The fewest messages the rule accepts."""
         return 1
@@ -684,6 +688,9 @@ class MoNNA(_MajorityRule, GramRule):
             return f"monna-pivot={self.pivot} is not a worker of this run; choose 0..{num_workers - 1}"
         return None
 
+    def trusted_workers(self) -> list[int]:
+        return [self.pivot]
+
     def label_rows(self, workers: list[int] | None) -> None:
         self._row = None if workers is None or self.pivot not in workers else list(workers).index(self.pivot)
 
@@ -959,6 +966,9 @@ class PreAggregator(Rule):
 
     def workers_problem(self, num_workers: int) -> str | None:
         return self.rule.workers_problem(num_workers)
+
+    def trusted_workers(self) -> list[int]:
+        return self.rule.trusted_workers()
 
     def check(self, messages: torch.Tensor) -> None:
         """The messages', then the rule's refusals for the rows it will receive (e.g. MDA's cost)."""

@@ -506,3 +506,5 @@ def test_monna_and_caf_in_the_local_engine(tmp_path, mnist):
     assert lost["totals"]["failed"] == 60 and lost["totals"]["failed_rule_error"] == 60
     assert any("not among the" in line and "worker 11" in line for line in logged)
     assert any("60 round(s) failed" in w for w in lost["warnings"])
+    assert any("monna trusts worker 11's message, but worker 11 is Byzantine" in w for w in lost["warnings"])
+    assert not any("trusts worker" in w for w in out["monna"]["warnings"])
