@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.data import DATASETS
+from byzflower.layout import Layout
 from byzflower.models import MODELS
 from clients.attacks import ATTACKS as ATTACK_CLASSES
 from clients.estimators import ESTIMATORS
@@ -512,16 +513,19 @@ def min_workers_of(cfg: RunConfig) -> int:
     return int(cfg["min-workers"]) or rule_of(cfg).min_messages()
 
 
+def layout_of(cfg: RunConfig) -> Layout:
+    """Which workers are honest and which Byzantine (byzantine-ids, else the last num-byzantine)."""
+    if cfg.num_byzantine and cfg["byzantine-ids"].strip():
+        return Layout(int(cfg["num-honest"]), tuple(sorted(parse_ids(cfg["byzantine-ids"]))))
+    return Layout.last(int(cfg["num-honest"]), cfg.num_byzantine)
+
+
 def warnings_of(cfg: RunConfig) -> list[str]:
     """Settings that run but that the rule cannot tolerate in theory (breakdown studies), and a rule
     trusting a worker the run makes Byzantine (MoNNA's pivot)."""
     rule = rule_of(cfg)
     problems = [p] if (p := rule.tolerance_problem(cfg.num_workers, cfg.num_byzantine)) else []
-    if cfg["byzantine-ids"].strip():
-        byzantine = set(parse_ids(cfg["byzantine-ids"]))
-    else:
-        byzantine = set(range(int(cfg["num-honest"]), cfg.num_workers))
-    for w in sorted(set(rule.trusted_workers()) & byzantine):
+    for w in sorted(set(rule.trusted_workers()) & set(layout_of(cfg).byzantine_ids)):
         problems.append(
             f"{cfg['aggregator']} trusts worker {w}'s message, but worker {w} is Byzantine in this run "
             "(its guarantee assumes a trusted, honest worker)"

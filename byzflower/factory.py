@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byzflower.config import ConfigError, RunConfig, build_component, parse_ids, warnings_of
+from byzflower.config import ConfigError, RunConfig, build_component, layout_of, warnings_of
 from byzflower.data import ImageData, load_dataset, partition
-from byzflower.layout import Layout
 from byzflower.models import ModelError, build_model
 from byzflower.records.experiment import Evaluator, Recorder
 from byzflower.records.results import RunDirectory, default_results_dir
@@ -27,12 +26,6 @@ def device_of(cfg: RunConfig) -> torch.device:
     if cfg["device"] == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-def layout_of(cfg: RunConfig) -> Layout:
-    if cfg.num_byzantine and cfg["byzantine-ids"].strip():
-        return Layout(int(cfg["num-honest"]), tuple(sorted(parse_ids(cfg["byzantine-ids"]))))
-    return Layout.last(int(cfg["num-honest"]), cfg.num_byzantine)
 
 
 def dataset_of(cfg: RunConfig) -> ImageData:

@@ -42,8 +42,7 @@ def server_step(
             failure=f"{rule.name} needs at least {rule.min_messages()} valid messages, got {messages.shape[0]}",
             reason="too-few",
         )
-    if rule.needs_workers:
-        rule.label_rows(workers)
+    rule.label_rows(workers)  # a no-op for rules that need no worker ids
     try:
         result = rule(messages)
     except AggregationError as exc:
@@ -92,8 +91,7 @@ def speculative_step(
     """
     if messages.shape[0] < rule.min_messages():
         return None
-    if rule.needs_workers:
-        rule.label_rows(workers)
+    rule.label_rows(workers)  # a no-op for rules that need no worker ids
     try:
         result = rule(messages)
     except Exception:
