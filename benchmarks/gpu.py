@@ -13,10 +13,13 @@ largest difference of the model and of the per-iteration figures (relative to th
 ``--full N`` times a whole N-iteration run (evaluations and records included) with ``run_local``.
 ``--host N`` profiles N steady-state iterations with cProfile and prints where the host's time goes
 (the functions with the most time of their own, in ms per iteration), since on a GPU the host is
-what the iteration waits for.
+what the iteration waits for. ``--weiszfeld N`` weighs the geometric median's two ways on one
+steady-state round of SAGA + GM: the host's numpy Weiszfeld (as run: the Gram matrix read back,
+iterations until converged) against a fixed number of masked steps on the device (no read), eager
+and replayed from a CUDA graph, each the mean of N calls.
 
 Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check 30] [--full 15000]
-       [--host 100]
+       [--host 100] [--weiszfeld 50]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ SETUPS = {
     "saga-gm-zero": {"optimizer": "saga", "aggregator": "gm", "attack": "zero-gradient"},
     "sgd-mean": {"optimizer": "sgd", "aggregator": "mean", "attack": "none"},
     "batchsgd-median-signflip": {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
+    "saga-krum-signflip": {"optimizer": "saga", "aggregator": "krum", "attack": "sign-flip"},
 }
 BASE = {"num-honest": 50, "num-byzantine": 20, "seed": 1, "eval-every": 1_000_000, "checkpoint-every": 0}
 
@@ -141,6 +145,81 @@ def check(setup: dict, iterations: int) -> dict[str, float]:
     return out
 
 
+def device_weiszfeld(g: torch.Tensor, alpha: torch.Tensor, spread: float, floor: float, tol: float, steps: int):
+    """``steps`` Weiszfeld steps on the coefficients (as ``kernels.weiszfeld``, without Vardi and
+    Zhang's rule for an iterate on a message), frozen by an on-device mask once a step moves at most
+    tol * spread: the same result as the host's loop, with no read, at the price of always running
+    ``steps`` steps."""
+    diag = g.diagonal()
+    done = torch.zeros((), dtype=torch.bool, device=g.device)
+    for _ in range(steps):
+        ga = g @ alpha
+        dist = (diag - 2.0 * ga + alpha @ ga).clamp_min_(0.0).sqrt_()
+        w = torch.where(dist <= floor, 0.0, 1.0 / dist.clamp_min(floor))
+        new = w / w.sum()
+        delta = new - alpha
+        step = (delta @ (g @ delta)).clamp_min(0.0).sqrt() / spread
+        alpha = torch.where(done, alpha, new)
+        done = done | (step <= tol)
+    return alpha
+
+
+def weiszfeld_ways(calls: int) -> dict[str, float]:
+    """ms per call of the geometric median's Weiszfeld on the host (read included) and on the device."""
+    from strategies import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU: the logic alone, no graph
+    run = build(SETUPS["saga-gm-zero"], device, 40)
+    for t in range(1, 31):
+        run.step(t)
+    messages = run._messages
+    rule = run.rule
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        gram = kernels.centered_gram(messages)  # the device's product and its one read
+    read_ms = (time.perf_counter() - start) * 1000 / calls
+    start = time.perf_counter()
+    for _ in range(calls):
+        gram._host = None  # the numpy side formed afresh, as each round does
+        alpha, used, _ = kernels.weiszfeld(gram, rule.tol, rule.max_iter, rule.eps)
+    host_ms = (time.perf_counter() - start) * 1000 / calls
+    start0, spread = kernels.robust_start(gram)
+    spread = spread or 1.0
+    floor = max(rule.eps * spread, (gram.resolution) ** 0.5)
+    g = gram.matrix.to(device)
+    a0 = torch.from_numpy(start0).to(device)
+    out = {"host_read_ms": read_ms, "host_weiszfeld_ms": host_ms, "host_iterations": used}
+    for steps in (used, rule.max_iter):
+        device_weiszfeld(g, a0, spread, floor, rule.tol, steps)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            got = device_weiszfeld(g, a0, spread, floor, rule.tol, steps)
+        synchronize(device)
+        out[f"device_eager_{steps}_ms"] = (time.perf_counter() - start) * 1000 / calls
+        out[f"device_{steps}_max_alpha_diff"] = float(abs(got.cpu().numpy() - alpha).max())
+        if device == "cpu":
+            continue
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            device_weiszfeld(g, a0, spread, floor, rule.tol, steps)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            captured = device_weiszfeld(g, a0, spread, floor, rule.tol, steps)
+        graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            graph.replay()
+        torch.cuda.synchronize()
+        out[f"device_graph_{steps}_ms"] = (time.perf_counter() - start) * 1000 / calls
+        out[f"device_{steps}_eager_vs_graph"] = float((captured - got).abs().max())
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
@@ -150,6 +229,7 @@ def main() -> None:
     p.add_argument("--check", type=int, default=0, help="iterations of the CPU/GPU equality check (0: skip)")
     p.add_argument("--full", type=int, default=0, help="time a whole run of this many iterations per device")
     p.add_argument("--host", type=int, default=0, help="cProfile this many iterations per setup (0: skip)")
+    p.add_argument("--weiszfeld", type=int, default=0, help="calls per way of the Weiszfeld comparison (0: skip)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args()
     devices = args.devices.split(",")
@@ -212,6 +292,12 @@ def main() -> None:
                 acc = summary["final"].get("test_accuracy")
                 rows.append({"setup": name, "device": device, "full_s": wall, "test_accuracy": acc})
                 print(f"  {name:32} {device:6} {wall:8.1f} s  test accuracy {acc}", flush=True)
+    if args.weiszfeld:
+        ways = weiszfeld_ways(args.weiszfeld)
+        rows.append({"weiszfeld": ways})
+        print("\nthe geometric median's Weiszfeld, host (numpy, after one read) vs device (fixed masked steps)")
+        for k, v in ways.items():
+            print(f"  {k:32} {v:.4g}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -54,6 +54,8 @@ class HostedWorkers:
             honest = worker_data(cfg, data, self.honest_ids, device)
             self.estimator = make_estimator(cfg, grads, honest, allocator_for(label))
         self.attack = attack_of(cfg)
+        if self.attack is not None:
+            self.attack.to(device)
         self.poisoned = None
         if self.byzantine_ids and isinstance(self.attack, LabelFlip):
             label = f"byzantine-{self.byzantine_ids[0]}-{self.byzantine_ids[-1]}"

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from clients.rng import generator
+from clients.rng import standard_normals
 
 F32_MAX = 3.4028234663852886e38  # messages are float32: a parameter beyond this overflows them
 #: the registry's option format: run-config key -> (constructor argument, meaning, constraints)
@@ -78,6 +78,12 @@ class Attack:
     needs_messages = False  # ... and the honest messages themselves (HonestStats.messages)
     uses_data = False
     options: ClassVar[Options] = {}
+    device = torch.device("cpu")  # where crafted messages are made (``to``)
+
+    def to(self, device: torch.device | str) -> Attack:
+        """Craft on ``device`` from now on (random draws included); returns self, like a module."""
+        self.device = torch.device(device)
+        return self
 
     def craft(self, worker_ids: list[int], iteration: int, stats: HonestStats | None, dim: int) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +107,13 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def draws_inline(device: torch.device) -> bool:
+    """Whether noise is drawn by kernels in the iteration's stream (a GPU: the host then never
+    touches it) rather than ahead of time on a pool thread (a CPU, where that overlaps the honest
+    step). The numbers are the same either way."""
+    return device.type != "cpu"
+
+
 class _NoiseAttack(Attack):
     """Shared by the attacks that draw N(0, std^2 I) per worker: the draws do not depend on the
     honest messages, so they can start before them (``prefetch``)."""
@@ -119,15 +132,21 @@ class _NoiseAttack(Attack):
         if self.std < 0:
             raise ValueError(f"attack-std must be >= 0, got {std}")
         self.seed = int(seed)
+        self._streams: dict[tuple[int, ...], torch.Tensor] = {}
 
     def prefetch(self, worker_ids, iteration, dim):
-        prefetch_noise(self.seed, self.name, worker_ids, iteration, dim)
+        if not draws_inline(self.device):
+            prefetch_noise(self.seed, self.name, worker_ids, iteration, dim)
 
-    def _scaled_noise(self, worker_ids, iteration, dim, device: torch.device | None = None) -> torch.Tensor:
-        # Scaled where it will be used: on a GPU the host only draws, and the copy does not wait
-        # for the device (the draws are in pinned memory). x * std rounds the same on any device.
-        draws = _noise(self.seed, self.name, worker_ids, iteration, dim)
-        return draws.to(device or draws.device, non_blocking=True).mul_(self.std)
+    def _scaled_noise(self, worker_ids, iteration, dim) -> torch.Tensor:
+        """(k, d) std * N(0, I) on the attack's device, worker w's draws from (seed, w, iteration)."""
+        if not draws_inline(self.device):
+            return _noise(self.seed, self.name, worker_ids, iteration, dim).mul_(self.std)
+        streams = self._streams.get(tuple(worker_ids))
+        if streams is None:  # built once: a tensor from a list is a host-to-device copy
+            streams = torch.tensor(worker_ids, dtype=torch.int64, device=self.device)
+            self._streams = {tuple(worker_ids): streams}
+        return standard_normals(self.seed, streams, f"{self.name}/{iteration}", dim).mul_(self.std)
 
 
 class Gaussian(_NoiseAttack):
@@ -138,7 +157,7 @@ class Gaussian(_NoiseAttack):
 
     def craft(self, worker_ids, iteration, stats, dim):
         s = self._need(stats)
-        return self._scaled_noise(worker_ids, iteration, dim, s.mean.device).add_(s.mean)
+        return self._scaled_noise(worker_ids, iteration, dim).add_(s.mean.to(self.device))
 
 
 class SignFlip(Attack):
@@ -441,32 +460,23 @@ _PREFETCHED: dict[tuple, _Draws] = {}
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None:
-        # A GPU run's host has little else to do: more threads keep 20 x 40k draws ahead of it.
-        cap = 8 if torch.cuda.is_available() else 4
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(cap, torch.get_num_threads())))
+    if _POOL is None:  # one thread: the draws are one call, parallel inside torch
+        _POOL = ThreadPoolExecutor(max_workers=1)
     return _POOL
 
 
 class _Draws:
-    """(k, d) standard normal draws, worker w's from its own (seed, purpose, w, iteration) stream,
-    filled row by row by the pool's threads (torch releases the GIL while it fills a tensor)."""
+    """(k, d) standard normal draws of ``standard_normals`` (worker w's from (seed, purpose, w,
+    iteration)), made on a pool thread so that a CPU run's draws overlap with the honest step
+    (torch releases the GIL while it computes)."""
 
     def __init__(self, key: tuple) -> None:
         seed, purpose, worker_ids, iteration, dim = key
-        # Pinned where a GPU may read them: the copy is then asynchronous, and torch's pinned
-        # allocator keeps the block until that copy is done.
-        self.out = torch.empty(len(worker_ids), dim, pin_memory=torch.cuda.is_available())
-
-        def one(i: int) -> None:
-            torch.randn(dim, generator=generator(seed, purpose, worker_ids[i], iteration), out=self.out[i])
-
-        self._rows = [_pool().submit(one, i) for i in range(len(worker_ids))]
+        streams = torch.tensor(worker_ids, dtype=torch.int64)
+        self._future = _pool().submit(standard_normals, seed, streams, f"{purpose}/{iteration}", dim)
 
     def result(self) -> torch.Tensor:
-        for row in self._rows:
-            row.result()
-        return self.out
+        return self._future.result()
 
 
 def _key(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> tuple:
@@ -483,7 +493,7 @@ def prefetch_noise(seed: int, purpose: str, worker_ids: list[int], iteration: in
 
 
 def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> torch.Tensor:
-    """(k, d) standard normal draws, worker w's from its own (seed, w, iteration) stream (CPU)."""
+    """(k, d) standard normal draws on the CPU, worker w's from (seed, purpose, w, iteration)."""
     key = _key(seed, purpose, worker_ids, iteration, dim)
     draws = _PREFETCHED.pop(key, None)
     return (draws or _Draws(key)).result()

@@ -151,27 +151,34 @@ def _work_format(messages: torch.Tensor, top: float) -> tuple[torch.dtype, float
     return dtype, scale
 
 
-def _raw_gram(messages: torch.Tensor, center: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """(n, n) float64 CPU: <m_i - c, m_j - c> / scale^2, the product in ``dtype``.
+def _device_product(messages: torch.Tensor, center: int | torch.Tensor, dtype: torch.dtype, scale: float):
+    """(n, n) <m_i - c, m_j - c> / scale^2 in ``dtype`` on the messages' device; ``center`` a row
+    index (-1: none) or a 0-d index tensor on the device (chosen there, never read back).
 
     Wide inputs are centred block by block into a small buffer that feeds the product directly,
     instead of writing and re-reading an n x d copy."""
     n, d = messages.shape
-    if center < 0 and dtype == messages.dtype and scale == 1.0:
+    on_device = isinstance(center, torch.Tensor)
+    centred = on_device or center >= 0
+
+    def row(m: torch.Tensor) -> torch.Tensor:  # the centre's row of m (a copy, safe to subtract in place)
+        return m.index_select(0, center.view(1))[0] if on_device else m[center].clone()
+
+    if not centred and dtype == messages.dtype and scale == 1.0:
         g = messages @ messages.T
     elif d <= _CHUNK_FROM:
         x = scratch((n, d), dtype, messages.device)
-        if dtype == messages.dtype and center >= 0:
-            torch.sub(messages, messages[center], out=x)
+        if dtype == messages.dtype and centred:
+            torch.sub(messages, row(messages), out=x)
         else:  # widened: subtract in the wide dtype, where 3.4e38 - (-3.4e38) is finite
             x.copy_(messages)
-            if center >= 0:
-                x.sub_(x[center].clone())
+            if centred:
+                x.sub_(row(x))
         if scale != 1.0:
             x.mul_(1.0 / scale)
         g = x @ x.T
     else:
-        c = torch.zeros(d, dtype=dtype, device=messages.device) if center < 0 else messages[center].to(dtype)
+        c = row(messages).to(dtype) if centred else torch.zeros(d, dtype=dtype, device=messages.device)
         g = torch.zeros(n, n, dtype=dtype, device=messages.device)
         buf = scratch((n, _CHUNK), dtype, messages.device)
         for start in range(0, d, _CHUNK):
@@ -184,8 +191,28 @@ def _raw_gram(messages: torch.Tensor, center: int, dtype: torch.dtype, scale: fl
             if scale != 1.0:
                 x.mul_(1.0 / scale)
             g.addmm_(x, x.T)
-    g = g.to(device="cpu", dtype=torch.float64)
+    return g
+
+
+def _raw_gram(messages: torch.Tensor, center: int, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """(n, n) float64 CPU: <m_i - c, m_j - c> / scale^2 (c = m[center], none when -1), the product in ``dtype``."""
+    g = _device_product(messages, center, dtype, scale).to(device="cpu", dtype=torch.float64)
     return (g + g.T) * 0.5
+
+
+def _blind_gram(messages: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Gram matrix as ``_raw_gram``, centre) of float32 messages on an accelerator, from one read.
+
+    Nothing is read before the product: it runs in float64, where no float32 magnitude can
+    overflow (so no survey of the magnitudes is needed), centred at the sketch's medoid, which the
+    device picks itself. The matrix and the centre then come back together."""
+    n = messages.shape[0]
+    _, d2 = _sketch_distances(messages)
+    center = d2.sqrt().sum(dim=1).argmin()
+    g = _device_product(messages, center, torch.float64, 1.0)
+    host = torch.cat([g.reshape(-1), center.to(torch.float64).reshape(1)]).cpu()
+    g = host[: n * n].reshape(n, n)
+    return (g + g.T) * 0.5, int(host[-1])
 
 
 def centered_gram(messages: torch.Tensor) -> Gram:
@@ -198,10 +225,15 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     The product runs in the messages' dtype unless their magnitude could overflow it.
     """
     n, d = messages.shape
-    top, center, worth = _survey(messages)
-    dtype, scale = _work_format(messages, top)
-    center = center if worth else -1
-    g = _raw_gram(messages, center, dtype, scale)
+    if n > 2 and messages.dtype == torch.float32 and not reads_are_free(messages):
+        # an accelerator: one read instead of two (the survey's, then the matrix's)
+        dtype, scale = torch.float64, 1.0
+        g, center = _blind_gram(messages)
+    else:
+        top, center, worth = _survey(messages)
+        dtype, scale = _work_format(messages, top)
+        center = center if worth else -1
+        g = _raw_gram(messages, center, dtype, scale)
     host = None
     if n > 2:
         gn = g.numpy()
@@ -331,7 +363,10 @@ def combine(messages: torch.Tensor, alpha: np.ndarray, gram: Gram) -> torch.Tens
     float64.
     """
     if gram.wide:
-        a = torch.from_numpy(alpha).to(device=messages.device)
+        a = torch.from_numpy(alpha)
+        if not reads_are_free(messages):  # pinned: the copy to the device does not hold up the host
+            a = a.pin_memory() if torch.cuda.is_available() else a
+        a = a.to(device=messages.device, non_blocking=True)
         return (a @ messages.to(torch.float64)).to(messages.dtype)
     a = torch.from_numpy(alpha).to(dtype=messages.dtype)  # cast on the host: the lost weight needs no device read
     lost = float(alpha.sum()) - float(a.double().sum())

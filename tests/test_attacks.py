@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from byzflower.core import role_blind_order
+from clients import attacks
 from clients.attacks import ALIE, IPM, Gaussian, HonestStats, LabelFlip, Noise, SignFlip, ZeroGradient, alie_z
+from clients.rng import standard_normals
 from strategies.aggregators import Mean
 
 D = 2_000
@@ -50,6 +52,42 @@ def test_gaussian_noise_has_the_right_mean_and_std_and_is_seeded(honest):
     assert not torch.equal(out, atk.craft(list(range(50, 70)), 8, stats, D))
     # a worker's draw does not depend on who else is crafted with it
     assert torch.equal(out[3], atk.craft([53], 7, stats, D)[0])
+
+
+def test_counter_based_normals_are_standard_normal_and_keyed_by_seed_stream_and_counter():
+    streams = torch.tensor([3, 50, 51, 69])
+    x = standard_normals(7, streams, "gaussian/12", 100_001).double()  # odd: the last pair is cut
+    assert x.shape == (4, 100_001) and x.dtype == torch.float64 and bool(torch.isfinite(x).all())
+    flat = x.reshape(-1)
+    assert abs(float(flat.mean())) < 0.01 and abs(float(flat.std()) - 1.0) < 0.005  # se 0.0016, 0.0011
+    assert abs(float((flat**3).mean())) < 0.02 and abs(float((flat**4).mean()) - 3.0) < 0.05  # skew, kurtosis
+    assert float(flat.abs().max()) <= 5.78  # u1 >= 2^-24
+    # Kolmogorov-Smirnov against N(0, 1), 400,004 draws: the 1% critical value is 1.63 / sqrt(n)
+    ordered = flat.sort().values
+    cdf = 0.5 * (1 + torch.erf(ordered / 2**0.5))
+    ks = float(((torch.arange(1, len(ordered) + 1, dtype=torch.float64) / len(ordered)) - cdf).abs().max())
+    assert ks < 1.63 / len(ordered) ** 0.5
+    # rows, and the two halves of a row (cosines, sines), are uncorrelated
+    assert abs(float(torch.corrcoef(x[:, :50_000])[0, 1:].abs().max())) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([x[0, :50_000], x[0, 50_001:]]))[0, 1])) < 0.02
+    # a row depends on its own (seed, stream, counter) only
+    assert torch.equal(standard_normals(7, streams[1:2], "gaussian/12", 100_001)[0], x[1].float())
+    assert not torch.equal(standard_normals(7, streams, "gaussian/13", 100_001), x.float())
+    assert not torch.equal(standard_normals(8, streams, "gaussian/12", 100_001), x.float())
+
+
+def test_noise_drawn_inline_is_the_noise_drawn_ahead(honest, monkeypatch):
+    """A GPU draws noise by kernels in its stream, a CPU ahead of time on a pool thread: same numbers."""
+    stats = HonestStats.of(honest)
+    ahead = Gaussian(std=30.0, seed=5)
+    ahead.prefetch(list(range(50, 70)), 9, D)
+    want = ahead.craft(list(range(50, 70)), 9, stats, D)
+    noise = Noise(std=2.0, seed=5).craft([1, 2], 3, None, D)
+    monkeypatch.setattr(attacks, "draws_inline", lambda device: True)
+    inline = Gaussian(std=30.0, seed=5)
+    inline.prefetch(list(range(50, 70)), 9, D)  # nothing to start: drawn when crafted
+    assert torch.equal(inline.craft(list(range(50, 70)), 9, stats, D), want)
+    assert torch.equal(Noise(std=2.0, seed=5).craft([1, 2], 3, None, D), noise)
 
 
 def test_noise_knows_nothing():

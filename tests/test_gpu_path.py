@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from byzflower.config import resolve
 from byzflower.core import role_blind_order, role_blind_positions
 from byzflower.engine import LocalRun
+from clients import attacks
 from clients.graphs import GraphedEstimator
 from strategies import kernels
 
@@ -51,13 +52,16 @@ def _run(tmp_path, name, **overrides) -> LocalRun:
         {"optimizer": "saga", "aggregator": "mean", "attack": "zero-gradient"},
         {"optimizer": "svrg", "aggregator": "mean", "attack": "none"},
         {"optimizer": "sarah", "aggregator": "mean", "attack": "sign-flip", "sarah-restart": "fixed"},
+        {"optimizer": "saga", "aggregator": "mean", "attack": "gaussian"},
     ],
-    ids=lambda s: s["optimizer"],
+    ids=lambda s: f"{s['optimizer']}-{s['attack']}",
 )
 def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatch, setup):
     """With the device-side branches (what a GPU takes), an iteration is kernels only: no value read
-    back, no data-dependent shape, no tensor built from host data, no boolean mask."""
+    back, no data-dependent shape, no tensor built from host data, no boolean mask; the Gaussian
+    attack's noise included (drawn by kernels from a counter, not on the host)."""
     monkeypatch.setattr(kernels, "reads_are_free", lambda t: False)
+    monkeypatch.setattr(attacks, "draws_inline", lambda device: True)
     run = _run(tmp_path, "steady", **setup, **{"num-server-rounds": 20})
     run.speculate = True
     for t in range(1, 4):  # SAGA fills its table, SVRG takes its snapshot, SARAH restarts
@@ -67,6 +71,33 @@ def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatc
             run.step(t)
     assert probe.seen == []
     assert run.workers.estimator.prepare(run.x, 7)  # and the estimator's step is capturable
+
+
+@pytest.mark.parametrize("aggregator", ["gm", "krum"])
+def test_a_gram_rule_reads_the_device_once_per_round(tmp_path, mnist, monkeypatch, aggregator):
+    """The geometric median and Krum decide on the host from the n x n Gram matrix: on the device
+    branch that matrix and its centre come back in one read (no survey read before it), and the
+    geometric median's weights go back in one copy. Nothing else leaves or enters the device."""
+    monkeypatch.setattr(kernels, "reads_are_free", lambda t: False)
+    monkeypatch.setattr(attacks, "draws_inline", lambda device: True)
+    reads = []
+    blind = kernels._blind_gram
+    monkeypatch.setattr(kernels, "_blind_gram", lambda m: reads.append(m.shape) or blind(m))
+    monkeypatch.setattr(kernels, "_survey", lambda m: pytest.fail("the survey's read on the device branch"))
+    setup = {"optimizer": "saga", "aggregator": aggregator, "attack": "gaussian", "num-server-rounds": 20}
+    run = _run(tmp_path, "gram", **setup)
+    run.speculate = True
+    for t in range(1, 4):
+        run.step(t)
+    with HostRoundTrips() as probe:
+        for t in range(4, 7):
+            run.step(t)
+    assert reads == [(16, run.grads.dim)] * 6  # one Gram matrix per round, the replayed rounds none
+    if aggregator == "gm":
+        # on the CPU the read itself is free; the host's use of it shows as one scalar (the centre),
+        # the weights' way back as one tensor built from host data. (Krum's host-side selection
+        # works on host tensors, which this probe cannot tell from device ones here.)
+        assert sorted(probe.seen) == ["_local_scalar_dense"] * 3 + ["lift_fresh"] * 3
 
 
 def test_the_device_side_branches_give_the_host_side_numbers(tmp_path, mnist, monkeypatch):
