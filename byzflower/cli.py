@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import DEFAULTS, ConfigError, markdown_table, resolve
-from byzflower.data import DATASETS, DataError, dataset_folder, ensure_dataset
+from byzflower.data import BUILT_IN, DATASETS, DataError, dataset_folder, ensure_dataset
 from byzflower.records.results import RunFolderError
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="fetch and verify a data set into the data folder")
-    fetch.add_argument("dataset", nargs="?", default="mnist", choices=[*DATASETS, "all"])
+    fetch.add_argument(
+        "dataset", nargs="?", default="mnist", choices=[*BUILT_IN, "all"], help="a data set, or all (the image sets)"
+    )
     fetch.add_argument(
         "--data-dir", default=None, help="data folder (default: $BYZFLOWER_DATA_DIR or ~/.cache/byzflower)"
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from byzflower.data import DATASETS
+from byzflower.data import BUILT_IN
 from byzflower.layout import Layout
 from byzflower.models import MODELS
 from clients.attacks import ATTACKS as ATTACK_CLASSES
@@ -216,11 +216,12 @@ _KEYS = [
     Key(
         "dataset",
         "mnist",
-        "mnist, fashion-mnist (built in; fetched without the Hugging Face hub where needed), a Hugging Face / "
-        "Flower Datasets id such as 'uoft-cs/cifar10' (downloaded once; needs internet), or a local folder "
-        "written by DatasetDict.save_to_disk ('./folder'), with 'train' and 'test' splits, an image column and "
-        "a label column.",
-        choices=tuple(DATASETS),
+        "mnist, fashion-mnist (built in; fetched without the Hugging Face hub where needed); ijcnn1, covtype "
+        "(LIBSVM binary sets of the paper's convex experiments: fetched from the LIBSVM site, needs internet "
+        "once); a Hugging Face / Flower Datasets id such as 'uoft-cs/cifar10' (downloaded once; needs "
+        "internet), or a local folder written by DatasetDict.save_to_disk ('./folder'), with 'train' and "
+        "'test' splits, an image column and a label column.",
+        choices=BUILT_IN,
         other=(r"\S*/\S*", "owner/name or ./folder"),
     ),
     Key(

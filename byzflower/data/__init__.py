@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from byzflower.data.libsvm import LIBSVM_SETS, LibsvmError, load_libsvm
+
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
@@ -78,6 +80,8 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 Log = Callable[[str], None]
+#: every data set known by name: the IDX sets and the LIBSVM sets
+BUILT_IN = (*DATASETS, *LIBSVM_SETS)
 
 
 class DataError(RuntimeError):
@@ -224,11 +228,14 @@ def _from_debian(spec: DatasetSpec, folder: Path) -> list[str]:
 
 
 def ensure_dataset(name: str, data_dir: str | Path | None = None, log: Log = lambda _: None) -> Path:
-    """The folder holding the verified IDX files of ``name``, fetching them if needed."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset={name!r} is not available; choose one of: {', '.join(DATASETS)}")
-    spec = DATASETS[name]
+    """The folder holding the verified files of ``name`` (IDX, or LIBSVM), fetching them if needed."""
     folder = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / name
+    if name in LIBSVM_SETS:
+        _libsvm_arrays(name, str(folder), log)
+        return folder
+    if name not in DATASETS:
+        raise ValueError(f"dataset={name!r} is not available; choose one of: {', '.join(BUILT_IN)}")
+    spec = DATASETS[name]
     problems = verify(spec, folder)
     if not problems:
         return folder
@@ -290,10 +297,37 @@ class ImageData:
         return (1, *shape) if len(shape) == 2 else (shape[2], shape[0], shape[1])
 
 
+@dataclass(frozen=True)
+class FeatureData(ImageData):
+    """A data set of feature vectors (a LIBSVM set): float32 (N, d) in place of the images, used as they
+    are (no scaling), so every model and engine reads it as it reads pictures."""
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """float32 model inputs (N, d)."""
+        return torch.from_numpy(np.array(images, dtype=np.float32))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.train_images.shape[1],)
+
+
+def _libsvm_arrays(name: str, folder: str, log: Log = lambda _: None) -> dict[str, np.ndarray]:
+    try:
+        return load_libsvm(LIBSVM_SETS[name], Path(folder), log)
+    except LibsvmError as exc:
+        raise DataError(str(exc)) from None
+
+
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str = "") -> ImageData:
     """The verified data set ``name`` (fetched on first use), cached per process: a built-in IDX set,
-    or a Hugging Face / Flower Datasets id or a local ``save_to_disk`` folder (``hub_data``)."""
+    a LIBSVM set (``FeatureData``), or a Hugging Face / Flower Datasets id or a local
+    ``save_to_disk`` folder (``hub_data``)."""
+    if name in LIBSVM_SETS:
+        folder = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / name
+        a = _libsvm_arrays(name, str(folder))
+        spec = DatasetSpec(name, {}, 0.0, 1.0, "", classes=2)
+        return FeatureData(spec, a["train_x"], a["train_y"], a["test_x"], a["test_y"])
     if name not in DATASETS:
         from byzflower.data.hub import load_hub_dataset
 
@@ -305,7 +339,7 @@ def load_dataset(name: str, data_dir: str = "") -> ImageData:
 
 def dataset_folder(name: str, data_dir: str = "", log: Log = lambda _: None) -> Path:
     """The folder of ``name``'s cached files (fetched or decoded on first use)."""
-    if name in DATASETS:
+    if name in DATASETS or name in LIBSVM_SETS:
         return ensure_dataset(name, data_dir or None, log=log)
     from byzflower.data.hub import folder_of
 
