@@ -178,6 +178,7 @@ def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished", 
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "summary.json").write_text(json.dumps({"status": status}))
+    return folder
 
 
 def test_the_report_sets_each_cell_beside_the_papers_table_one(tmp_path):
@@ -316,3 +317,36 @@ def test_a_stateful_rule_behind_nnm_keeps_its_state_across_a_resume(tmp_path, mn
     resumed = second.run()
     assert _records(tmp_path / "resumed" / "metrics.jsonl") == _records(tmp_path / "straight" / "metrics.jsonl")
     assert resumed["final"]["test_loss"] == straight["final"]["test_loss"]
+
+
+def test_the_mechanism_table_and_figure_measure_spread_against_the_honest_mean(tmp_path):
+    """For robust rules under identical copies: medians over the last third of the run of the honest
+    spread, |m|, their ratio and |a - m| / |m|; the copies' distance factor per attack."""
+    from byzflower.experiments.report import copies_distance_factor, mechanism
+
+    for attack, spread, norm in (("none", 1.0, 0.14), ("sign-flip", 10.0, 2.0)):
+        folder = _fake_run(tmp_path, "saga", "gm", attack, 0.6)
+        records = [{"iteration": 0, "test_accuracy": 0.1}]
+        for t in range(1, 10):  # the last third: iterations 7, 8, 9 (medians of 1x, 2x, 3x the value)
+            k = 1 + (t % 3)
+            records.append(
+                {
+                    "iteration": t,
+                    "test_accuracy": 0.6,
+                    "honest_variance": (k * spread) ** 2,
+                    "honest_mean_norm": k * norm,
+                    "aggregate_distance": 1.5 * k * norm,
+                }
+            )
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _fake_run(tmp_path, "saga", "mean", "sign-flip", 0.1)  # the mean is left out
+    rows = mechanism(collect([tmp_path]), tmp_path / "m.png").splitlines()
+    assert rows[4:] == [
+        "| saga gm | none | 2 | 0.28 | 0.14 | 1.50 | 0.6000 |",
+        "| saga gm | sign-flip | 20 | 4 | 0.20 | 1.50 | 0.6000 |",
+    ]
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+    assert copies_distance_factor({"attack": "sign-flip", "attack-scale": -3.0}) == 4.0
+    assert copies_distance_factor({"attack": "zero-gradient", "num-honest": 50, "num-byzantine": 20}) == 3.5
+    assert copies_distance_factor({"attack": "gaussian"}) is None
+    assert mechanism([r for r in collect([tmp_path]) if r.config["attack"] == "none"], tmp_path / "n.png") is None

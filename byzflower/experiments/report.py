@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS
+from byzflower.config import AGGREGATORS, ATTACKS, DEFAULTS, OPTIMIZERS
 
 
 @dataclass
@@ -298,10 +298,92 @@ def figure(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def copies_distance_factor(config: dict) -> float | None:
+    """Where identical-copy attacks put their copies, as a multiple of ||honest mean|| away from the
+    honest mean: sign-flip sends scale * mean (|scale - 1|), zero-gradient -(H / B) * mean (H / B + 1);
+    None for other attacks."""
+    value = {**DEFAULTS, **config}.get
+    if config.get("attack") == "sign-flip":
+        return abs(float(value("attack-scale", -3.0)) - 1.0)
+    if config.get("attack") == "zero-gradient":
+        return int(value("num-honest")) / int(value("num-byzantine")) + 1.0
+    return None
+
+
+def _late_median(run: Run, value) -> float:
+    """The median of ``value(record)`` over the evaluations of the run's last third."""
+    last = run.records[-1]["iteration"] if run.records else 0
+    vals = sorted(value(r) for r in run.records if r["iteration"] > 2 * last / 3 and r.get("honest_mean_norm"))
+    return vals[len(vals) // 2] if vals else float("nan")
+
+
+def mechanism(runs: list[Run], path: Path) -> str | None:
+    """Where identical copies (sign-flip, zero-gradient) hold a robust rule: per run, against iterations
+    on a log scale, the honest messages' spread (sqrt of their variance), the copies' distance from the
+    honest mean, the honest mean's norm (the honest gradient the step does not follow) and the
+    aggregate's distance from the honest mean; written to ``path``. Returns a Markdown table of the
+    same figures (medians over the last third of the iterations) with the final accuracy, no-attack
+    runs included for reference; None without such runs. The mean rule is left out."""
+    chosen = [r for r in runs if copies_distance_factor(r.config) is not None and r.config["aggregator"] != "mean"]
+    if not chosen:
+        return None
+    attacks = _ordered({r.config["attack"] for r in chosen}, ATTACKS)
+    columns = sorted({r.column for r in chosen})
+    fig, axes = plt.subplots(
+        len(attacks), len(columns), figsize=(3.6 * len(columns), 3.0 * len(attacks)), squeeze=False
+    )
+    for i, attack in enumerate(attacks):
+        for j, column in enumerate(columns):
+            ax = axes[i][j]
+            run = next((r for r in chosen if r.config["attack"] == attack and r.column == column), None)
+            if run is None:
+                ax.set_axis_off()
+                continue
+            factor = copies_distance_factor(run.config)
+            recs = [r for r in run.records if r.get("honest_mean_norm") is not None]
+            its = [r["iteration"] for r in recs]
+            ax.plot(its, [max(r["honest_variance"], 1e-30) ** 0.5 for r in recs], label="honest spread (sqrt variance)")
+            ax.plot(its, [factor * r["honest_mean_norm"] for r in recs], label="copies' distance from the honest mean")
+            ax.plot(its, [r["honest_mean_norm"] for r in recs], "k--", lw=1, label="honest mean's norm")
+            ax.plot(its, [r["aggregate_distance"] for r in recs], label="aggregate's distance from the honest mean")
+            ax.set_yscale("log")
+            accuracy = run.final_accuracy
+            ax.set_title(f"{column}, {attack}" + (f": {accuracy:.3f}" if accuracy is not None else ""), fontsize=9)
+            if j == 0:
+                ax.set_ylabel("distance")
+            if i == len(attacks) - 1:
+                ax.set_xlabel("iteration")
+            ax.grid(alpha=0.3)
+    handles, labels = next(a for row in axes for a in row if a.lines).get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    lines = [
+        "Medians over the last third of the iterations: the honest messages' spread (sqrt of their variance), "
+        "the honest mean's norm |m|, their ratio, and the aggregate's distance from the honest mean over |m|.",
+        "",
+        r"| run | attack | spread | \|m\| | \|m\| / spread | \|a - m\| / \|m\| | final accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shown = [r for r in runs if r.column in columns and (r in chosen or r.config["attack"] == "none")]
+    for run in sorted(shown, key=lambda r: (r.column, _ordered([r.config["attack"]], ATTACKS))):
+        spread = _late_median(run, lambda r: max(r["honest_variance"], 0.0) ** 0.5)
+        norm = _late_median(run, lambda r: r["honest_mean_norm"])
+        ratio = _late_median(run, lambda r: r["aggregate_distance"] / r["honest_mean_norm"])
+        acc = run.final_accuracy
+        lines.append(
+            f"| {run.column} | {run.config['attack']} | {spread:.3g} | {norm:.3g} | {norm / spread:.2f} | "
+            f"{ratio:.2f} | {'-' if acc is None else f'{acc:.4f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     """Write table.md, table.csv, figure.png and, when the runs cover cells of the paper's Table I,
-    paper.md (``beside_paper``), and when rules met two attacks or more, worst.md and heatmap.png,
-    into ``out`` (default: the first folder)."""
+    paper.md (``beside_paper``), when rules met two attacks or more, worst.md and heatmap.png, and
+    when robust rules met sign-flip or zero-gradient, mechanism.png and mechanism.md, into ``out`` (default: the first
+    folder)."""
     runs = collect(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -320,6 +402,11 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
         paths["worst"].write_text(worst)
         paths["heatmap"] = out / "heatmap.png"
         heatmap(runs, paths["heatmap"])
+    held = mechanism(runs, out / "mechanism.png")  # identical-copy attacks against robust rules
+    if held is not None:
+        paths["mechanism"] = out / "mechanism.png"
+        paths["mechanism-table"] = out / "mechanism.md"
+        paths["mechanism-table"].write_text(held)
     detected = detection(runs)
     if detected is not None:
         paths["detection"] = out / "detection.md"
