@@ -11,6 +11,11 @@ nothing, but the count is the same code path's, so it shows what a GPU run would
 ``--check`` also runs the same iterations on CPU and on the GPU from the same start and prints the
 largest difference of the model and of the per-iteration figures (relative to their scale).
 ``--full N`` times a whole N-iteration run (evaluations and records included) with ``run_local``.
+``--device-branches N`` (on a machine without a GPU) runs N steady-state iterations on the CPU with the
+branches a GPU takes (decisions by kernels, speculation, noise drawn inline) and counts, per iteration,
+the ops that read a value back, build a tensor from host data, or make a data-dependent shape, seen by
+a torch dispatch probe: what a GPU would wait for or copy. (Host-side work on host tensors after a read,
+such as Krum's selection on the Gram matrix, is counted too: on the CPU the probe cannot tell them apart.)
 ``--host N`` profiles N steady-state iterations with cProfile and prints where the host's time goes
 (the functions with the most time of their own, in ms per iteration), since on a GPU the host is
 what the iteration waits for. ``--weiszfeld N`` weighs the geometric median's two ways on one
@@ -19,7 +24,7 @@ iterations until converged) against a fixed number of masked steps on the device
 and replayed from a CUDA graph, each the mean of N calls.
 
 Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check 30] [--full 15000]
-       [--host 100] [--weiszfeld 50]
+       [--host 100] [--weiszfeld 50] [--device-branches 20]
 """
 
 from __future__ import annotations
@@ -220,6 +225,45 @@ def weiszfeld_ways(calls: int) -> dict[str, float]:
     return out
 
 
+ROUND_TRIPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "lift_fresh", "unique"}
+
+
+def device_branches(setup: dict, count: int) -> dict[str, float]:
+    """Per iteration, the ops of ROUND_TRIPS (and boolean-mask indexing) on the GPU's branches, run on the CPU."""
+    from collections import defaultdict
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clients import attacks
+    from strategies import kernels
+
+    seen: dict[str, int] = defaultdict(int)
+
+    class Probe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            masked = name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []) if i is not None
+            )
+            if name in ROUND_TRIPS or name.startswith("unique") or masked:
+                seen["boolean-mask" if masked else name] += 1
+            return func(*args, **(kwargs or {}))
+
+    saved = kernels.reads_are_free, attacks.draws_inline
+    kernels.reads_are_free, attacks.draws_inline = (lambda t: False), (lambda device: True)
+    try:
+        run = build(setup, "cpu", count + 6)
+        run.speculate = True
+        for t in range(1, 6):  # SAGA fills its table
+            run.step(t)
+        with Probe():
+            for t in range(6, 6 + count):
+                run.step(t)
+    finally:
+        kernels.reads_are_free, attacks.draws_inline = saved
+    return {k: v / count for k, v in sorted(seen.items())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
@@ -229,6 +273,7 @@ def main() -> None:
     p.add_argument("--check", type=int, default=0, help="iterations of the CPU/GPU equality check (0: skip)")
     p.add_argument("--full", type=int, default=0, help="time a whole run of this many iterations per device")
     p.add_argument("--host", type=int, default=0, help="cProfile this many iterations per setup (0: skip)")
+    p.add_argument("--device-branches", type=int, default=0, help="iterations of the GPU branches' count on the CPU")
     p.add_argument("--weiszfeld", type=int, default=0, help="calls per way of the Weiszfeld comparison (0: skip)")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args()
@@ -292,6 +337,13 @@ def main() -> None:
                 acc = summary["final"].get("test_accuracy")
                 rows.append({"setup": name, "device": device, "full_s": wall, "test_accuracy": acc})
                 print(f"  {name:32} {device:6} {wall:8.1f} s  test accuracy {acc}", flush=True)
+    if args.device_branches:
+        print(f"\nGPU branches on the CPU: round trips per steady-state iteration, {args.device_branches} iterations")
+        for name in setups:
+            counts = device_branches(SETUPS[name], args.device_branches)
+            rows.append({"setup": name, "device_branches": counts})
+            shown = ", ".join(f"{k} {v:g}" for k, v in counts.items()) or "none"
+            print(f"  {name:32} {shown}", flush=True)
     if args.weiszfeld:
         ways = weiszfeld_ways(args.weiszfeld)
         rows.append({"weiszfeld": ways})

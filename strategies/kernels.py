@@ -454,7 +454,7 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
     n, d = messages.shape
     if not 0 <= lo < hi <= n:
         raise ValueError(f"order statistics {lo}..{hi - 1} are outside 0..{n - 1}")
-    if messages.device.type != "cpu":
+    if not reads_are_free(messages):  # a GPU: a sort, no host copy
         return safe_mean(messages.sort(dim=0).values[lo:hi])
     a = messages.detach().contiguous().numpy()
     out = np.empty(d, dtype=a.dtype)
@@ -481,7 +481,7 @@ def closest_to_median_mean(messages: torch.Tensor, keep: int) -> torch.Tensor:
     n, d = messages.shape
     if not 1 <= keep <= n:
         raise ValueError(f"keep={keep} is outside 1..{n}")
-    if messages.device.type != "cpu":
+    if not reads_are_free(messages):  # a GPU: a sort, no host copy
         median = order_statistic_mean(messages, (n - 1) // 2, n // 2 + 1)
         gap = messages - median
         if not bool(torch.isfinite(gap).all()):  # near the dtype's limit: measure in float64

@@ -53,8 +53,9 @@ def _run(tmp_path, name, **overrides) -> LocalRun:
         {"optimizer": "svrg", "aggregator": "mean", "attack": "none"},
         {"optimizer": "sarah", "aggregator": "mean", "attack": "sign-flip", "sarah-restart": "fixed"},
         {"optimizer": "saga", "aggregator": "mean", "attack": "gaussian"},
+        {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
     ],
-    ids=lambda s: f"{s['optimizer']}-{s['attack']}",
+    ids=lambda s: f"{s['optimizer']}-{s['aggregator']}-{s['attack']}",
 )
 def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatch, setup):
     """With the device-side branches (what a GPU takes), an iteration is kernels only: no value read
