@@ -92,11 +92,8 @@ def _classes(raw: np.ndarray, source: str) -> np.ndarray:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _local(folder: Path, name: str) -> Path | None:
