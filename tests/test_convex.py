@@ -155,13 +155,15 @@ def test_without_heterogeneity_saga_takes_the_honest_messages_together(small):
     is zero only when the workers hold the same data. SAGA's messages then all tend to the full
     gradient and their variance to zero; with distinct partitions it stays at the spread of the local
     gradients (delta^2)."""
-    base = {**small, "optimizer": "saga", "lr": 0.05, "num-server-rounds": 1000, "eval-every": 500}
-    base["aggregator"] = "mean"
+    base = {**small, "optimizer": "saga", "lr": 0.2, "num-server-rounds": 2500, "eval-every": 500}
+    base |= {"aggregator": "mean", "attack": "none", "num-byzantine": 0}  # the honest workers alone
     variance = {}
     for partitioner in ("dirichlet", "full"):
         cfg = resolve({**base, "partitioner": partitioner, "run-name": f"delta-{partitioner}"})
         run_local(cfg, log=lambda _: None)
         lines = (Path(small["results-dir"]) / f"delta-{partitioner}" / "metrics.jsonl").read_text().splitlines()
-        variance[partitioner] = [json.loads(line)["honest_variance"] for line in lines[1:]]  # iterations 500, 1000
+        variance[partitioner] = [json.loads(line)["honest_variance"] for line in lines[1:]]  # iterations 500..2500
     full, split = variance["full"], variance["dirichlet"]
-    assert full[-1] < 1e-3 * full[0] and full[-1] < 0.1 * min(split), variance
+    # measured: dirichlet 1.05e-3 -> 9.3e-4 (a floor), full 0.36 -> 8e-7
+    assert split[-1] > 0.5 * split[0] and abs(split[-1] - split[-2]) < 0.05 * split[-1], variance  # delta^2's floor
+    assert full[-1] < 1e-4 * full[0] and full[-1] < 1e-2 * split[-1], variance
