@@ -54,6 +54,7 @@ def _run(tmp_path, name, **overrides) -> LocalRun:
         {"optimizer": "sarah", "aggregator": "mean", "attack": "sign-flip", "sarah-restart": "fixed"},
         {"optimizer": "saga", "aggregator": "mean", "attack": "gaussian"},
         {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
+        {"optimizer": "sgd", "aggregator": "meamed", "attack": "sign-flip"},
     ],
     ids=lambda s: f"{s['optimizer']}-{s['aggregator']}-{s['attack']}",
 )
