@@ -44,12 +44,23 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def _finalise_(z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on z, in place (``tmp``: scratch of z's shape; int64 arithmetic wraps
+    modulo 2**64 as the algorithm needs). In place because fresh temporaries of a 20 x 20,000 draw
+    cost 5x the arithmetic in page faults on a CPU."""
+    for bits, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        # torch's >> on int64 is arithmetic; the mask makes it the logical shift the algorithm needs
+        torch.bitwise_right_shift(z, bits, out=tmp).bitwise_and_((1 << (64 - bits)) - 1)
+        z.bitwise_xor_(tmp)
+        if factor is not None:
+            z.mul_(factor)
+    return z
+
+
 def _splitmix(z: torch.Tensor) -> torch.Tensor:
-    # SplitMix64's finaliser; int64 arithmetic wraps modulo 2**64 as the algorithm needs.
+    """SplitMix64's output for states z (a new tensor)."""
     z = z + _GOLDEN
-    z = (z ^ _shift_right(z, 30)) * _MIX1
-    z = (z ^ _shift_right(z, 27)) * _MIX2
-    return z ^ _shift_right(z, 31)
+    return _finalise_(z, torch.empty_like(z))
 
 
 def draw_base(seed: int, counter: int) -> int:
@@ -89,18 +100,6 @@ def uniform_ints_at(base: torch.Tensor, streams: torch.Tensor, count: int, high:
 _LOW24 = (1 << 24) - 1
 
 
-def _splitmix_(z: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """``_splitmix`` in place (``tmp``: scratch of z's shape): fresh temporaries of a 20 x 20,000
-    draw cost 5x the arithmetic in page faults on a CPU."""
-    z.add_(_GOLDEN)
-    for bits, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
-        torch.bitwise_right_shift(z, bits, out=tmp).bitwise_and_((1 << (64 - bits)) - 1)
-        z.bitwise_xor_(tmp)
-        if factor is not None:
-            z.mul_(factor)
-    return z
-
-
 def standard_normals(seed: int, streams: torch.Tensor, counter: int | str, dim: int) -> torch.Tensor:
     """(k, dim) float32 draws of N(0, 1): row s a pure function of (seed, streams[s], counter), on
     the streams' device.
@@ -115,10 +114,10 @@ def standard_normals(seed: int, streams: torch.Tensor, counter: int | str, dim: 
     device = streams.device
     base = _signed(derive_seed(seed, "normals", counter))
     key = _splitmix((streams.to(torch.int64) * _MIX1) ^ base)
-    z = torch.arange(half, dtype=torch.int64, device=device).mul_(_GOLDEN).expand(key.shape[0], half)
-    z = z + key[:, None]
+    slots = torch.arange(half, dtype=torch.int64, device=device).mul_(_GOLDEN)
+    z = slots[None, :] + (key + _GOLDEN)[:, None]  # SplitMix64's state step, then its finaliser in place
     tmp = torch.empty_like(z)
-    _splitmix_(z, tmp)
+    _finalise_(z, tmp)
     u1 = torch.bitwise_right_shift(z, 40, out=tmp).bitwise_and_(_LOW24).add_(1).to(torch.float32)
     radius = u1.mul_(1.0 / (1 << 24)).log_().mul_(-2.0).sqrt_()
     theta = z.bitwise_and_(_LOW24).to(torch.float32).mul_(2.0 * math.pi / (1 << 24))

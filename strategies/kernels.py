@@ -222,7 +222,8 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     coordinate: if some message's median squared distance to the others is over 16x smaller
     than the centre's (the centre is far from the bulk: a crafted row, or no centring where the
     messages share a large common part), the matrix is recomputed once, centred at that message.
-    The product runs in the messages' dtype unless their magnitude could overflow it.
+    The product runs in the messages' dtype unless their magnitude could overflow it; on an
+    accelerator (float32 messages, reads not free) in float64 always, from one read (``_blind_gram``).
     """
     n, d = messages.shape
     if n > 2 and messages.dtype == torch.float32 and not reads_are_free(messages):

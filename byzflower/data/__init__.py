@@ -96,6 +96,11 @@ def default_data_dir() -> Path:
     return Path(cache).expanduser() / "byzflower"
 
 
+def _folder(name: str, data_dir: str | Path | None) -> Path:
+    """``<data-dir>/<name>``, the data folder defaulting to ``default_data_dir()``."""
+    return (Path(data_dir).expanduser() if data_dir else default_data_dir()) / name
+
+
 def _md5(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
@@ -226,9 +231,9 @@ def _from_debian(spec: DatasetSpec, folder: Path) -> list[str]:
 
 def ensure_dataset(name: str, data_dir: str | Path | None = None, log: Log = lambda _: None) -> Path:
     """The folder holding the verified files of ``name`` (IDX, or LIBSVM), fetching them if needed."""
-    folder = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / name
+    folder = _folder(name, data_dir)
     if name in LIBSVM_SETS:
-        _libsvm_arrays(name, str(folder), log)
+        _libsvm_arrays(name, folder, log)
         return folder
     if name not in DATASETS:
         raise ValueError(f"dataset={name!r} is not available; choose one of: {', '.join(BUILT_IN)}")
@@ -308,9 +313,9 @@ class FeatureData(ImageData):
         return (self.train_images.shape[1],)
 
 
-def _libsvm_arrays(name: str, folder: str, log: Log = lambda _: None) -> dict[str, np.ndarray]:
+def _libsvm_arrays(name: str, folder: Path, log: Log = lambda _: None) -> dict[str, np.ndarray]:
     try:
-        return load_libsvm(LIBSVM_SETS[name], Path(folder), log)
+        return load_libsvm(LIBSVM_SETS[name], folder, log)
     except LibsvmError as exc:
         raise DataError(str(exc)) from None
 
@@ -321,8 +326,7 @@ def load_dataset(name: str, data_dir: str = "") -> ImageData:
     a LIBSVM set (``FeatureData``), or a Hugging Face / Flower Datasets id or a local
     ``save_to_disk`` folder (``hub_data``)."""
     if name in LIBSVM_SETS:
-        folder = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / name
-        a = _libsvm_arrays(name, str(folder))
+        a = _libsvm_arrays(name, _folder(name, data_dir))
         spec = DatasetSpec(name, {}, 0.0, 1.0, "", classes=2)
         return FeatureData(spec, a["train_x"], a["train_y"], a["test_x"], a["test_y"])
     if name not in DATASETS:
@@ -336,7 +340,10 @@ def load_dataset(name: str, data_dir: str = "") -> ImageData:
 
 def dataset_folder(name: str, data_dir: str = "", log: Log = lambda _: None) -> Path:
     """The folder of ``name``'s cached files (fetched or decoded on first use)."""
-    if name in DATASETS or name in LIBSVM_SETS:
+    if name in LIBSVM_SETS:  # verified and parsed once per process, by the cached load
+        load_dataset(name, data_dir)
+        return _folder(name, data_dir)
+    if name in DATASETS:
         return ensure_dataset(name, data_dir or None, log=log)
     from byzflower.data.hub import folder_of
 

@@ -304,7 +304,7 @@ def copies_distance_factor(config: dict) -> float | None:
     None for other attacks."""
     value = {**DEFAULTS, **config}.get
     if config.get("attack") == "sign-flip":
-        return abs(float(value("attack-scale", -3.0)) - 1.0)
+        return abs(float(value("attack-scale")) - 1.0)
     if config.get("attack") == "zero-gradient":
         return int(value("num-honest")) / int(value("num-byzantine")) + 1.0
     return None
