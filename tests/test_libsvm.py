@@ -65,6 +65,13 @@ def test_parse_reads_sparse_rows_and_names_bad_lines():
         libsvm.parse_libsvm("+1 1:1\n-1 4:1\n", 3, "f.txt")
     with pytest.raises(libsvm.LibsvmError, match="line 1"):
         libsvm.parse_libsvm("+1 1-1\n", 3)
+    for bad in ("nan", "inf", "-inf", "1e39"):  # not a finite float32: refused, naming the line
+        with pytest.raises(libsvm.LibsvmError, match=rf"line 2: feature value {bad} is not a finite float32"):
+            libsvm.parse_libsvm(f"+1 1:1\n-1 2:{bad}\n", 3)
+    with pytest.raises(libsvm.LibsvmError, match="line 1: label nan is not finite"):
+        libsvm.parse_libsvm("nan 1:1\n", 3)
+    x, _ = libsvm.parse_libsvm("+1 1:3.4e38 2:-3.4e38\n", 2)  # the float32 extremes themselves are kept
+    assert np.isfinite(x).all() and x[0, 0] == np.float32(3.4e38)
     with pytest.raises(libsvm.LibsvmError, match="exactly 2 label values"):
         libsvm._classes(np.array([1.0, 2.0, 3.0]), "f")
     assert libsvm._classes(np.array([2.0, 1.0, 2.0]), "f").tolist() == [1, 0, 1]  # COVTYPE's 1/2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
+import math
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+_F32_MAX = float(np.finfo(np.float32).max)
 BASE_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
 
 Log = Callable[[str], None]
@@ -58,7 +60,8 @@ class LibsvmError(RuntimeError):
 
 def parse_libsvm(text: str, features: int, source: str = "input") -> tuple[np.ndarray, np.ndarray]:
     """(X (n, features) float32, raw labels (n,) float64) from LIBSVM text: ``label i:v i:v ...``
-    with 1-based feature indices; absent features are 0. Names the line of any malformed entry."""
+    with 1-based feature indices; absent features are 0. Names the line of any malformed entry, and
+    of any label or value that is not finite in float32 (nan, inf, 1e39)."""
     rows: list[int] = []
     cols: list[int] = []
     vals: list[float] = []
@@ -68,15 +71,21 @@ def parse_libsvm(text: str, features: int, source: str = "input") -> tuple[np.nd
         if not parts or parts[0].startswith("#"):
             continue
         try:
-            labels.append(float(parts[0]))
+            label = float(parts[0])
+            if not math.isfinite(label):
+                raise ValueError(f"label {parts[0]} is not finite")
+            labels.append(label)
             for token in parts[1:]:
                 index, value = token.split(":")
                 col = int(index)
                 if not 1 <= col <= features:
                     raise ValueError(f"feature index {col} outside 1..{features}")
+                v = float(value)
+                if not abs(v) <= _F32_MAX:  # NaN fails this too
+                    raise ValueError(f"feature value {value} is not a finite float32")
                 rows.append(len(labels) - 1)
                 cols.append(col - 1)
-                vals.append(float(value))
+                vals.append(v)
         except ValueError as exc:
             raise LibsvmError(f"{source}, line {number}: {exc} in {line[:80]!r}") from None
     x = np.zeros((len(labels), features), dtype=np.float32)
