@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from byzflower.config import RunConfig, rule_of
-from byzflower.core import role_blind_order, role_blind_positions
+from byzflower.core import role_blind_positions
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
 from byzflower.records.detection import shares_of
 from byzflower.records.experiment import name_selected
@@ -149,16 +149,24 @@ class LocalRun:
         """(W,) each worker's position in the role-blind order of iteration t, on the device."""
         if self._positions is None or not self._first <= t < self._first + _BLOCK:
             seed, workers = int(self.cfg["seed"]), self.layout.num_workers
-            self._positions = role_blind_positions(seed, t, _BLOCK, workers).to(self.device)
+            positions = role_blind_positions(seed, t, _BLOCK, workers)
+            self._orders = positions.argsort(dim=1).numpy()  # row i: the worker at each position
+            self._positions = positions.to(self.device)
             self._first = t
         return self._positions[t - self._first]
+
+    def _order(self, t: int) -> list[int]:
+        """``role_blind_order`` of iteration t, from the block ``_position`` made."""
+        if self._positions is None or not self._first <= t < self._first + _BLOCK:
+            self._position(t)
+        return self._orders[t - self._first].tolist()
 
     def _name_rows(self, info: dict[str, Any], weights, valid: torch.Tensor | None, t: int) -> dict[int, float]:
         """Krum-like rules' selected worker into ``info``; each aggregated worker's share (detection)."""
         if "selected" not in info and weights is None:
             return {}
         rows = valid.nonzero().reshape(-1).tolist() if valid is not None else list(range(self.layout.num_workers))
-        order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        order = self._order(t)
         name_selected(info, rows, order, self.byzantine_ids)
         return shares_of(weights, rows, order)
 
@@ -166,7 +174,7 @@ class LocalRun:
         """The worker id of each aggregated row at iteration t, for rules that need it (else None)."""
         if not self.rule.needs_workers:
             return None
-        order = role_blind_order(int(self.cfg["seed"]), t, self.layout.num_workers)
+        order = self._order(t)
         return order if valid is None else [w for w, ok in zip(order, valid.tolist(), strict=True) if ok]
 
     def step(self, t: int) -> None:

@@ -29,6 +29,8 @@ from clients.rng import derive_seed, draw_base, uniform_ints_at
 from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks
 
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+_AHEAD, _AHEAD_DRAWS = 256, 1 << 16  # sample draws made ahead on the CPU: iterations, draws at most
+_NO_ROWS = torch.zeros(0, 0, 0, dtype=torch.int64)
 #: the registry's option format: run-config key -> (constructor argument, meaning, constraints)
 Options = dict[str, tuple[str, str, dict]]
 
@@ -73,6 +75,10 @@ class Estimator:
         self._chunks = [c.to(data.device) for c in chunks(data.worker_ids.cpu())]
         self._sample_seed = derive_seed(self.seed, "sample")
         self._base = torch.zeros((), dtype=torch.int64, device=data.device)  # this iteration's draw base
+        self._iteration = 0
+        # On the CPU the draws are made ahead for blocks of iterations: (first iteration, draws);
+        # on a GPU per iteration from ``_base``, inside the step's (graphable) kernels.
+        self._ahead: tuple[int, torch.Tensor] | None = (0, _NO_ROWS) if data.device.type == "cpu" else None
         self.state: dict[str, torch.Tensor] = {}
         self._add_state("step", (1,), torch.int64, host=True)
 
@@ -123,7 +129,9 @@ class Estimator:
     def prepare(self, x: torch.Tensor, iteration: int) -> bool:
         """Host-side work before ``iteration``'s math. Returns True when ``compute`` is then a fixed
         sequence of kernels (no host value, no data-dependent shape): capturable in a CUDA graph."""
-        self._base.fill_(draw_base(self._sample_seed, iteration))
+        self._iteration = iteration
+        if self._ahead is None:
+            self._base.fill_(draw_base(self._sample_seed, iteration))
         return True
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +142,25 @@ class Estimator:
     def sample_rows(self, iteration: int | None = None) -> torch.Tensor:
         """(k, batch_size) rows of ``data`` drawn uniformly, with replacement, per worker, for
         ``iteration`` (None: the prepared one)."""
+        if self._ahead is not None:
+            return self._rows_ahead(self._iteration if iteration is None else iteration)
         if iteration is not None:
             self._base.fill_(draw_base(self._sample_seed, iteration))
         local = uniform_ints_at(self._base, self.data.worker_ids, self.batch_size, self.data.sizes)
         return local + self.data.offsets[:-1, None]
+
+    def _rows_ahead(self, iteration: int) -> torch.Tensor:
+        """``sample_rows(iteration)`` from draws made for a block of iterations at once (the same
+        numbers: the draws are a pure function of the iteration), so that a small model's step
+        does not pay the generator's dozen kernel calls every iteration."""
+        first, rows = self._ahead
+        if not first <= iteration < first + rows.shape[0]:
+            block = max(1, min(_AHEAD, _AHEAD_DRAWS // (self.num_workers * self.batch_size)))
+            bases = [draw_base(self._sample_seed, t) for t in range(iteration, iteration + block)]
+            base = torch.tensor(bases, dtype=torch.int64, device=self.data.device)[:, None]
+            local = uniform_ints_at(base, self.data.worker_ids, self.batch_size, self.data.sizes)
+            self._ahead = first, rows = iteration, local + self.data.offsets[:-1, None]
+        return rows[iteration - first]
 
     def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
         flat = rows.reshape(-1)

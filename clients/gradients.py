@@ -136,17 +136,18 @@ class ModelGradients:
         return hook
 
     def _probe(self) -> None:
-        """Find Linear layers whose per-sample gradient is really an outer product."""
+        """Find Linear layers whose per-sample gradient is really an outer product, and whether the
+        model is one such layer on the data with cross-entropy on its outputs (``_closed_form``)."""
         device = next(self.model.parameters()).device
         x = torch.zeros(2, *self.input_shape, dtype=self.dtype, device=device)
         self._records = {}
         self._recording = True
         try:
             with torch.no_grad():
-                self.model(x)
+                out = self.model(x)
         finally:
             self._recording = False
-        keep, input_is_data = [], []
+        keep, input_is_data, outputs = [], [], []
         for f in self._factored:
             calls = self._records.get(f.module, [])
             # A layer used twice, or applied to more than (batch, features), has a per-sample
@@ -155,9 +156,38 @@ class ModelGradients:
                 keep.append(f)
                 inp = calls[0][0]
                 input_is_data.append(inp.data_ptr() == x.data_ptr() and inp.numel() == x.numel())
+                outputs.append(calls[0][1])
         self._records = {}
         self._factored = keep
         self._input_is_data = input_is_data
+        # The model is one Linear layer on the data whose output it returns, trained with
+        # cross-entropy (logistic regression): the output gradient is softmax - one-hot, no autograd.
+        self._closed_form = (
+            len(keep) == 1
+            and input_is_data[0]
+            and self.loss is cross_entropy
+            and len(self.names) == (2 if keep[0].bias else 1)
+            and outputs[0].data_ptr() == out.data_ptr()
+            and outputs[0].shape == out.shape
+            and self._linear_is_the_model(device)
+        )
+
+    def _linear_is_the_model(self, device: torch.device) -> bool:
+        """Whether the model's outputs on random inputs are exactly its one Linear layer's (nothing
+        done to them in place after the layer)."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(3, *self.input_shape, generator=gen, dtype=self.dtype).to(device)
+        with torch.no_grad():
+            return bool(torch.equal(self.model(x), self._logits(self.initial_point(), x)))
+
+    def _logits(self, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """(n, classes) outputs of the closed-form model (one Linear layer) at x."""
+        f = self._factored[0]
+        weight = x[f.weight_offset : f.weight_offset + f.out_features * f.in_features].view(f.out_features, -1)
+        flat = inputs.reshape(inputs.shape[0], -1)
+        if f.bias is None:
+            return flat @ weight.T
+        return torch.addmm(x[f.bias_offset : f.bias_offset + f.out_features], flat, weight.T)
 
     # -- gradients ----------------------------------------------------------------------------
     def sample_grads(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> SampleGrads:
@@ -176,6 +206,13 @@ class ModelGradients:
         return self._sample_grads(x, inputs, targets)
 
     def _sample_grads(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> SampleGrads:
+        if self._closed_form:
+            # d(sum of cross-entropies)/d(logits) = softmax - one-hot, by the very kernel autograd
+            # would call (so the numbers are autograd's, bit for bit), without autograd's overhead
+            log_p = torch.log_softmax(self._logits(x.detach(), inputs), dim=1)
+            minus_one_hot = torch.zeros_like(log_p).scatter_(1, targets.view(-1, 1), -1.0)
+            delta = torch.ops.aten._log_softmax_backward_data(minus_one_hot, log_p, 1, log_p.dtype)
+            return SampleGrads([inputs.reshape(inputs.shape[0], -1)], [delta], None)
         leaf = x.detach().requires_grad_(self.dense_dim < self.dim)
         params = self.unflatten(leaf)
         self._records = {}

@@ -86,11 +86,12 @@ def uniform_ints(seed: int, streams: torch.Tensor, counter: int, count: int, hig
 
 def uniform_ints_at(base: torch.Tensor, streams: torch.Tensor, count: int, high: torch.Tensor) -> torch.Tensor:
     """``uniform_ints`` from its base (``draw_base``) held in a tensor: () or (k,) int64 on the
-    streams' device. With the base in a tensor the draws are a fixed sequence of kernels (no
-    host value in them), which a CUDA graph can replay for any counter."""
+    streams' device, or (m, 1) for m counters at once (then (m, k, count) draws). With the base
+    in a tensor the draws are a fixed sequence of kernels (no host value in them), which a CUDA
+    graph can replay for any counter."""
     slots = torch.arange(count, dtype=torch.int64, device=streams.device)
     z = _splitmix(base ^ (streams.to(torch.int64) * _MIX1))
-    z = _splitmix(z[:, None] + slots[None, :] * _GOLDEN)
+    z = _splitmix(z[..., None] + slots * _GOLDEN)
     # The top 53 bits give an exact float64 in [0, 1); scaling by an int is exact enough to
     # keep the draws identical on every device.
     unit = _shift_right(z, 11).to(torch.float64) * (1.0 / (1 << 53))

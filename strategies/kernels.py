@@ -215,6 +215,17 @@ def _blind_gram(messages: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (g + g.T) * 0.5, int(host[-1])
 
 
+def _narrow_gram(messages: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Gram matrix as ``_raw_gram``, centre) of at most ``_SKETCH_WIDTH`` columns on the CPU,
+    formed in float64 from one copy, centred at the medoid of the exact distances."""
+    x = messages.detach().numpy().astype(np.float64)
+    d2 = _pair_distances_np(x @ x.T)
+    center = int(np.argmin(np.sqrt(d2).sum(axis=1)))
+    x -= x[center]
+    g = x @ x.T
+    return torch.from_numpy((g + g.T) * 0.5), center
+
+
 def centered_gram(messages: torch.Tensor) -> Gram:
     """The Gram matrix of the messages, centred at a message inside the bulk of them.
 
@@ -223,13 +234,20 @@ def centered_gram(messages: torch.Tensor) -> Gram:
     than the centre's (the centre is far from the bulk: a crafted row, or no centring where the
     messages share a large common part), the matrix is recomputed once, centred at that message.
     The product runs in the messages' dtype unless their magnitude could overflow it; on an
-    accelerator (float32 messages, reads not free) in float64 always, from one read (``_blind_gram``).
+    accelerator (float32 messages, reads not free) in float64 always, from one read (``_blind_gram``);
+    on the CPU for float32 messages of at most 512 coordinates in float64 too, in numpy (``_narrow_gram``).
     """
     n, d = messages.shape
     if n > 2 and messages.dtype == torch.float32 and not reads_are_free(messages):
         # an accelerator: one read instead of two (the survey's, then the matrix's)
         dtype, scale = torch.float64, 1.0
         g, center = _blind_gram(messages)
+    elif n > 2 and d <= _SKETCH_WIDTH and messages.dtype == torch.float32 and reads_are_free(messages):
+        # narrow messages on the CPU (logistic regression on IJCNN1: d = 46): the sketch is every
+        # coordinate, so one float64 copy gives exact distances, the medoid and the product
+        # (no float32 value overflows there), in a few numpy calls instead of a dozen torch ones
+        dtype, scale = torch.float64, 1.0
+        g, center = _narrow_gram(messages)
     else:
         top, center, worth = _survey(messages)
         dtype, scale = _work_format(messages, top)

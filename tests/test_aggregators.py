@@ -302,6 +302,26 @@ def test_identical_copies_get_exactly_zero_distance_in_float32():
     assert float(d2[:50, :50].sum()) > 0
 
 
+@pytest.mark.parametrize("d", [46, 512])
+def test_narrow_float32_messages_get_an_exact_float64_gram_on_the_cpu(d):
+    """At most 512 coordinates (logistic regression on IJCNN1: 46) the CPU forms the Gram matrix in
+    float64 from one copy, centred at the medoid: exact to float64 rounding, even with a large
+    common part and attackers at float32's limit; identical copies at distance exactly 0; and GM
+    equal to the reference Weiszfeld."""
+    g = _gen(d)
+    honest = 5.0 + 1e-3 * torch.randn(50, d, generator=g)
+    m = torch.cat([honest, (-3 * honest.mean(0)).expand(15, -1), torch.full((5, d), 3.0e38)])
+    gram = kernels.centered_gram(m)
+    assert gram.wide and gram.center < 50  # centred inside the honest bulk
+    x = m.double() - m.double()[gram.center]
+    assert torch.allclose(gram.matrix, x @ x.T, rtol=1e-13, atol=1e-13 * float((x[:50] ** 2).sum(1).max()))
+    d2 = kernels.squared_distances(gram)
+    assert bool((d2[50:65, 50:65] == 0).all()) and float(d2[:50, :50].sum()) > 0
+    got = GeometricMedian()(m[:65]).vector.double()
+    spread = float((honest - honest.mean(0)).norm(dim=1).mean())  # 0.0067 at |m| ~ 5: float32 rounds at 3e-7
+    assert float((got - ref_weiszfeld(m[:65].double(), tol=1e-12, max_iter=10_000)).norm()) <= 1e-3 * spread
+
+
 # -- validation ---------------------------------------------------------------------------------------
 def test_invalid_parameters_raise_clear_errors():
     with pytest.raises(ValueError, match=r"krum f .* must be >= 0, got -1"):

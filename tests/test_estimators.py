@@ -162,3 +162,22 @@ def test_worker_momentum_is_an_optimizer_from_run_config():
     assert (cfg.lr, cfg.batch_size) == (0.1, 5)
     with pytest.raises(ConfigError, match="momentum-beta"):
         resolve({"optimizer": "momentum", "momentum-beta": 1.0})
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 300])
+def test_draws_made_ahead_on_the_cpu_are_the_per_iteration_draws(batch_size):
+    """On the CPU sample rows are drawn for blocks of iterations at once: the same rows as drawn one
+    iteration at a time (the GPU's way), in any order of iterations, across block edges."""
+    G = ModelGradients(build_model("logreg", 0, (22,), 2), (22,))
+    gen = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(n, 22, generator=gen), torch.randint(0, 2, (n,), generator=gen)) for n in (30, 7, 100, 55)]
+    data = WorkerData.from_parts([3, 5, 26, 40], parts)
+    ahead, single = SGD(G, data, batch_size=batch_size, seed=4), SGD(G, data, batch_size=batch_size, seed=4)
+    single._ahead = None
+    x = G.initial_point()
+    for t in [1, 2, 3, 300, 299, 1000, 1001, 5, 256, 257]:
+        ahead.prepare(x, t)
+        single.prepare(x, t)
+        assert torch.equal(ahead.sample_rows(), single.sample_rows())
+        assert torch.equal(ahead.sample_rows(t + 7), single.sample_rows(t + 7))
+    assert ahead._ahead[1].shape[0] > 1  # really drawn ahead

@@ -99,3 +99,42 @@ def test_the_notebook_network_is_the_double_softmax_one():
     one_hot = torch.eye(10)[:1]
     floor = float(torch.nn.functional.cross_entropy(one_hot, torch.tensor([0])))
     assert floor == pytest.approx(math.log(math.e + 9) - 1, rel=1e-6)
+
+
+class _Doubled(torch.nn.Module):
+    """One Linear layer on the data whose output is changed in place afterwards: not closed-form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(22, 2)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out.mul_(2.0)
+
+
+@pytest.mark.parametrize("shape,classes", [((22,), 2), ((1, 28, 28), 10)])
+def test_logistic_regression_skips_autograd_with_autograds_numbers(shape, classes):
+    """logreg's output gradient is formed in closed form (softmax - one-hot) by autograd's own
+    kernel: bit for bit what autograd gives, including far from the optimum (saturated softmax)."""
+    G = ModelGradients(build_model("logreg", 1, shape, classes), shape)
+    assert G._closed_form
+    gen = torch.Generator().manual_seed(3)
+    x = G.initial_point() + torch.randn(G.dim, generator=gen)
+    inputs = torch.randn(300, *shape, generator=gen) * 30.0
+    targets = torch.randint(0, classes, (300,), generator=gen)
+    fast = G.sample_grads(x, inputs, targets)
+    G._closed_form = False
+    slow = G.sample_grads(x, inputs, targets)
+    assert torch.equal(fast.deltas[0], slow.deltas[0]) and torch.equal(fast.inputs[0], slow.inputs[0])
+    assert fast.deltas[0].abs().max() > 0.99  # saturated samples are in the test
+
+
+def test_closed_form_only_where_the_model_is_one_linear_layer_with_cross_entropy():
+    assert not ModelGradients(build_model("mlp", 1), (1, 28, 28))._closed_form
+    assert not ModelGradients(_Doubled(), (22,))._closed_form  # same pointer, other values
+
+    def other_loss(logits, target, reduction="mean"):
+        return torch.nn.functional.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+
+    assert not ModelGradients(build_model("logreg", 1, (22,), 2), (22,), loss=other_loss)._closed_form

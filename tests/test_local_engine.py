@@ -350,3 +350,18 @@ def test_the_mechanism_table_and_figure_measure_spread_against_the_honest_mean(t
     assert copies_distance_factor({"attack": "zero-gradient", "num-honest": 50, "num-byzantine": 20}) == 3.5
     assert copies_distance_factor({"attack": "gaussian"}) is None
     assert mechanism([r for r in collect([tmp_path]) if r.config["attack"] == "none"], tmp_path / "n.png") is None
+
+
+def test_the_engine_names_workers_by_the_role_blind_order_of_each_iteration(tmp_path):
+    """The order that maps aggregated rows to workers (detection, Krum's selected worker) comes
+    from the engine's blocks of positions: the seeded order of that very iteration, across blocks."""
+    from byzflower.core import role_blind_order
+    from byzflower.engine import LocalRun
+
+    cfg = resolve({**RUN, "results-dir": str(tmp_path), "run-name": "order", "checkpoint-every": 0})
+    run = LocalRun(cfg, log=lambda _: None)
+    for t in (1, 2, 255, 256, 257, 600, 3):
+        assert run._order(t) == role_blind_order(5, t, 13)
+        positions = run._position(t)
+        assert [int(positions[w]) for w in run._order(t)] == list(range(13))
+    run.run_dir.unlock()
