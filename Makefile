@@ -3,13 +3,15 @@
 #   make test   set up what is missing, fetch MNIST and Flower's app template, then run the whole test suite
 #   make paper  set up what is missing, then run the paper's Table I grid on both networks (about 3 h on 2 cores)
 #   make convex set up what is missing, then run the convex MNIST grid of Figs. 3/4 (logistic regression, gap)
+#   make convex-rules   Fig. 6 on MNIST: SAGA with mean, GM, median and Krum under every attack
+#   make convex-full    Fig. 5 on MNIST: the convex grid with every honest worker holding the whole set
 #   make convex-libsvm  the same grid on the paper's LIBSVM sets, IJCNN1 and COVTYPE (needs internet once)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_CONFIG ?=
 
-.PHONY: setup run test paper convex convex-libsvm lint clean
+.PHONY: setup run test paper convex convex-rules convex-full convex-libsvm lint clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +53,22 @@ convex: setup
 		--attack none,gaussian,sign-flip,zero-gradient \
 		--run-config "model='logreg' weight-decay=0.01 optimality-gap=true lr=0.002 num-server-rounds=40000 eval-every=1000" \
 		--jobs 2 --out results/convex-mnist
+
+# Fig. 6 on MNIST: SAGA under each rule the paper compares (mean, GM, coordinate-wise median, Krum), the
+# settings of `make convex`.
+convex-rules: setup
+	$(BIN)/byzflower sweep --optimizer saga --aggregator mean,gm,median,krum \
+		--attack none,gaussian,sign-flip,zero-gradient \
+		--run-config "model='logreg' weight-decay=0.01 optimality-gap=true lr=0.002 num-server-rounds=40000 eval-every=1000" \
+		--jobs 2 --out results/convex-rules
+
+# Fig. 5 on MNIST: the grid of `make convex` with every honest worker holding the whole training set (the
+# paper's delta^2 = 0; F is then the whole set's loss, its own minimiser solved and cached once).
+convex-full: setup
+	$(BIN)/byzflower sweep --optimizer sgd,batch-sgd,saga --aggregator gm \
+		--attack none,gaussian,sign-flip,zero-gradient \
+		--run-config "model='logreg' weight-decay=0.01 optimality-gap=true lr=0.002 num-server-rounds=40000 eval-every=1000 partitioner='full'" \
+		--jobs 2 --out results/convex-full
 
 # Figs. 3/4 on the paper's own sets: binary logistic regression in its two-logit form, where weight-decay 0.02
 # is the paper's lambda = 0.01 on the binary weights (see the README). The files come from the LIBSVM site on

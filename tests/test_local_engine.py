@@ -365,3 +365,27 @@ def test_the_engine_names_workers_by_the_role_blind_order_of_each_iteration(tmp_
         positions = run._position(t)
         assert [int(positions[w]) for w in run._order(t)] == list(range(13))
     run.run_dir.unlock()
+
+
+def test_the_convex_table_gives_gaps_at_the_middle_and_end_and_the_late_variance(tmp_path):
+    """convex.md: per convex run the gap at the evaluation nearest the middle and at the last one,
+    the final accuracy, and the geometric mean of the interval variances over the second half."""
+    from byzflower.experiments.report import convex
+
+    folder = _fake_run(tmp_path, "saga", "gm", "sign-flip", 0.7)
+    records = [{"iteration": 0, "test_accuracy": 0.1, "optimality_gap": 3.0}]
+    for t, gap, variance in ((50, 1.0, 100.0), (100, 0.5, 10.0), (150, 0.2, 4.0), (200, 0.1, 1.0)):
+        records.append(
+            {"iteration": t, "test_accuracy": 0.7, "optimality_gap": gap, "honest_variance_interval_mean": variance}
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _fake_run(tmp_path, "saga", "mean", "none", 0.9)  # no gap recorded: left out
+    rows = convex(collect([tmp_path])).splitlines()
+    assert rows[4:] == ["| saga gm | sign-flip | 0.5 | 0.1 | 0.7000 | 2 |"]  # sqrt(4 * 1)
+    assert convex([r for r in collect([tmp_path]) if r.config["aggregator"] == "mean"]) is None
+    from byzflower.experiments.report import beside_paper
+
+    assert beside_paper(collect([tmp_path])) is not None  # saga gm / saga mean are Table I's columns
+    for config in tmp_path.glob("*/config.json"):  # but not for logistic regression (Figs. 3-6)
+        config.write_text(json.dumps({**json.loads(config.read_text()), "model": "logreg"}))
+    assert beside_paper(collect([tmp_path])) is None

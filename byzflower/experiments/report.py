@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,8 @@ def beside_paper(runs: list[Run]) -> str | None:
     ours: dict[tuple[str, str], float | str] = {}
     for run in runs:
         attack, column = run.config["attack"], run.column
+        if run.config.get("model") == "logreg":  # Table I is the neural network; logreg is Figs. 3-6
+            continue
         if column in PAPER_TABLE_I.get(attack, {}):
             acc = run.final_accuracy
             ours[(attack, column)] = acc * 100 if acc is not None else run.status
@@ -379,11 +382,44 @@ def mechanism(runs: list[Run], path: Path) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def convex(runs: list[Run]) -> str | None:
+    """Markdown for convex runs (those recording the optimality gap; Figs. 3-6): per run, the final
+    gap F(x) - F(x*), the gap at the middle evaluation (is it still falling?), the final test accuracy
+    and the geometric mean of the honest messages' variance over the second half of the iterations
+    (each evaluation's interval mean). None when no run records the gap."""
+    chosen = [r for r in runs if any(x.get("optimality_gap") is not None for x in r.records)]
+    if not chosen:
+        return None
+    lines = [
+        "Optimality gap F(x) - F(x*) at the middle and the last evaluation, final test accuracy, and the honest "
+        "messages' variance (geometric mean of the interval means over the second half of the iterations).",
+        "",
+        "| run | attack | gap, middle | gap, last | final accuracy | honest variance, 2nd half |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted(chosen, key=lambda r: (r.column, _ordered([r.config["attack"]], ATTACKS))):
+        gaps = [(x["iteration"], x["optimality_gap"]) for x in run.records if x.get("optimality_gap") is not None]
+        last = gaps[-1][0]
+        middle = min(gaps, key=lambda g: abs(g[0] - last / 2))[1]
+        late = [
+            x["honest_variance_interval_mean"]
+            for x in run.records
+            if x["iteration"] > last / 2 and (x.get("honest_variance_interval_mean") or 0.0) > 0.0
+        ]
+        variance = math.exp(sum(math.log(v) for v in late) / len(late)) if late else float("nan")
+        acc = run.final_accuracy
+        lines.append(
+            f"| {run.column} | {run.config['attack']} | {middle:.3g} | {gaps[-1][1]:.3g} | "
+            f"{'-' if acc is None else f'{acc:.4f}'} | {variance:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
     """Write table.md, table.csv, figure.png and, when the runs cover cells of the paper's Table I,
     paper.md (``beside_paper``), when rules met two attacks or more, worst.md and heatmap.png, and
-    when robust rules met sign-flip or zero-gradient, mechanism.png and mechanism.md, into ``out`` (default: the first
-    folder)."""
+    when robust rules met sign-flip or zero-gradient, mechanism.png and mechanism.md, for convex runs
+    convex.md, into ``out`` (default: the first folder)."""
     runs = collect(dirs)
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +443,10 @@ def write_report(dirs: list[Path], out: Path | None = None) -> dict[str, Path]:
         paths["mechanism"] = out / "mechanism.png"
         paths["mechanism-table"] = out / "mechanism.md"
         paths["mechanism-table"].write_text(held)
+    gaps = convex(runs)
+    if gaps is not None:
+        paths["convex"] = out / "convex.md"
+        paths["convex"].write_text(gaps)
     detected = detection(runs)
     if detected is not None:
         paths["detection"] = out / "detection.md"
