@@ -145,21 +145,25 @@ class LocalRun:
             everything.index_copy_(0, position.index_select(0, self._byzantine_rows), bad)
         return honest, stats, everything
 
-    def _position(self, t: int) -> torch.Tensor:
-        """(W,) each worker's position in the role-blind order of iteration t, on the device."""
+    def _block(self, t: int) -> int:
+        """Make the block of role-blind positions (and orders) that holds iteration t; t's row in it."""
         if self._positions is None or not self._first <= t < self._first + _BLOCK:
             seed, workers = int(self.cfg["seed"]), self.layout.num_workers
             positions = role_blind_positions(seed, t, _BLOCK, workers)
             self._orders = positions.argsort(dim=1).numpy()  # row i: the worker at each position
             self._positions = positions.to(self.device)
             self._first = t
-        return self._positions[t - self._first]
+        return t - self._first
+
+    def _position(self, t: int) -> torch.Tensor:
+        """(W,) each worker's position in the role-blind order of iteration t, on the device."""
+        row = self._block(t)  # first: it may replace the block
+        return self._positions[row]
 
     def _order(self, t: int) -> list[int]:
-        """``role_blind_order`` of iteration t, from the block ``_position`` made."""
-        if self._positions is None or not self._first <= t < self._first + _BLOCK:
-            self._position(t)
-        return self._orders[t - self._first].tolist()
+        """``role_blind_order`` of iteration t (position -> worker), from the same block."""
+        row = self._block(t)
+        return self._orders[row].tolist()
 
     def _name_rows(self, info: dict[str, Any], weights, valid: torch.Tensor | None, t: int) -> dict[int, float]:
         """Krum-like rules' selected worker into ``info``; each aggregated worker's share (detection)."""

@@ -111,8 +111,13 @@ def _survey(messages: torch.Tensor) -> tuple[float, int, bool]:
     if n <= 2:
         return top, 0, False
     sq, d2 = host[2 : 2 + n], host[2 + n :].reshape(n, n)
-    medoid = int(np.argmin(np.sqrt(d2).sum(axis=1)))
+    medoid = _medoid(d2)
     return top, medoid, bool(_lower_median(sq) > 4.0 * _lower_median(d2[medoid]))
+
+
+def _medoid(d2: np.ndarray) -> int:
+    """The row with the smallest sum of distances to the others, from squared distances (n, n)."""
+    return int(np.argmin(np.sqrt(d2).sum(axis=1)))
 
 
 def _lower_median(v: np.ndarray) -> float:
@@ -219,8 +224,7 @@ def _narrow_gram(messages: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(Gram matrix as ``_raw_gram``, centre) of at most ``_SKETCH_WIDTH`` columns on the CPU,
     formed in float64 from one copy, centred at the medoid of the exact distances."""
     x = messages.detach().numpy().astype(np.float64)
-    d2 = _pair_distances_np(x @ x.T)
-    center = int(np.argmin(np.sqrt(d2).sum(axis=1)))
+    center = _medoid(_pair_distances_np(x @ x.T))
     x -= x[center]
     g = x @ x.T
     return torch.from_numpy((g + g.T) * 0.5), center
