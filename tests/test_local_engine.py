@@ -372,16 +372,19 @@ def test_the_convex_table_gives_gaps_at_the_middle_and_end_and_the_late_variance
     the final accuracy, and the geometric mean of the interval variances over the second half."""
     from byzflower.experiments.report import convex
 
-    folder = _fake_run(tmp_path, "saga", "gm", "sign-flip", 0.7)
-    records = [{"iteration": 0, "test_accuracy": 0.1, "optimality_gap": 3.0}]
-    for t, gap, variance in ((50, 1.0, 100.0), (100, 0.5, 10.0), (150, 0.2, 4.0), (200, 0.1, 1.0)):
-        records.append(
-            {"iteration": t, "test_accuracy": 0.7, "optimality_gap": gap, "honest_variance_interval_mean": variance}
-        )
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for attack in ("sign-flip", "none", "gaussian"):  # rows come in the attacks' order, not alphabetically
+        folder = _fake_run(tmp_path, "saga", "gm", attack, 0.7)
+        records = [{"iteration": 0, "test_accuracy": 0.1, "optimality_gap": 3.0}]
+        for t, gap, variance in ((50, 1.0, 100.0), (100, 0.5, 10.0), (150, 0.2, 4.0), (200, 0.1, 1.0)):
+            records.append(
+                {"iteration": t, "test_accuracy": 0.7, "optimality_gap": gap, "honest_variance_interval_mean": variance}
+            )
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _fake_run(tmp_path, "saga", "mean", "none", 0.9)  # no gap recorded: left out
     rows = convex(collect([tmp_path])).splitlines()
-    assert rows[4:] == ["| saga gm | sign-flip | 0.5 | 0.1 | 0.7000 | 2 |"]  # sqrt(4 * 1)
+    assert rows[4:] == [  # gap at 100 and 200; sqrt(4 * 1)
+        f"| saga gm | {attack} | 0.5 | 0.1 | 0.7000 | 2 |" for attack in ("none", "gaussian", "sign-flip")
+    ]
     assert convex([r for r in collect([tmp_path]) if r.config["aggregator"] == "mean"]) is None
     from byzflower.experiments.report import beside_paper
 

@@ -66,8 +66,17 @@ def collect(dirs: list[Path]) -> list[Run]:
     return runs
 
 
+def _rank(value: str, reference: tuple[str, ...]) -> tuple[int, str]:
+    return (reference.index(value) if value in reference else len(reference), value)
+
+
 def _ordered(values: set[str], reference: tuple[str, ...]) -> list[str]:
-    return sorted(values, key=lambda v: (reference.index(v) if v in reference else len(reference), v))
+    return sorted(values, key=lambda v: _rank(v, reference))
+
+
+def _by_column_then_attack(run: Run) -> tuple:
+    """Sort key of per-run tables: the column, then the attack in ATTACKS' order (none first)."""
+    return run.column, _rank(run.config["attack"], ATTACKS)
 
 
 def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
@@ -370,7 +379,7 @@ def mechanism(runs: list[Run], path: Path) -> str | None:
         "|---|---|---|---|---|---|---|",
     ]
     shown = [r for r in runs if r.column in columns and (r in chosen or r.config["attack"] == "none")]
-    for run in sorted(shown, key=lambda r: (r.column, _ordered([r.config["attack"]], ATTACKS))):
+    for run in sorted(shown, key=_by_column_then_attack):
         spread = _late_median(run, lambda r: max(r["honest_variance"], 0.0) ** 0.5)
         norm = _late_median(run, lambda r: r["honest_mean_norm"])
         ratio = _late_median(run, lambda r: r["aggregate_distance"] / r["honest_mean_norm"])
@@ -397,7 +406,7 @@ def convex(runs: list[Run]) -> str | None:
         "| run | attack | gap, middle | gap, last | final accuracy | honest variance, 2nd half |",
         "|---|---|---|---|---|---|",
     ]
-    for run in sorted(chosen, key=lambda r: (r.column, _ordered([r.config["attack"]], ATTACKS))):
+    for run in sorted(chosen, key=_by_column_then_attack):
         gaps = [(x["iteration"], x["optimality_gap"]) for x in run.records if x.get("optimality_gap") is not None]
         last = gaps[-1][0]
         middle = min(gaps, key=lambda g: abs(g[0] - last / 2))[1]
