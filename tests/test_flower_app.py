@@ -96,6 +96,40 @@ def test_bad_config_fails_the_run_with_a_clear_message(superlink, tmp_path):
     assert not run_dir.exists()  # no work started
 
 
+def test_flwr_run_gets_the_apps_own_fab_from_a_copy_without_its_ignored_folders(tmp_path):
+    """``LocalSuperLink.run`` hands ``flwr run`` a copy of the app (``stage_app``): the FAB built from
+    the copy must be the FAB of the app itself, byte for byte, for this repository (whose .venv and
+    results/ are ignored) and for an app with ignored folders, a nested .gitignore'd file pattern, a
+    symbolic link and a .git folder."""
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from byzflower.flower.flower_runner import stage_app
+
+    assert build_fab_from_disk(stage_app(APP, tmp_path / "repo")) == build_fab_from_disk(Path(APP))
+
+    app = tmp_path / "app"
+    (app / "pkg" / "deep").mkdir(parents=True)
+    (app / "venv" / "lib").mkdir(parents=True)
+    (app / ".git").mkdir()
+    (app / "pyproject.toml").write_text((Path(APP) / "pyproject.toml").read_text())
+    (app / ".gitignore").write_text("venv/\n*.log\n")
+    (app / "pkg" / "__init__.py").write_text("")
+    (app / "pkg" / "deep" / "model.py").write_text("X = 1\n")
+    (app / "pkg" / "deep" / "notes.md").write_text("# notes\n")
+    (app / "pkg" / "run.log").write_text("ignored\n")
+    (app / "venv" / "lib" / "site.py").write_text("ignored = True\n")
+    (app / ".git" / "config.json").write_text("{}")
+    (app / "pkg" / "link.py").symlink_to(app / "pkg" / "deep" / "model.py")
+    staged = stage_app(app, tmp_path / "staged")
+    copied = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert ".git/config.json" in copied  # Flower puts it in the FAB: so must the copy
+    assert "pkg/run.log" not in copied and not any(p.startswith("venv/") for p in copied)
+    assert "pkg/link.py" not in copied and "pkg/deep/model.py" in copied
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+
+
 def test_superlink_and_its_children_are_stopped():
     link = LocalSuperLink()
     link.start()
@@ -104,43 +138,10 @@ def test_superlink_and_its_children_are_stopped():
     assert pids and not any(_alive(p) for p in pids)
 
 
-def test_one_saga_worker_through_flower_matches_a_centralised_loop(superlink, tmp_path):
-    import torch
-
-    from byzflower.config import resolve
-    from byzflower.data import load_dataset
-    from byzflower.factory import gradients_of, worker_data
-    from clients.estimators import SAGA
-
-    overrides = {"num-honest": 1, "optimizer": "saga", "num-server-rounds": 12, "eval-every": 6, "seed": 3}
-    outcome, run_dir = _run(superlink, tmp_path, "saga-one", 1, **overrides)
-    assert outcome.ok, outcome.output[-3000:]
-    cfg = resolve({k: v for k, v in {**BASE, **overrides}.items()})
-    data = load_dataset("mnist", os.environ.get("BYZFLOWER_DATA_DIR", ""))
-    grads = gradients_of(cfg, data, torch.device("cpu"))
-    est = SAGA(grads, worker_data(cfg, data, [0], torch.device("cpu")), batch_size=1, seed=3)
-    x = grads.initial_point()
-    for t in range(1, 13):
-        x = x - 0.1 * est.step(x, t)[0]
-    flower = torch.load(run_dir / "model.pt")
-    assert torch.allclose(grads.flatten(flower), x, atol=1e-6)
-
-
-def test_worker_state_survives_any_actor_serving_a_node(superlink, tmp_path):
-    """Two Ray actors (1 CPU per ClientApp) serve 4 SuperNodes in whatever order; SAGA's tables
-    live in memory-mapped files, so the numbers equal those of one process holding every worker
-    (the in-process engine)."""
-    overrides = {"optimizer": "saga", "num-honest": 8, "num-server-rounds": 12, "eval-every": 6}
-    config = {**BASE, **overrides, "results-dir": str(tmp_path), "run-name": "saga-2actors"}
-    two = superlink.run(APP, config, {"num-supernodes": 4, "client-resources-num-cpus": 1}, timeout=400)
-    assert two.ok, two.output[-2000:]
-    _close(_metrics(tmp_path / "saga-2actors"), _local_metrics(tmp_path, "saga-one-process", **overrides))
-
-
 def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(superlink, tmp_path):
     attacked = {"attack": "zero-gradient", "aggregator": "mean", "num-byzantine": 8}
     frozen, frozen_dir = _run(superlink, tmp_path, "zero-mean", 2, **attacked)
-    gaussian = {**attacked, "attack": "gaussian", "aggregator": "gm"}
+    gaussian = {**attacked, "attack": "gaussian", "aggregator": "gm", "optimizer": "batch-sgd"}
     robust, robust_dir = _run(superlink, tmp_path, "gauss-gm", 2, **gaussian)
     assert frozen.ok and robust.ok, (frozen.output[-2000:], robust.output[-2000:])
     stuck = _metrics(frozen_dir)
@@ -152,7 +153,7 @@ def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(sup
     learned = _metrics(robust_dir)
     assert learned[-1]["test_accuracy"] > 0.5 and learned[-1]["rule_iterations"] >= 1
     assert learned[-1]["aggregate_distance"] < learned[-1]["honest_mean_norm"]
-    # the in-process engine gives the same numbers for SGD under both attacks
+    # the in-process engine gives the same numbers (SGD, mini-batch SGD)
     _close(stuck, _local_metrics(tmp_path, "zero-mean", **attacked))
     _close(learned, _local_metrics(tmp_path, "gauss-gm", **gaussian))
 
@@ -181,35 +182,45 @@ def _close(flower, local):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "federation"),
     [
-        {"optimizer": "batch-sgd", "attack": "label-flip", "aggregator": "gm", "num-byzantine": 5},
-        {
-            "optimizer": "svrg",
-            "attack": "gaussian",
-            "aggregator": "krum",
-            "num-byzantine": 5,
-            "snapshot-interval": 4,
-            "model": "byzflower_user_models:conv_groupnorm",
-            "num-honest": 10,  # per-sample conv gradients cost: fewer workers, same paths
-        },
-        {  # MoNNA: the harness tells the strategy which worker each reply is (the pivot, worker 2)
-            "optimizer": "sarah",
-            "attack": "label-flip",
-            "aggregator": "monna",
-            "monna-pivot": 2,
-            "num-byzantine": 5,
-            "sarah-interval": 5,
-        },
-        {"optimizer": "saga", "attack": "minmax", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
+        (
+            {
+                "optimizer": "svrg",
+                "attack": "gaussian",
+                "aggregator": "krum",
+                "num-byzantine": 5,
+                "snapshot-interval": 4,
+                "model": "byzflower_user_models:conv_groupnorm",
+                "num-honest": 10,  # per-sample conv gradients cost: fewer workers, same paths
+            },
+            {"num-supernodes": 3},
+        ),
+        (  # MoNNA: the harness tells the strategy which worker each reply is (the pivot, worker 2)
+            {
+                "optimizer": "sarah",
+                "attack": "label-flip",
+                "aggregator": "monna",
+                "monna-pivot": 2,
+                "num-byzantine": 5,
+                "sarah-interval": 5,
+            },
+            {"num-supernodes": 3},
+        ),
+        (  # two Ray actors (1 CPU per ClientApp) serve 4 SuperNodes in whatever order: SAGA's tables
+            # live in memory-mapped files, so the numbers are those of one process holding every worker
+            {"optimizer": "saga", "attack": "minmax", "aggregator": "gm", "num-byzantine": 5, "pre-aggregator": "nnm"},
+            {"num-supernodes": 4, "client-resources-num-cpus": 1},
+        ),
     ],
-    ids=["batch-sgd+label-flip", "svrg+gaussian+user-model", "sarah+label-flip+monna", "saga+minmax+nnm"],
+    ids=["svrg+gaussian+user-model", "sarah+label-flip+monna", "saga+minmax+nnm+2-actors"],
 )
-def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides):
+def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides, federation):
     overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}
-    outcome, run_dir = _run(superlink, tmp_path, "flower", 3, **overrides)
+    config = {**BASE, **overrides, "results-dir": str(tmp_path), "run-name": "flower"}
+    outcome = superlink.run(APP, config, federation, timeout=400)
     assert outcome.ok, outcome.output[-3000:]
-    _close(_metrics(run_dir), _local_metrics(tmp_path, "local", **overrides))
+    _close(_metrics(tmp_path / "flower"), _local_metrics(tmp_path, "local", **overrides))
 
 
 def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):

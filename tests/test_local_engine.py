@@ -392,3 +392,24 @@ def test_the_convex_table_gives_gaps_at_the_middle_and_end_and_the_late_variance
     for config in tmp_path.glob("*/config.json"):  # but not for logistic regression (Figs. 3-6)
         config.write_text(json.dumps({**json.loads(config.read_text()), "model": "logreg"}))
     assert beside_paper(collect([tmp_path])) is None
+
+
+def test_one_saga_worker_in_the_engine_matches_a_centralised_loop(tmp_path, mnist):
+    """One honest SAGA worker and the mean: the engine's model is a plain loop's x <- x - lr * message.
+    (Flower's engine gives the engine's numbers: test_flower_app's parity tests, and bit for bit the
+    deployment test, SAGA included.)"""
+    from byzflower.factory import gradients_of, worker_data
+    from clients.estimators import SAGA
+
+    config = {"num-honest": 1, "num-byzantine": 0, "attack": "none", "aggregator": "mean", "optimizer": "saga"}
+    cfg = resolve(
+        {**config, "num-server-rounds": 12, "eval-every": 6, "seed": 3, "results-dir": str(tmp_path), "run-name": "one"}
+    )
+    assert run_local(cfg, log=lambda _: None)["status"] == "finished"
+    grads = gradients_of(cfg, mnist, torch.device("cpu"))
+    est = SAGA(grads, worker_data(cfg, mnist, [0], torch.device("cpu")), batch_size=1, seed=3)
+    x = grads.initial_point()
+    for t in range(1, 13):
+        x = x - 0.1 * est.step(x, t)[0]
+    engine = torch.load(tmp_path / "one" / "model.pt")
+    assert torch.equal(grads.flatten(engine), x)

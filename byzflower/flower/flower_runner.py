@@ -221,8 +221,12 @@ class LocalSuperLink:
         timeout: float | None = None,
         echo: bool = False,
     ) -> RunOutcome:
-        """``flwr run APP --stream`` against this SuperLink; returns the run's real status."""
-        args = ["run", str(app_dir), self.name, "--stream"]
+        """``flwr run APP --stream`` against this SuperLink; returns the run's real status.
+
+        The CLI runs on a fresh copy of the app's files (``stage_app``), not on ``app_dir`` itself:
+        the FAB is the same, and the CLI does not stat every file of the ignored folders."""
+        staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="app-", dir=self.home)))
+        args = ["run", str(staged), self.name, "--stream"]
         if run_config:
             args += ["--run-config", toml_assignments(run_config)]
         if federation_config:
@@ -249,6 +253,7 @@ class LocalSuperLink:
         finally:
             if proc.poll() is None:
                 proc.kill()
+            shutil.rmtree(staged, ignore_errors=True)
         output = "".join(lines)
         match = re.search(r"run\s+(\d+)", output, re.IGNORECASE)
         run_id = int(match.group(1)) if match else None
@@ -388,6 +393,44 @@ class LocalDeployment(LocalSuperLink):
         super().stop(grace)
 
 
+def stage_app(app_dir: str | Path, into: Path) -> Path:
+    """Copy the files of the Flower app in ``app_dir`` that its FAB can hold into ``into``; returns ``into``.
+
+    ``flwr run DIR`` builds the FAB by statting every file under DIR and only then dropping what
+    the app's ``.gitignore`` ignores: with a virtual environment inside the app (~45,000 files) that
+    is 5-7 s of every run on these machines. Here the ignored folders (and ``.flwr``,
+    ``__pycache__``) are pruned from the walk instead, so ``flwr run`` on the copy builds the same
+    FAB (every pruned file was excluded there anyway) from a few hundred files. Symbolic links are
+    skipped, as Flower skips them.
+    """
+    import pathspec  # Flower's own gitignore matcher (a dependency of flwr)
+
+    root = Path(app_dir).expanduser().resolve()
+    into = into.resolve()
+    ignore = root / ".gitignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        rel = Path(folder).relative_to(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in _NEVER_IN_A_FAB
+            and not (Path(folder) / d).is_symlink()
+            and Path(folder) / d != into
+            and not spec.match_file(f"{(rel / d).as_posix()}/")
+        ]
+        for name in files:
+            source = Path(folder) / name
+            if source.is_symlink() or spec.match_file((rel / name).as_posix()):
+                continue
+            target = into / rel / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return into
+
+
+_NEVER_IN_A_FAB = {".flwr", "__pycache__"}  # Flower excludes every file under them
 OWNER_FILE = "owner.json"
 HOME_PREFIX = "byzflower-flwr-"
 
