@@ -128,6 +128,11 @@ def test_flwr_run_gets_the_apps_own_fab_from_a_copy_without_its_ignored_folders(
     assert "pkg/run.log" not in copied and not any(p.startswith("venv/") for p in copied)
     assert "pkg/link.py" not in copied and "pkg/deep/model.py" in copied
     assert build_fab_from_disk(staged) == build_fab_from_disk(app)
+    # a negation can take a file back from an ignored folder: then nothing is pruned
+    (app / ".gitignore").write_text("venv/\n*.log\n!venv/lib/site.py\n")
+    again = stage_app(app, tmp_path / "again")
+    assert (again / "venv" / "lib" / "site.py").is_file()
+    assert build_fab_from_disk(again) == build_fab_from_disk(app)
 
 
 def test_superlink_and_its_children_are_stopped():

@@ -401,7 +401,8 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
     is 5-7 s of every run on these machines. Here the ignored folders (and ``.flwr``,
     ``__pycache__``) are pruned from the walk instead, so ``flwr run`` on the copy builds the same
     FAB (every pruned file was excluded there anyway) from a few hundred files. Symbolic links are
-    skipped, as Flower skips them.
+    skipped, as Flower skips them. A ``.gitignore`` with a negation (``!pattern``), which can take a
+    file back from an ignored folder, prunes nothing.
     """
     import pathspec  # Flower's own gitignore matcher (a dependency of flwr)
 
@@ -410,15 +411,17 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
     ignore = root / ".gitignore"
     lines = ignore.read_text().splitlines() if ignore.is_file() else []
     spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    prune = not any(line.strip().startswith("!") for line in lines)
     for folder, dirs, files in os.walk(root, followlinks=False):
         rel = Path(folder).relative_to(root)
+        never = {"__pycache__", ".flwr"} if rel == Path(".") else {"__pycache__"}  # Flower's own excludes
         dirs[:] = [
             d
             for d in dirs
-            if d not in _NEVER_IN_A_FAB
+            if d not in never
             and not (Path(folder) / d).is_symlink()
             and Path(folder) / d != into
-            and not spec.match_file(f"{(rel / d).as_posix()}/")
+            and not (prune and spec.match_file(f"{(rel / d).as_posix()}/"))
         ]
         for name in files:
             source = Path(folder) / name
@@ -430,7 +433,6 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
     return into
 
 
-_NEVER_IN_A_FAB = {".flwr", "__pycache__"}  # Flower excludes every file under them
 OWNER_FILE = "owner.json"
 HOME_PREFIX = "byzflower-flwr-"
 
