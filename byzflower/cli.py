@@ -230,8 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STOPPED_BY: list[str] = []  # the signals that stopped us (a library may re-raise a bare KeyboardInterrupt)
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    _STOPPED_BY.append(f"stopped by {signal.Signals(signum).name}")
+    raise KeyboardInterrupt(_STOPPED_BY[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(f"interrupted: {str(exc) or 'Ctrl-C'}", file=sys.stderr)
+        # Ray turns a signal handler's exception inside its blocking calls into a bare KeyboardInterrupt
+        print(f"interrupted: {str(exc) or (_STOPPED_BY or ['Ctrl-C'])[0]}", file=sys.stderr)
         return 130
 
 

@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -183,26 +184,59 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
     threads = max(1, (os.cpu_count() or 1) // jobs) if ray_address is None else None
     owns = not ray.is_initialized()
     if owns:
-        ray.init(
-            address=ray_address,
-            num_cpus=None if ray_address else jobs,
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
-        )
+        with _signal_handlers_kept():
+            ray.init(
+                address=ray_address,
+                num_cpus=None if ray_address else jobs,
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+            )
     # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
     remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0)(run_cell)
+    handles: list = []
+
+    def submit(config: dict[str, Any]) -> Any:
+        handles.append(remote.remote(config, threads, True))
+        return handles[-1]
 
     def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
         ready, _ = ray.wait(handles, num_returns=1, timeout=30.0)
         return (ready[0], ray.get(ready[0])) if ready else None
 
     try:
-        yield (lambda config: remote.remote(config, threads, True)), wait
+        yield submit, wait
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error): queued runs are dropped (the last submitted first, so
+        # none starts in a slot a cancelled run frees) and running ones get a KeyboardInterrupt in
+        # their task; they record it, and are waited for, before Ray stops (a later sweep resumes them).
+        for handle in reversed(handles):
+            ray.cancel(handle)
+        ray.wait(handles, num_returns=len(handles), timeout=120.0)
+        raise
     finally:
         if owns:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Keep this process's Python handlers of SIGINT, SIGTERM and SIGHUP across the block.
+
+    ``ray.init`` replaces them in a driver: SIGTERM then goes to Ray's own handler (``sys.exit``)
+    behind abseil's failure handler, which aborts the process 3 s later, before the runs could
+    record that they were interrupted (measured: a stopped sweep's runs had no summary)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
