@@ -201,8 +201,8 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
         handles.append(remote.remote(config, threads, True))
         return handles[-1]
 
-    def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
-        ready, _ = ray.wait(handles, num_returns=1, timeout=30.0)
+    def wait(pending: list) -> tuple[Any, dict[str, Any]] | None:
+        ready, _ = ray.wait(pending, num_returns=1, timeout=30.0)
         return (ready[0], ray.get(ready[0])) if ready else None
 
     try:
