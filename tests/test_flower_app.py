@@ -133,6 +133,9 @@ def test_flwr_run_gets_the_apps_own_fab_from_a_copy_without_its_ignored_folders(
     again = stage_app(app, tmp_path / "again")
     assert (again / "venv" / "lib" / "site.py").is_file()
     assert build_fab_from_disk(again) == build_fab_from_disk(app)
+    with pytest.raises(FileNotFoundError, match=r"app_dir='.*nowhere' holds no pyproject\.toml"):
+        stage_app(tmp_path / "nowhere", tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # refused before anything is copied
 
 
 def test_superlink_and_its_children_are_stopped():

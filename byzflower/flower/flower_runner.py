@@ -407,6 +407,8 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
     import pathspec  # Flower's own gitignore matcher (a dependency of flwr)
 
     root = Path(app_dir).expanduser().resolve()
+    if not (root / "pyproject.toml").is_file():  # else `flwr run` would name the empty copy, not app_dir
+        raise FileNotFoundError(f"app_dir={str(app_dir)!r} holds no pyproject.toml: it is not a Flower app")
     into = into.resolve()
     ignore = root / ".gitignore"
     lines = ignore.read_text().splitlines() if ignore.is_file() else []
