@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=("auto", "ray", "processes"),
         default="auto",
-        help="how --jobs runs them: Ray, local processes, or auto (Ray when installed)",
+        help="how --jobs runs them: Ray, local processes, or auto (Ray with --ray-address, else processes)",
     )
     sweep.add_argument("--ray-address", default=None, help="a Ray cluster to spread runs over (e.g. 'auto')")
     sweep.add_argument("--no-report", action="store_true", help="skip writing the table and figure at the end")

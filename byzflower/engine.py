@@ -264,6 +264,7 @@ class LocalRun:
         rounds = int(self.cfg["num-server-rounds"])
         every = int(self.cfg["checkpoint-every"])
         try:
+            self.recorder.begin(self.start)
             if self.start == 1:
                 self.log(f"results: {self.run_dir.path}")
                 for warning in self.recorder.warnings:

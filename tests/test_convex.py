@@ -72,6 +72,32 @@ def test_the_minimiser_is_stationary_cached_and_the_gap_is_measured_from_it(smal
     assert again.cache.stat().st_mtime_ns == stamp and again.minimum == objective.minimum
 
 
+def test_runs_started_together_solve_for_the_minimiser_once(small):
+    """A sweep starts its runs at once; they share x*: one solves it, the others wait and read it
+    (before, every run solved it, each on its own core, at the start of every convex sweep)."""
+    import threading
+
+    base = {**small, "weight-decay": 0.03}  # a minimiser no other test has cached
+    start = threading.Barrier(3)
+    built = []
+
+    def build():
+        cfg = resolve(base)
+        data = dataset_of(cfg)
+        grads = gradients_of(cfg, data, torch.device("cpu"))
+        start.wait()
+        built.append(objective_of(cfg, data, grads))
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(built) == 3
+    assert sum(o.solved for o in built) == 1
+    assert len({o.minimum for o in built}) == 1
+
+
 def test_runs_record_the_gap_and_saga_reaches_what_sgd_does_not(small):
     """Without attack and with the mean: SAGA's gap falls far below SGD's floor (same step size;
     weight 0.1 conditions the problem so that 1,500 iterations show it)."""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
-from byzflower.experiments.sweep import Cell, grid, parse_axis, run_sweep
+from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
 
 TIMING = {"elapsed_s", "iters_per_s"}
 RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
@@ -64,7 +65,9 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed" / "summary.json").exists()
+    # its summary still says running, and no process holds the folder: seen as ending without a record
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["status"] == "running"
+    assert stop_record(tmp_path / "killed")["status"] == "no record"
     assert subprocess.run(command(), capture_output=True, timeout=600).returncode == 0
     resumed = _records(metrics)
     assert [r["iteration"] for r in resumed] == list(range(0, 401, 10))
@@ -137,7 +140,7 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
         while time.monotonic() < deadline and not all((tmp_path / n / "metrics.jsonl").exists() for n in names):
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -145,11 +148,48 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
     assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
     for name in names:
         assert json.loads((tmp_path / name / "summary.json").read_text())["status"] == "interrupted"
+        assert re.search(rf"stopped: {name} interrupted \(last evaluated iteration \d+\)", out)
     assert not (tmp_path / "sgd-mean-zero-gradient" / "metrics.jsonl").exists()
+    assert "stopped: sgd-mean-zero-gradient not started" in out
+    recorded = {o["name"]: o["status"] for o in json.loads((tmp_path / "sweep.json").read_text())}
+    assert recorded == {
+        "sgd-mean-none": "interrupted",
+        "sgd-mean-sign-flip": "interrupted",
+        "sgd-mean-zero-gradient": "not started",
+    }
     deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves once its pipe closes
     while (survivors := _session(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert survivors == []
+
+
+def test_a_run_the_sweep_cannot_cancel_is_interrupted_through_its_folders_lock(tmp_path):
+    """The Ray sweep's fallback when a cancel does not reach a run: SIGINT to the process that holds
+    the run's folder (its lock names it), which then records that it was interrupted."""
+    config = f"num-honest=10 num-byzantine=3 num-server-rounds=100000 eval-every=20 results-dir='{tmp_path}'"
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local"]
+    proc = subprocess.Popen(
+        [*command, "--run-config", f"{config} run-name='long'"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    folder = tmp_path / "long"
+    try:
+        deadline = time.monotonic() + 120
+        metrics = folder / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.1)
+        assert stop_record(folder)["status"] == "running"  # held by a live process: not "no record"
+        assert interrupt_runs([folder, tmp_path / "no-such-run"]) == [proc.pid]
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err
+    record = stop_record(folder)
+    assert record["status"] == "interrupted" and record["iterations"] >= 20
+    assert interrupt_runs([folder]) == []  # the lock is free: nothing to signal
 
 
 def _session(sid: int) -> list[str]:

@@ -2,18 +2,18 @@
 
 Runs go to ``<out>/<optimizer>-<aggregator>-<attack>/`` (run-name), so running the same sweep
 again skips the finished ones and resumes interrupted ones from their checkpoints. ``--jobs N``
-runs N at once through Ray (already a Flower dependency): on this machine, or across a Ray
-cluster given its address (the output folder must then be on storage every node sees); or, where
-Ray is not installed or ``backend='processes'``, in N local processes. On a GPU the N runs share
-it (each a 1/N share under Ray): a GPU iteration leaves the device mostly idle, so several runs
-fill it.
+runs N at once in N local processes, or through Ray (already a Flower dependency) across a Ray
+cluster given its address (the output folder must then be on storage every node sees), or on this
+machine with ``backend='ray'``. Local processes are the default because their stop is exact: each
+gets SIGINT directly (a Ray task's cancel did not always reach a long run; see ``_ray_runs``). On a
+GPU the N runs share it (each a 1/N share under Ray): a GPU iteration leaves the device mostly
+idle, so several runs fill it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
+from byzflower.records.results import RunDirectory
 
 AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
 BACKENDS = ("auto", "ray", "processes")
@@ -196,9 +197,11 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
     # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
     remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0)(run_cell)
     handles: list = []
+    folders: dict[Any, Path] = {}
 
     def submit(config: dict[str, Any]) -> Any:
         handles.append(remote.remote(config, threads, True))
+        folders[handles[-1]] = Path(config["results-dir"]) / config["run-name"]
         return handles[-1]
 
     def wait(pending: list) -> tuple[Any, dict[str, Any]] | None:
@@ -213,11 +216,46 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
         # their task; they record it, and are waited for, before Ray stops (a later sweep resumes them).
         for handle in reversed(handles):
             ray.cancel(handle)
-        ray.wait(handles, num_returns=len(handles), timeout=120.0)
+        _, running = ray.wait(handles, num_returns=len(handles), timeout=_CANCEL_GRACE_S)
+        if running and ray_address is None:
+            # A cancel is Ray's interrupt_main() in the task's worker; stopping 40,000-iteration runs
+            # 20 minutes in, it did not reach them (not understood; short runs always stop). The
+            # run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
+            interrupt_runs([folders[h] for h in running])
+            ray.wait(running, num_returns=len(running), timeout=120.0)
         raise
     finally:
         if owns:
             ray.shutdown()
+
+
+_CANCEL_GRACE_S = 15.0  # how long a cancelled Ray run has before it gets SIGINT from the sweep
+
+
+def interrupt_runs(folders: list[Path]) -> list[int]:
+    """SIGINT to each process that holds one of these run folders now; returns their PIDs."""
+    pids = []
+    for folder in folders:
+        pid = RunDirectory(folder).holder()
+        if pid is not None and pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGINT)
+                pids.append(pid)
+    return pids
+
+
+def stop_record(folder: Path) -> dict[str, Any]:
+    """What a stopped run left in its folder: its summary's status and last evaluated iteration,
+    'not started' when it has no records, or 'no record' when its summary still says 'running' (or
+    is missing) and no process holds the folder: it ended without writing one."""
+    run = RunDirectory(folder)
+    summary = run.summary() if run.path.exists() else None
+    if summary is None and not (run.path / "metrics.jsonl").exists():
+        return {"name": run.path.name, "status": "not started"}
+    status = (summary or {}).get("status", "running")
+    if status == "running" and run.holder() is None:
+        status = "no record"
+    return {"name": run.path.name, "status": status, "iterations": (summary or {}).get("iterations")}
 
 
 @contextlib.contextmanager
@@ -302,11 +340,12 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``).
 
-    ``backend`` (with jobs > 1): 'ray', 'processes' (local processes), or 'auto' (Ray when installed)."""
+    ``backend`` (with jobs > 1): 'ray', 'processes' (local processes), or 'auto' (Ray when
+    ``ray_address`` names a cluster, local processes otherwise)."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "ray" if ray_address or importlib.util.find_spec("ray") is not None else "processes"
+        backend = "ray" if ray_address else "processes"
     if backend == "processes" and ray_address:
         raise ConfigError("--ray-address needs backend 'ray' (or 'auto')")
     if say is None:
@@ -322,29 +361,50 @@ def run_sweep(
     say(f"sweep: {len(cells)} runs in {out}; {len(cells) - len(todo)} already finished, {len(todo)} to run")
     started = time.perf_counter()
     done = 0
-    if jobs <= 1 or len(todo) <= 1:
-        for cell in todo:
-            say(_bar(done, len(todo), started) + f" | running {cell.name}")
-            outcomes[cell.name] = run_cell(cell_config(cell, overrides, out))
-            done += 1
-    else:
-        launch = _ray_runs if backend == "ray" else _process_runs
-        with launch(jobs, ray_address, _uses_gpu(overrides)) as (submit, wait):
-            pending = {submit(cell_config(c, overrides, out)): c for c in todo}
-            while pending:
-                ready = wait(list(pending))
-                if ready is None:  # per-run progress, read from the runs' own records
-                    say(_bar(done, len(todo), started) + " | " + _progress(out, list(pending.values())))
-                    continue
-                handle, outcome = ready
-                cell = pending.pop(handle)
-                outcomes[cell.name] = outcome
+    try:
+        if jobs <= 1 or len(todo) <= 1:
+            for cell in todo:
+                say(_bar(done, len(todo), started) + f" | running {cell.name}")
+                outcomes[cell.name] = run_cell(cell_config(cell, overrides, out))
                 done += 1
-                say(_bar(done, len(todo), started) + f" | {cell.name}: {outcomes[cell.name]['status']}")
+        else:
+            launch = _ray_runs if backend == "ray" else _process_runs
+            with launch(jobs, ray_address, _uses_gpu(overrides)) as (submit, wait):
+                pending = {submit(cell_config(c, overrides, out)): c for c in todo}
+                while pending:
+                    ready = wait(list(pending))
+                    if ready is None:  # per-run progress, read from the runs' own records
+                        say(_bar(done, len(todo), started) + " | " + _progress(out, list(pending.values())))
+                        continue
+                    handle, outcome = ready
+                    cell = pending.pop(handle)
+                    outcomes[cell.name] = outcome
+                    done += 1
+                    say(_bar(done, len(todo), started) + f" | {cell.name}: {outcomes[cell.name]['status']}")
+    except BaseException:
+        # Stopped: by now the runs have been interrupted and waited for. Say what each unfinished
+        # one left, in the log and in sweep.json, so a run that ended without a record is seen.
+        for cell in todo:
+            if cell.name not in outcomes:
+                outcomes[cell.name] = stop_record(out / cell.name)
+                record = outcomes[cell.name]
+                at = (
+                    f" (last evaluated iteration {record['iterations']})"
+                    if record.get("iterations") is not None
+                    else ""
+                )
+                note = "; it ended without writing one" if record["status"] == "no record" else ""
+                say(f"stopped: {cell.name} {record['status']}{at}{note}")
+        _write_outcomes(out, [outcomes[c.name] for c in cells])
+        raise
     say(_bar(done, len(todo), started) + " | done")
     result = [outcomes[c.name] for c in cells]
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    _write_outcomes(out, result)
     failed = [o["name"] for o in result if o.get("status") != "finished"]
     if failed:
         say(f"{len(failed)} run(s) failed: {', '.join(failed)} (see their summary.json)")
     return result
+
+
+def _write_outcomes(out: Path, outcomes: list[dict[str, Any]]) -> None:
+    (out / "sweep.json").write_text(json.dumps(outcomes, indent=2) + "\n")

@@ -82,6 +82,7 @@ def main(grid: Grid, context: Context) -> None:
             if strategy.round_offset == 0:
                 recorder.run.truncate_records(after=-1)  # killed before its first checkpoint: start over
         evaluate = _evaluation(cfg, recorder, strategy, harness, grads, rounds)
+        recorder.begin(strategy.round_offset + 1)
         harness.discover()
         recorder.warnings += [f"refused SuperNode {r['node']}: {r['reason']}" for r in harness.refused]
         _say(

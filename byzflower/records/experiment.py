@@ -231,6 +231,18 @@ class Recorder:
         self._reset_interval()
         return record
 
+    def begin(self, iteration: int) -> None:
+        """The run goes from ``iteration`` on: summary.json says 'running' until ``finish``."""
+        records = self.run.records()
+        self.run.begin(
+            {
+                "iterations": records[-1]["iteration"] if records else 0,
+                "starts_at": int(iteration),
+                "resumed_at": list(self.resumed_at),
+                "config": self.cfg.resolved(),
+            }
+        )
+
     def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
         records = self.run.records()
         final = records[-1] if records else {}

@@ -99,6 +99,29 @@ class RunDirectory:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
+    def holder(self) -> int | None:
+        """The PID of the process that holds this folder's lock now, or None when none does (the
+        PID written in the lock file is only trusted while the lock is held: a free lock's PID may
+        have been reused)."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        else:
+            return None  # closing the descriptor below releases the lock just taken
+        finally:
+            os.close(fd)
+
+    def begin(self, summary: dict[str, Any]) -> None:
+        """Say in summary.json that the run is going (status 'running'): a summary left saying so
+        by a process that no longer holds the lock is a run that ended without a record."""
+        self.write_json("summary.json", {**summary, "status": "running", "pid": os.getpid()})
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the lock
