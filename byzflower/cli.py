@@ -132,7 +132,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_results_dir() / "sweep"
     resolved = resolve({k: v for k, v in overrides.items()})
     dataset_folder(resolved["dataset"], resolved["data-dir"], log=print)
-    outcomes = run_sweep(cells, overrides, out, jobs=args.jobs, ray_address=args.ray_address, backend=args.backend)
+    outcomes = run_sweep(
+        cells,
+        overrides,
+        out,
+        jobs=args.jobs,
+        ray_address=args.ray_address,
+        backend=args.backend,
+        stop_grace=args.stop_grace,
+    )
     if not args.no_report:
         from byzflower.experiments.report import write_report
 
@@ -220,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how --jobs runs them: Ray, local processes, or auto (Ray with --ray-address, else processes)",
     )
     sweep.add_argument("--ray-address", default=None, help="a Ray cluster to spread runs over (e.g. 'auto')")
+    sweep.add_argument(
+        "--stop-grace",
+        type=float,
+        default=120.0,
+        help="seconds a stopped sweep's runs have to record their interruption before they are killed",
+    )
     sweep.add_argument("--no-report", action="store_true", help="skip writing the table and figure at the end")
     sweep.set_defaults(func=_cmd_sweep)
 

@@ -163,6 +163,62 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
     assert survivors == []
 
 
+DEAF_MODEL = """
+import multiprocessing
+import signal
+
+from torch import nn
+
+if multiprocessing.parent_process() is not None:  # in a sweep's worker process: Ctrl-C is swallowed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def factory(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))
+"""
+
+
+def test_a_run_that_ignores_the_stop_is_killed_after_the_grace_and_reported(tmp_path):
+    """User code that swallows SIGINT must not hang a stopped sweep: after --stop-grace its process
+    is killed, and the stop report says the run ended without a record."""
+    (tmp_path / "deaf_model.py").write_text(DEAF_MODEL)
+    config = "num-honest=10 num-byzantine=3 num-server-rounds=100000 eval-every=20 model='deaf_model:factory'"
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", "processes"]
+    command += ["--optimizer", "sgd", "--aggregator", "mean", "--attack", "none,sign-flip", "--stop-grace", "3"]
+    out_dir = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [*command, "--run-config", config, "--out", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+    )
+    names = ("sgd-mean-none", "sgd-mean-sign-flip")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all((out_dir / n / "metrics.jsonl").exists() for n in names):
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert 3 <= took < 30
+    for name in names:
+        assert json.loads((out_dir / name / "summary.json").read_text())["status"] == "running"
+        assert f"stopped: {name} no record" in out and "it ended without writing one" in out
+    recorded = {o["name"]: o["status"] for o in json.loads((out_dir / "sweep.json").read_text())}
+    assert recorded == dict.fromkeys(names, "no record")
+    deadline = time.monotonic() + 10
+    while (survivors := _session(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert survivors == []
+
+
 def test_a_run_the_sweep_cannot_cancel_is_interrupted_through_its_folders_lock(tmp_path):
     """The Ray sweep's fallback when a cancel does not reach a run: SIGINT to the process that holds
     the run's folder (its lock names it), which then records that it was interrupted."""
@@ -199,6 +255,8 @@ def _session(sid: int) -> list[str]:
 def test_bad_sweep_arguments_are_clear():
     with pytest.raises(ConfigError, match="backend='dask' is not valid; choose one of: auto, ray, processes"):
         run_sweep(grid(["sgd"], ["mean"], ["none"]), {}, Path("unused"), jobs=2, backend="dask")
+    with pytest.raises(ConfigError, match=r"--stop-grace=0 must be > 0 seconds"):
+        run_sweep(grid(["sgd"], ["mean"], ["none"]), {}, Path("unused"), jobs=2, stop_grace=0)
     with pytest.raises(ConfigError, match="--optimizer: 'adam' not valid; choose from: sgd, batch-sgd"):
         parse_axis("optimizer", "sgd,adam")
     with pytest.raises(ConfigError, match="--attack is empty"):

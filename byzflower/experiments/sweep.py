@@ -178,7 +178,7 @@ def _uses_gpu(overrides: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
+def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     """(submit(config) -> handle, wait(handles) -> (handle, outcome) | None after 30 s) through Ray."""
     import ray
 
@@ -216,13 +216,14 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool):
         # their task; they record it, and are waited for, before Ray stops (a later sweep resumes them).
         for handle in reversed(handles):
             ray.cancel(handle)
-        _, running = ray.wait(handles, num_returns=len(handles), timeout=_CANCEL_GRACE_S)
-        if running and ray_address is None:
-            # A cancel is Ray's interrupt_main() in the task's worker; stopping 40,000-iteration runs
-            # 20 minutes in, it did not reach them (not understood; short runs always stop). The
-            # run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
-            interrupt_runs([folders[h] for h in running])
-            ray.wait(running, num_returns=len(running), timeout=120.0)
+        _, running = ray.wait(handles, num_returns=len(handles), timeout=min(_CANCEL_GRACE_S, grace))
+        if running:
+            if ray_address is None:
+                # A cancel is Ray's interrupt_main() in the task's worker; stopping 40,000-iteration
+                # runs 20 minutes in, it did not reach them (not understood; short runs always stop).
+                # The run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
+                interrupt_runs([folders[h] for h in running])
+            ray.wait(running, num_returns=len(running), timeout=grace)  # then Ray's shutdown ends them
         raise
     finally:
         if owns:
@@ -278,7 +279,7 @@ def _signal_handlers_kept():
 
 
 @contextlib.contextmanager
-def _process_runs(jobs: int, ray_address: str | None, gpu: bool):
+def _process_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     """The same through ``jobs`` local processes (spawned: each has its own CUDA context)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
@@ -294,15 +295,31 @@ def _process_runs(jobs: int, ray_address: str | None, gpu: bool):
         handle = next(iter(ready))
         return handle, handle.result()
 
+    futures: list = []
+
+    def submit(config: dict[str, Any]) -> Any:
+        futures.append(pool.submit(run_cell, config, threads, True))
+        return futures[-1]
+
     try:
-        yield (lambda config: pool.submit(run_cell, config, threads, True)), wait
+        yield submit, wait
     except BaseException:
         # Stopped (Ctrl-C, SIGTERM, an error): runs already handed to a worker must not start, and
         # running ones are interrupted (they record it; a later sweep resumes them).
         stop.set()
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for future in futures:
+            future.cancel()  # the queued ones
+        processes = list(getattr(pool, "_processes", {}).values())
+        for process in processes:
             with contextlib.suppress(OSError):
                 os.kill(process.pid, signal.SIGINT)
+        # A run that does not end within the grace (its code ignores SIGINT, or hangs) is killed with
+        # its worker, so the sweep always ends; its stop report then says it left no record.
+        _, going = concurrent.futures.wait(futures, timeout=grace)
+        if going:
+            for process in processes:
+                with contextlib.suppress(OSError):
+                    process.kill()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -337,8 +354,12 @@ def run_sweep(
     ray_address: str | None = None,
     say: Callable[[str], None] | None = None,
     backend: str = "auto",
+    stop_grace: float = 120.0,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell; returns one outcome per cell (also written to ``out/sweep.json``).
+
+    Stopped (Ctrl-C, SIGTERM), the running runs are interrupted and have ``stop_grace`` seconds to
+    record it; one still going after that is killed (jobs > 1), and the stop report says so.
 
     ``backend`` (with jobs > 1): 'ray', 'processes' (local processes), or 'auto' (Ray when
     ``ray_address`` names a cluster, local processes otherwise)."""
@@ -346,6 +367,8 @@ def run_sweep(
         raise ConfigError(f"backend={backend!r} is not valid; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
         backend = "ray" if ray_address else "processes"
+    if not stop_grace > 0:
+        raise ConfigError(f"--stop-grace={stop_grace} must be > 0 seconds")
     if backend == "processes" and ray_address:
         raise ConfigError("--ray-address needs backend 'ray' (or 'auto')")
     if say is None:
@@ -369,7 +392,7 @@ def run_sweep(
                 done += 1
         else:
             launch = _ray_runs if backend == "ray" else _process_runs
-            with launch(jobs, ray_address, _uses_gpu(overrides)) as (submit, wait):
+            with launch(jobs, ray_address, _uses_gpu(overrides), stop_grace) as (submit, wait):
                 pending = {submit(cell_config(c, overrides, out)): c for c in todo}
                 while pending:
                     ready = wait(list(pending))
