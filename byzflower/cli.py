@@ -255,8 +255,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP unwind like Ctrl-C: every process we started is stopped by the
-    # context managers on the way out, and the run's summary says "interrupted".
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # context managers on the way out, and the run's summary says "interrupted". SIGINT gets the
+    # handler too, even where it came in ignored (a background job of a script: `cmd &`), so that
+    # SIGINT stops a run however it was started, and the processes we start inherit it as default.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
         return args.func(args)

@@ -116,8 +116,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Run one cell with the local engine; never raises (a failure is recorded and returned)."""
+def run_cell(
+    config: dict[str, Any], threads: int | None = None, quiet: bool = False, task: bool = False
+) -> dict[str, Any]:
+    """Run one cell with the local engine; never raises (a failure is recorded and returned).
+
+    ``task``: run as a Ray task, which a sweep stops with ``ray.cancel`` (Python's SIGINT handler,
+    raised in the worker's main thread). A worker that inherited SIGINT ignored (a Ray started
+    from a background job of a script) would never see it: measured, the runs went on."""
+    if task and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return _run_cell(config, threads, quiet)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     if _STOP is None:
         return _run_cell(config, threads, quiet)
     if _STOP.is_set():  # queued before the sweep was stopped
@@ -200,7 +212,7 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     folders: dict[Any, Path] = {}
 
     def submit(config: dict[str, Any]) -> Any:
-        handles.append(remote.remote(config, threads, True))
+        handles.append(remote.remote(config, threads, True, True))
         folders[handles[-1]] = Path(config["results-dir"]) / config["run-name"]
         return handles[-1]
 
@@ -219,9 +231,9 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
         _, running = ray.wait(handles, num_returns=len(handles), timeout=min(_CANCEL_GRACE_S, grace))
         if running:
             if ray_address is None:
-                # A cancel is Ray's interrupt_main() in the task's worker; stopping 40,000-iteration
-                # runs 20 minutes in, it did not reach them (not understood; short runs always stop).
-                # The run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
+                # A cancel is Ray's interrupt_main() in the task's worker, which does nothing where
+                # SIGINT is ignored (run_cell sets its handler; code it runs may change it). The
+                # run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
                 interrupt_runs([folders[h] for h in running])
             ray.wait(running, num_returns=len(running), timeout=grace)  # then Ray's shutdown ends them
         raise
