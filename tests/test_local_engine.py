@@ -125,25 +125,9 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
     were interrupted, the queued one never starts, no worker survives and no traceback is printed.
     (With Ray, ``ray.init`` took SIGTERM over and the sweep aborted 3 s later with no summaries.)"""
     config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=100000 eval-every=20"
-    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", backend]
-    command += ["--optimizer", "sgd", "--aggregator", "mean", "--attack", "none,sign-flip,zero-gradient"]
-    proc = subprocess.Popen(
-        [*command, "--run-config", config, "--out", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        names = ("sgd-mean-none", "sgd-mean-sign-flip")
-        while time.monotonic() < deadline and not all((tmp_path / n / "metrics.jsonl").exists() for n in names):
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    args = ["--backend", backend, "--attack", "none,sign-flip,zero-gradient", "--run-config", config]
+    names = ("sgd-mean-none", "sgd-mean-sign-flip")
+    proc, out, err, _ = _sweep_stopped_by_sigterm(args, tmp_path, names)
     assert proc.returncode == 130
     assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
     for name in names:
@@ -157,10 +141,7 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
         "sgd-mean-sign-flip": "interrupted",
         "sgd-mean-zero-gradient": "not started",
     }
-    deadline = time.monotonic() + 10  # multiprocessing's resource tracker leaves once its pipe closes
-    while (survivors := _session(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert survivors == []
+    assert _survivors(proc.pid) == []
 
 
 DEAF_MODEL = """
@@ -183,29 +164,11 @@ def test_a_run_that_ignores_the_stop_is_killed_after_the_grace_and_reported(tmp_
     is killed, and the stop report says the run ended without a record."""
     (tmp_path / "deaf_model.py").write_text(DEAF_MODEL)
     config = "num-honest=10 num-byzantine=3 num-server-rounds=100000 eval-every=20 model='deaf_model:factory'"
-    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", "processes"]
-    command += ["--optimizer", "sgd", "--aggregator", "mean", "--attack", "none,sign-flip", "--stop-grace", "3"]
+    args = ["--backend", "processes", "--attack", "none,sign-flip", "--stop-grace", "3", "--run-config", config]
     out_dir = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [*command, "--run-config", config, "--out", str(out_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
-    )
     names = ("sgd-mean-none", "sgd-mean-sign-flip")
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all((out_dir / n / "metrics.jsonl").exists() for n in names):
-            time.sleep(0.1)
-        stopped = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        took = time.monotonic() - stopped
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc, out, err, took = _sweep_stopped_by_sigterm(args, out_dir, names, env)
     assert proc.returncode == 130 and "Traceback" not in err
     assert 3 <= took < 30
     for name in names:
@@ -213,10 +176,7 @@ def test_a_run_that_ignores_the_stop_is_killed_after_the_grace_and_reported(tmp_
         assert f"stopped: {name} no record" in out and "it ended without writing one" in out
     recorded = {o["name"]: o["status"] for o in json.loads((out_dir / "sweep.json").read_text())}
     assert recorded == dict.fromkeys(names, "no record")
-    deadline = time.monotonic() + 10
-    while (survivors := _session(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert survivors == []
+    assert _survivors(proc.pid) == []
 
 
 def test_a_run_the_sweep_cannot_cancel_is_interrupted_through_its_folders_lock(tmp_path):
@@ -246,6 +206,40 @@ def test_a_run_the_sweep_cannot_cancel_is_interrupted_through_its_folders_lock(t
     record = stop_record(folder)
     assert record["status"] == "interrupted" and record["iterations"] >= 20
     assert interrupt_runs([folder]) == []  # the lock is free: nothing to signal
+
+
+def _sweep_stopped_by_sigterm(args: list[str], out_dir, names, env=None):
+    """`byzflower sweep --jobs 2` over sgd + mean (more ``args``) into ``out_dir``, sent SIGTERM once
+    the runs ``names`` have records; returns (process, stdout, stderr, seconds from the signal to exit)."""
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--optimizer", "sgd"]
+    proc = subprocess.Popen(
+        [*command, "--aggregator", "mean", *args, "--out", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all((out_dir / n / "metrics.jsonl").exists() for n in names):
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        return proc, out, err, time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _survivors(sid: int) -> list[str]:
+    """The processes left in session ``sid`` after up to 10 s (multiprocessing's resource tracker
+    leaves once its pipe closes)."""
+    deadline = time.monotonic() + 10
+    while (left := _session(sid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def _session(sid: int) -> list[str]:

@@ -265,10 +265,11 @@ def stop_record(folder: Path) -> dict[str, Any]:
     summary = run.summary() if run.path.exists() else None
     if summary is None and not (run.path / "metrics.jsonl").exists():
         return {"name": run.path.name, "status": "not started"}
-    status = (summary or {}).get("status", "running")
+    summary = summary or {}
+    status = summary.get("status", "running")
     if status == "running" and run.holder() is None:
         status = "no record"
-    return {"name": run.path.name, "status": status, "iterations": (summary or {}).get("iterations")}
+    return {"name": run.path.name, "status": status, "iterations": summary.get("iterations")}
 
 
 @contextlib.contextmanager
