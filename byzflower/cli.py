@@ -68,6 +68,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--insecure is a deployment setting (the simulation's SuperLink listens on loopback only)")
     if args.engine == "deployment" and (args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
+    if args.ray_address is not None and args.engine != "flower":
+        raise ConfigError(f"--ray-address is for --engine flower (Flower's simulation), not --engine {args.engine}")
+    if args.ray_address is not None:
+        from byzflower.flower.flower_runner import check_ray_address
+
+        try:
+            check_ray_address(args.ray_address)
+        except ValueError as exc:
+            raise ConfigError(f"--ray-address: {exc}") from None
     dataset_folder(cfg["dataset"], cfg["data-dir"], log=print)
     from byzflower.factory import preflight
 
@@ -88,7 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.engine == "deployment":
         link: LocalSuperLink = LocalDeployment(args.supernodes or 2, insecure=args.insecure)
     else:
-        link = LocalSuperLink()
+        link = LocalSuperLink(ray_address=args.ray_address)
         if args.supernodes:
             federation["num-supernodes"] = args.supernodes
         if args.gpus_per_client:
@@ -193,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--supernodes", type=int, default=0, help="number of SuperNodes (default 2)")
     run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share per ClientApp (e.g. 0.1)")
     run.add_argument("--cpus-per-client", type=int, default=0, help="CPU cores per ClientApp (default: Flower's 2)")
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        help="flower: run the simulation on this running Ray cluster (HOST:PORT, or auto) instead of starting "
+        "Ray for the run",
+    )
     run.add_argument(
         "--insecure",
         action="store_true",

@@ -2,13 +2,22 @@
 
 import json
 import os
+import re
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from byzflower.flower.flower_runner import LocalSuperLink, _alive, descendants
+from byzflower.flower.flower_runner import (
+    LocalRayCluster,
+    LocalSuperLink,
+    RunOutcome,
+    _alive,
+    descendants,
+    toml_assignments,
+)
 
 pytestmark = pytest.mark.flower
 APP = os.path.join(os.path.dirname(__file__), "..")
@@ -30,14 +39,24 @@ def conv_groupnorm(input_shape, num_classes):
 
 
 @pytest.fixture(scope="module")
-def superlink(tmp_path_factory):
+def ray_cluster():
+    """One Ray cluster for the module's runs (``--ray-address``): each run joins it instead of
+    starting Ray (~6 s a run here). The first run goes through ``byzflower run`` without it, so
+    Flower's own Ray start is tested too, and gives the same numbers."""
+    with LocalRayCluster(num_cpus=2) as cluster:
+        yield cluster
+    assert cluster.pids and not any(_alive(p) for p in cluster.pids)  # stopped by PID, all of it
+
+
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory, ray_cluster):
     folder = tmp_path_factory.mktemp("user-models")
     (folder / "byzflower_user_models.py").write_text(USER_MODELS)
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
     sys.path.insert(0, str(folder))  # the local engine's runs, in this process
     try:
         # apps that write to their working directory (Flower's template: final_model.npz) write here
-        with LocalSuperLink(env={"PYTHONPATH": path}, cwd=folder) as link:
+        with LocalSuperLink(env={"PYTHONPATH": path}, cwd=folder, ray_address=ray_cluster.address) as link:
             yield link
     finally:
         sys.path.remove(str(folder))
@@ -55,10 +74,16 @@ def _metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def first_run(superlink, tmp_path_factory):
+def first_run(tmp_path_factory):
+    """The README's command: ``byzflower run`` (Flower's simulation, its own SuperLink and Ray)."""
     tmp = tmp_path_factory.mktemp("runs")
-    outcome, run_dir = _run(superlink, tmp, "k3-a", 3)
-    return tmp, outcome, run_dir
+    config = toml_assignments({**BASE, "results-dir": str(tmp), "run-name": "k3-a"})
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--supernodes", "3", "--run-config", config]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp)
+    output = done.stdout + done.stderr
+    found = re.search(r"^run (\d+): (\S+)$", done.stdout, re.MULTILINE)
+    outcome = RunOutcome(done.returncode, *((int(found[1]), found[2]) if found else (None, None)), output)
+    return tmp, outcome, tmp / "k3-a"
 
 
 def test_run_finishes_learns_and_writes_its_results(first_run):
@@ -79,8 +104,9 @@ def test_run_finishes_learns_and_writes_its_results(first_run):
 
 
 def test_same_seed_gives_identical_metrics_with_one_worker_per_supernode(superlink, first_run):
-    """A second run with the same seed, and 20 SuperNodes (one worker each) instead of 3, gives the
-    first run's metrics exactly: numbers depend on the seed alone, not on the run or the grouping."""
+    """A second run with the same seed, and 20 SuperNodes (one worker each) instead of 3, on a Ray
+    cluster it joins instead of the Ray that Flower started for the first, gives the first run's
+    metrics exactly: numbers depend on the seed alone, not on the run, the grouping or the cluster."""
     tmp, _, run_dir = first_run
     outcome, per_worker = _run(superlink, tmp, "k20", 20)
     assert outcome.ok, outcome.output[-3000:]

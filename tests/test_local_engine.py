@@ -3,9 +3,12 @@
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,12 @@ TIMING = {"elapsed_s", "iters_per_s"}
 RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _records(path):
     return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in path.read_text().splitlines()]
 
@@ -31,7 +40,7 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
         "optimizer": "saga",
         "attack": "gaussian",
         "aggregator": "centered-clipping",
-        "num-server-rounds": 400,
+        "num-server-rounds": 200,
         "eval-every": 10,
         "checkpoint-every": 40,
         "eval-train-samples": 1000,
@@ -70,7 +79,7 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
     assert stop_record(tmp_path / "killed")["status"] == "no record"
     assert subprocess.run(command(), capture_output=True, timeout=600).returncode == 0
     resumed = _records(metrics)
-    assert [r["iteration"] for r in resumed] == list(range(0, 401, 10))
+    assert [r["iteration"] for r in resumed] == list(range(0, 201, 10))
     [at] = json.loads((tmp_path / "killed" / "summary.json").read_text())["resumed_at"]
     assert at % 40 == 1 and at > 1  # right after a checkpoint (every 40)
     assert resumed == _records(tmp_path / "straight" / "metrics.jsonl")
@@ -108,9 +117,18 @@ def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["ray", "processes"])
-def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend):
+def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend, monkeypatch):
+    """Also: a `ray start` that left its address recorded (here a dead one) does not capture the sweep's
+    Ray, which ``ray.init()`` would join (and fail: 'num_cpus ... must not be provided')."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths live below it
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     cells = grid(["sgd", "batch-sgd"], ["median"], ["ipm"])
-    outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None, backend=backend)
+    try:
+        outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None, backend=backend)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert [o["status"] for o in outcomes] == ["finished", "finished"]
     sequential = tmp_path / "seq"
     run_sweep(cells[:1], _sweep_overrides(), sequential, say=lambda _: None)

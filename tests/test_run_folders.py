@@ -8,8 +8,10 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -53,12 +55,38 @@ def _main(argv: list[str]) -> int:
     """``byzflower ARGV`` in this process (its signal handlers restored afterwards)."""
     from byzflower.cli import main
 
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return main(argv)
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--engine", "local", "--ray-address", "auto"], "--ray-address is for --engine flower"),
+        (["--engine", "deployment", "--ray-address", "auto"], "not --engine deployment"),
+        (["--ray-address", "head-node"], "ray address 'head-node' is not 'auto' or HOST:PORT"),
+        (["--ray-address", "127.0.0.1:{port}"], "ray address '127.0.0.1:{port}': nothing answers there"),
+    ],
+)
+def test_a_ray_address_is_checked_before_any_process_starts(tmp_path, mnist, monkeypatch, capsys, options, message):
+    """``byzflower run --ray-address`` (Flower's simulation on a running Ray cluster): a wrong engine,
+    a malformed address or one where nothing listens is one line, before a SuperLink starts."""
+    port = _closed_port()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a SuperLink's home would appear
+    code = _main(["run", *[o.format(port=port) for o in options], "--run-config", f"results-dir='{tmp_path}/r'"])
+    err = capsys.readouterr().err
+    assert code == 2 and message.format(port=port) in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no SuperLink home, no results
 
 
 def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist, capsys):

@@ -198,8 +198,8 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     owns = not ray.is_initialized()
     if owns:
         with _signal_handlers_kept():
-            ray.init(
-                address=ray_address,
+            ray.init(  # "local": a new Ray for this sweep, never a cluster some `ray start` left recorded
+                address=ray_address or "local",
                 num_cpus=None if ray_address else jobs,
                 include_dashboard=False,
                 log_to_driver=False,
