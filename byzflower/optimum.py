@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from byzflower.atomic import tmp_beside
 from byzflower.config import RunConfig
 from byzflower.data import ImageData, dataset_folder
 from byzflower.models import build_model
@@ -110,7 +111,7 @@ class HonestObjective:
         opt.step(closure)
         closure()
         value = float(self.value(x.detach()))
-        tmp = self.cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp = tmp_beside(self.cache)
         torch.save(
             {"x": x.detach(), "value": torch.tensor(value, dtype=torch.float64), "grad_norm": float(x.grad.norm())}, tmp
         )

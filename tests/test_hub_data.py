@@ -128,3 +128,33 @@ def test_resnets_use_groupnorm_and_their_per_sample_gradients_are_exact():
         torch.nn.functional.cross_entropy(model(inputs[i : i + 1]), targets[i : i + 1]).backward()
         expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert float((rows[i] - expected).norm()) <= 1e-5 * float(expected.norm())  # float32 sums, reordered
+
+
+def test_a_cache_built_by_several_writers_at_once_ends_whole(tmp_path):
+    """Runs started together (a sweep, or threads in one process) may each build the same cache: each
+    writes its own temporary file and renames it into place, so every writer succeeds and the cache
+    reads back whole. (With one temporary name per process, a thread's rename found the file gone.)"""
+    import threading
+
+    from byzflower.data.hub import _read_cache, _write_cache
+
+    arrays = {"train_images": np.arange(200_000, dtype=np.uint8).reshape(-1, 4), "classes": np.array(3)}
+    cache = tmp_path / "arrays.npz"
+    start, errors = threading.Barrier(4), []
+
+    def write():
+        start.wait()
+        for _ in range(5):
+            try:
+                _write_cache(cache, arrays)
+            except OSError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert np.array_equal(_read_cache(cache)["train_images"], arrays["train_images"])
+    assert [p.name for p in tmp_path.iterdir()] == ["arrays.npz"]  # no temporary file left

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from byzflower.atomic import tmp_beside
 from byzflower.data.libsvm import LIBSVM_SETS, LibsvmError, load_libsvm
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -400,7 +401,7 @@ def partition(
         )
     parts = partition_labels(labels, num_partitions, partitioner, seed, dirichlet_alpha, pathological_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    tmp = tmp_beside(cache, ".tmp.npz")
     offsets = np.cumsum([0, *(len(p) for p in parts)])
     np.savez(tmp, indices=np.concatenate(parts), offsets=offsets, version=np.array(version))
     tmp.replace(cache)

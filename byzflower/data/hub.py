@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from byzflower.atomic import tmp_beside
 from byzflower.data import DataError, DatasetSpec, ImageData, default_data_dir
 
 IMAGE_NAMES = ("image", "img")
@@ -156,7 +156,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    tmp = tmp_beside(cache, ".tmp.npz")
     np.savez(tmp, **arrays, sha256=np.array(_digest(arrays)))
     tmp.replace(cache)
 
