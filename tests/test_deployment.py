@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -153,6 +155,35 @@ def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
         time.sleep(0.1)
     assert not _alive(superlink) and not (tmp_path / "byzflower-flwr-killed").exists()
     assert reap_stale(tmp_path) == []
+
+
+@pytest.mark.flower
+def test_a_ray_cluster_left_by_a_process_killed_hard_is_stopped_at_the_next_start():
+    """``LocalRayCluster`` records its ``ray start`` like a SuperLink: when its owner dies with SIGKILL,
+    the next start finds the home, stops the cluster's processes by PID and deletes the folder."""
+    root = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live below it
+    code = (
+        "import sys, time\n"
+        "from byzflower.flower.flower_runner import LocalRayCluster, _tree\n"
+        f"cluster = LocalRayCluster(num_cpus=1, root={root!r})\n"
+        "cluster.start()\n"
+        "print(cluster.process.pid, *_tree(cluster.process.pid), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    try:
+        owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        leader, *cluster = [int(p) for p in owner.stdout.readline().split()]
+        owner.kill()
+        owner.wait(timeout=30)
+        assert len(cluster) >= 3 and _alive(leader)  # ray start, its GCS, raylet, ...: orphaned, running
+        done = reap_stale(root)
+        assert len(done) == 1 and str(leader) in done[0]
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in cluster) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in cluster) and os.listdir(root) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_node_checkpoints_keep_two_and_restore_the_state_exactly(tmp_path, monkeypatch, mnist):

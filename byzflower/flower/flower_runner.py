@@ -474,9 +474,10 @@ class LocalRayCluster:
     2 cores). Its session files live in a private home that goes with it; if this process dies hard,
     the next start of a SuperLink or cluster stops the cluster's processes (``reap_stale``)."""
 
-    def __init__(self, num_cpus: int | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, num_cpus: int | None = None, timeout: float = 120.0, root: str | Path | None = None) -> None:
         self.num_cpus = num_cpus
         self.timeout = timeout
+        self.root = root  # where its home goes (None: the system's temporary folder, where reap_stale looks)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.process: subprocess.Popen | None = None
         self.address = ""
@@ -490,9 +491,9 @@ class LocalRayCluster:
         self.stop()
 
     def start(self) -> None:
-        for line in reap_stale():
+        for line in reap_stale(self.root):
             print(f"[byzflower] {line}", file=sys.stderr)
-        self._tmp = tempfile.TemporaryDirectory(prefix=HOME_PREFIX)
+        self._tmp = tempfile.TemporaryDirectory(prefix=HOME_PREFIX, dir=self.root)
         home = Path(self._tmp.name)
         port = _free_port()
         command = [_bin("ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
@@ -558,12 +559,13 @@ def reap_stale(root: str | Path | None = None) -> list[str]:
 
 
 def _is_flower(pid: int) -> bool:
-    """Whether ``pid`` still runs one of Flower's or Ray's programs (a recycled PID is left alone)."""
+    """Whether ``pid`` still runs one of Flower's programs, or a program of a ``LocalRayCluster`` (whose
+    command lines name its home, ``byzflower-flwr-...``): a recycled PID is left alone."""
     try:
         cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return any(mark in cmdline for mark in ("flower-", "flwr", "/ray/", "ray::", "/bin/ray "))
+    return "flower-" in cmdline or "flwr" in cmdline
 
 
 def _group(pgid: int) -> list[int]:
