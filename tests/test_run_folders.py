@@ -110,6 +110,27 @@ def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_pa
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+def test_the_holders_pid_is_read_only_while_held_and_even_just_after_the_lock_is_taken(tmp_path):
+    """``holder()`` (what a stopped sweep signals) names the process holding the lock: also in the
+    instant between the holder's flock and its writing its PID, and never a previous holder's PID
+    (a released lock's file is emptied)."""
+    import fcntl
+    import threading
+
+    folder = RunDirectory.create(tmp_path, "busy", {"k": 1})
+    assert folder.holder() == os.getpid()
+    folder.unlock()
+    assert folder.holder() is None and (folder.path / RunDirectory.LOCK).read_text() == ""
+    fd = os.open(folder.path / RunDirectory.LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, its PID not written yet
+        threading.Timer(0.3, lambda: os.pwrite(fd, b"4242", 0)).start()
+        assert folder.holder() == 4242
+    finally:
+        os.close(fd)
+    assert folder.holder() is None
+
+
 def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_ends_interrupted(tmp_path, mnist):
     """Two runs with one run-name at once never share a folder: the second is refused with the
     first's PID. SIGTERM then stops the first, whose summary says it was interrupted."""

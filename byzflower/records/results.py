@@ -110,7 +110,10 @@ class RunDirectory:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            # the holder writes its PID right after taking the lock: give it a moment to appear
+            deadline = time.monotonic() + 1.0
+            while not (text := os.pread(fd, 64, 0).decode(errors="replace").strip()) and time.monotonic() < deadline:
+                time.sleep(0.01)
             return int(text) if text.isdigit() else None
         else:
             return None  # closing the descriptor below releases the lock just taken
@@ -124,6 +127,8 @@ class RunDirectory:
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            # a free lock's file names nobody, so the next holder's first instant shows no PID, not ours
+            os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)  # closing the descriptor releases the lock
             self._lock_fd = None
 
