@@ -71,7 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.ray_address is not None and args.engine != "flower":
         raise ConfigError(f"--ray-address is for --engine flower (Flower's simulation), not --engine {args.engine}")
     if args.ray_address is not None:
-        from byzflower.flower.flower_runner import check_ray_address
+        from byzflower.ray_address import check_ray_address
 
         try:
             check_ray_address(args.ray_address)

@@ -69,24 +69,42 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+SWEEP = ["sweep", "--optimizer", "sgd,batch-sgd", "--aggregator", "mean", "--attack", "none", "--jobs", "2"]
+
+
 @pytest.mark.parametrize(
-    "options, message",
+    "command, address, recorded, message",
     [
-        (["--engine", "local", "--ray-address", "auto"], "--ray-address is for --engine flower"),
-        (["--engine", "deployment", "--ray-address", "auto"], "not --engine deployment"),
-        (["--ray-address", "head-node"], "ray address 'head-node' is not 'auto' or HOST:PORT"),
-        (["--ray-address", "127.0.0.1:{port}"], "ray address '127.0.0.1:{port}': nothing answers there"),
+        (["run", "--engine", "local"], "auto", False, "--ray-address is for --engine flower"),
+        (["run", "--engine", "deployment"], "auto", False, "not --engine deployment"),
+        (["run"], "head-node", False, "ray address 'head-node' is not 'auto' or HOST:PORT"),
+        (["run"], "127.0.0.1:{port}", False, "ray address '127.0.0.1:{port}': nothing answers there"),
+        (["run"], "auto", False, "ray address 'auto': no cluster is recorded on this machine"),
+        (["run"], "auto", True, "(the cluster recorded in {record}, 127.0.0.1:{port}): nothing answers there"),
+        (SWEEP, "127.0.0.1:{port}", False, "ray address '127.0.0.1:{port}': nothing answers there"),
+        (SWEEP, "auto", True, "(the cluster recorded in {record}, 127.0.0.1:{port}): nothing answers there"),
     ],
 )
-def test_a_ray_address_is_checked_before_any_process_starts(tmp_path, mnist, monkeypatch, capsys, options, message):
-    """``byzflower run --ray-address`` (Flower's simulation on a running Ray cluster): a wrong engine,
-    a malformed address or one where nothing listens is one line, before a SuperLink starts."""
+def test_a_ray_address_is_checked_before_any_process_starts(
+    tmp_path, mnist, monkeypatch, capsys, command, address, recorded, message
+):
+    """``--ray-address`` (``run``: Flower's simulation on a running Ray cluster; ``sweep``: runs spread
+    over it): a wrong engine, a malformed address, one where nothing answers, or 'auto' with no
+    cluster recorded by ``ray start`` (or a dead one) is one line, before a SuperLink or Ray starts
+    (Ray itself waited minutes on a dead address)."""
     port = _closed_port()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    record = tmp_path / "raytmp" / "ray" / "ray_current_cluster"
+    if recorded:
+        record.parent.mkdir(parents=True)
+        record.write_text(f"127.0.0.1:{port}")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a SuperLink's home would appear
-    code = _main(["run", *[o.format(port=port) for o in options], "--run-config", f"results-dir='{tmp_path}/r'"])
+    where = ["--out", f"{tmp_path}/r"] if command[0] == "sweep" else ["--run-config", f"results-dir='{tmp_path}/r'"]
+    code = _main([*command, "--ray-address", address.format(port=port), *where])
     err = capsys.readouterr().err
-    assert code == 2 and message.format(port=port) in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []  # no SuperLink home, no results
+    assert code == 2 and message.format(port=port, record=record) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["raytmp"] if recorded else [])  # nothing started
 
 
 def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist, capsys):

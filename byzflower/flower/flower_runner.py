@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.flower.credentials import Credentials, make_credentials
+from byzflower.ray_address import check_ray_address
 
 
 def toml_value(value: Any) -> str:
@@ -447,24 +448,6 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
 
 OWNER_FILE = "owner.json"
 HOME_PREFIX = "byzflower-flwr-"
-
-
-def check_ray_address(address: str) -> None:
-    """Fail before any process starts unless ``address`` ('auto' or HOST:PORT) can be a Ray cluster:
-    'auto' is resolved by Ray itself; HOST:PORT must accept a connection (Ray's GCS port)."""
-    if address == "auto":
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"ray address {address!r} is not 'auto' or HOST:PORT (e.g. 127.0.0.1:6379)")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        raise ValueError(
-            f"ray address {address!r}: nothing answers there ({exc.strerror or exc}); start a cluster with "
-            "`ray start --head` and give the address it prints, or leave the option out (Flower starts Ray "
-            "for the run)"
-        ) from None
 
 
 class LocalRayCluster:

@@ -1,0 +1,43 @@
+"""Check a Ray cluster address before anything starts (no Ray or Flower import)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def recorded_cluster_file() -> Path:
+    """Where ``ray start`` records the address that ``ray.init('auto')`` joins (Ray's rule on Linux)."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+
+
+def check_ray_address(address: str) -> None:
+    """Raise ValueError, naming the address and what to do, unless a Ray cluster can answer there:
+    HOST:PORT must accept a connection (Ray's GCS port); 'auto' means $RAY_ADDRESS or the cluster
+    that ``ray start`` recorded on this machine, which must answer too (Ray would wait on a dead one
+    for minutes)."""
+    shown = repr(address)
+    if address == "auto":
+        env = os.environ.get("RAY_ADDRESS", "")
+        record = recorded_cluster_file()
+        if env not in ("", "auto", "local"):
+            address, shown = env, f"'auto' ($RAY_ADDRESS={env!r})"
+        elif record.is_file() and record.read_text().strip():
+            address = record.read_text().strip()
+            shown = f"'auto' (the cluster recorded in {record}, {address})"
+        else:
+            raise ValueError(
+                f"ray address 'auto': no cluster is recorded on this machine ({record} is missing; `ray start "
+                "--head` writes it); give HOST:PORT, or leave the option out"
+            )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"ray address {shown} is not 'auto' or HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ValueError(
+            f"ray address {shown}: nothing answers there ({exc.strerror or exc}); start a cluster with "
+            "`ray start --head` and give the address it prints, or leave the option out"
+        ) from None
