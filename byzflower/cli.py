@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -70,6 +71,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--gpus-per-client / --cpus-per-client are simulation settings; not with --engine deployment")
     if args.ray_address is not None and args.engine != "flower":
         raise ConfigError(f"--ray-address is for --engine flower (Flower's simulation), not --engine {args.engine}")
+    if args.ray_address is None and args.engine == "flower" and os.environ.get("RAY_ADDRESS", "local") != "local":
+        args.ray_address = os.environ["RAY_ADDRESS"]  # Ray's own variable: Flower's simulation would join it
+        print(f"joining the Ray cluster at $RAY_ADDRESS={args.ray_address!r} (unset it to start Ray for the run)")
     if args.ray_address is not None:
         from byzflower.ray_address import check_ray_address
 

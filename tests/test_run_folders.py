@@ -107,6 +107,32 @@ def test_a_ray_address_is_checked_before_any_process_starts(
     assert sorted(p.name for p in tmp_path.iterdir()) == (["raytmp"] if recorded else [])  # nothing started
 
 
+def test_flowers_simulation_starts_its_own_ray_unless_given_a_cluster(monkeypatch):
+    """The SuperLink's environment says which Ray Flower's simulation uses: --ray-address, else Ray's own
+    $RAY_ADDRESS, else 'local' (a new Ray, never the cluster a `ray start` left recorded)."""
+    from byzflower.flower.flower_runner import LocalSuperLink
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert LocalSuperLink().env["RAY_ADDRESS"] == "local"
+    with socket.socket() as head:  # something answering, as a cluster's GCS port would
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        assert LocalSuperLink(ray_address=address).env["RAY_ADDRESS"] == address
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert LocalSuperLink().env["RAY_ADDRESS"] == address
+
+
+def test_a_dead_ray_address_in_the_environment_is_refused_like_the_option(tmp_path, mnist, monkeypatch, capsys):
+    port = _closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = _main(["run", "--run-config", f"results-dir='{tmp_path}/r'"])
+    out, err = capsys.readouterr()
+    assert f"joining the Ray cluster at $RAY_ADDRESS='127.0.0.1:{port}'" in out
+    assert code == 2 and f"'127.0.0.1:{port}': nothing answers there" in err and list(tmp_path.iterdir()) == []
+
+
 def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -120,10 +120,11 @@ class LocalSuperLink:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
             **(env or {}),
         }
-        # Flower's simulation joins the cluster at ray_address instead of starting Ray per run. Without
-        # one, "local" makes it start its own even where a `ray start` left its address recorded
-        # (/tmp/ray/ray_current_cluster), which ray.init() would otherwise join, dead or alive.
-        self.env["RAY_ADDRESS"] = ray_address or (env or {}).get("RAY_ADDRESS") or "local"
+        # Flower's simulation joins the cluster at ray_address (or $RAY_ADDRESS, Ray's own variable)
+        # instead of starting Ray per run. Without either, "local" makes it start its own even where a
+        # `ray start` left its address recorded (/tmp/ray/ray_current_cluster), which ray.init() would
+        # otherwise join, dead or alive.
+        self.env["RAY_ADDRESS"] = ray_address or self.env.get("RAY_ADDRESS") or "local"
         # worker state lives in this home, so it goes with it (and with a stale home, see reap_stale)
         self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
         self.process: subprocess.Popen | None = None
