@@ -75,12 +75,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.ray_address = os.environ["RAY_ADDRESS"]  # Ray's own variable: Flower's simulation would join it
         print(f"joining the Ray cluster at $RAY_ADDRESS={args.ray_address!r} (unset it to start Ray for the run)")
     if args.ray_address is not None:
-        from byzflower.ray_address import check_ray_address
+        from byzflower.ray_address import check_ray_option
 
-        try:
-            check_ray_address(args.ray_address)
-        except ValueError as exc:
-            raise ConfigError(f"--ray-address: {exc}") from None
+        check_ray_option(args.ray_address)
     dataset_folder(cfg["dataset"], cfg["data-dir"], log=print)
     from byzflower.factory import preflight
 

@@ -6,6 +6,8 @@ import os
 import socket
 from pathlib import Path
 
+from byzflower.config import ConfigError
+
 
 def recorded_cluster_file() -> Path:
     """Where ``ray start`` records the address that ``ray.init('auto')`` joins (Ray's rule on Linux)."""
@@ -41,3 +43,11 @@ def check_ray_address(address: str) -> None:
             f"ray address {shown}: nothing answers there ({exc.strerror or exc}); start a cluster with "
             "`ray start --head` and give the address it prints, or leave the option out"
         ) from None
+
+
+def check_ray_option(address: str) -> None:
+    """``check_ray_address`` for the command line (``run``, ``sweep``): a ConfigError naming the option."""
+    try:
+        check_ray_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"--ray-address: {exc}") from None

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,10 @@ from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
 from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
+from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 
 TIMING = {"elapsed_s", "iters_per_s"}
 RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(path):
@@ -122,7 +116,7 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend, monkeypa
     Ray, which ``ray.init()`` would join (and fail: 'num_cpus ... must not be provided')."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths live below it
     (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
     cells = grid(["sgd", "batch-sgd"], ["median"], ["ipm"])
     try:

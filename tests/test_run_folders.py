@@ -19,6 +19,7 @@ import torch
 
 from byzflower.config import resolve
 from byzflower.engine import RunExists, open_run, run_local
+from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 from byzflower.records.results import RunDirectory, RunFolderError
 
 SMALL = {"num-honest": 8, "num-byzantine": 2, "seed": 3, "num-server-rounds": 6, "eval-every": 3}
@@ -63,12 +64,6 @@ def _main(argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 SWEEP = ["sweep", "--optimizer", "sgd,batch-sgd", "--aggregator", "mean", "--attack", "none", "--jobs", "2"]
 
 
@@ -92,7 +87,7 @@ def test_a_ray_address_is_checked_before_any_process_starts(
     over it): a wrong engine, a malformed address, one where nothing answers, or 'auto' with no
     cluster recorded by ``ray start`` (or a dead one) is one line, before a SuperLink or Ray starts
     (Ray itself waited minutes on a dead address)."""
-    port = _closed_port()
+    port = _free_port()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
     record = tmp_path / "raytmp" / "ray" / "ray_current_cluster"
@@ -124,7 +119,7 @@ def test_flowers_simulation_starts_its_own_ray_unless_given_a_cluster(monkeypatc
 
 
 def test_a_dead_ray_address_in_the_environment_is_refused_like_the_option(tmp_path, mnist, monkeypatch, capsys):
-    port = _closed_port()
+    port = _free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code = _main(["run", "--run-config", f"results-dir='{tmp_path}/r'"])

@@ -385,12 +385,9 @@ def run_sweep(
     if backend == "processes" and ray_address:
         raise ConfigError("--ray-address needs backend 'ray' (or 'auto')")
     if ray_address is not None and jobs > 1:  # else Ray waits minutes on an address where nothing answers
-        from byzflower.ray_address import check_ray_address
+        from byzflower.ray_address import check_ray_option
 
-        try:
-            check_ray_address(ray_address)
-        except ValueError as exc:
-            raise ConfigError(f"--ray-address: {exc}") from None
+        check_ray_option(ray_address)
     if say is None:
 
         def say(line: str) -> None:
