@@ -168,6 +168,10 @@ def test_the_holders_pid_is_read_only_while_held_and_even_just_after_the_lock_is
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, its PID not written yet
         threading.Timer(0.3, lambda: os.pwrite(fd, b"4242", 0)).start()
         assert folder.holder() == 4242
+        for damaged in (b"0", b"1", b"9" * 40, b"-5", b"nan"):  # 0 would signal our own process group
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, damaged, 0)
+            assert folder.holder() is None, damaged
     finally:
         os.close(fd)
     assert folder.holder() is None

@@ -51,6 +51,9 @@ class RunFolderError(RuntimeError):
     """A run folder cannot be used: another process holds it, or it holds another run."""
 
 
+_PID_MAX = 4_194_304  # Linux's largest pid_max (2**22)
+
+
 class RunDirectory:
     """One run's folder: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``model.pt``, ``*.png``.
 
@@ -114,7 +117,8 @@ class RunDirectory:
             deadline = time.monotonic() + 1.0
             while not (text := os.pread(fd, 64, 0).decode(errors="replace").strip()) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            return int(text) if text.isdigit() else None
+            # only what can be another process: a damaged file's 0 would signal our whole group, 1 init
+            return int(text) if text.isdigit() and 1 < int(text) <= _PID_MAX else None
         else:
             return None  # closing the descriptor below releases the lock just taken
         finally:
