@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -11,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from byzflower.config import DEFAULTS, ConfigError, markdown_table, resolve
+from byzflower.config import DEFAULTS, MAX_WORKERS, ConfigError, markdown_table, resolve
 from byzflower.data import BUILT_IN, DATASETS, DataError, dataset_folder, ensure_dataset
 from byzflower.records.results import RunFolderError
 
@@ -63,6 +64,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve(overrides)  # fail fast, with every problem listed
     if args.supernodes < 0:
         raise ConfigError(f"--supernodes={args.supernodes} must be >= 1 (or 0 for the default, 2)")
+    if args.supernodes > cfg.num_workers:
+        raise ConfigError(
+            f"--supernodes={args.supernodes} exceeds the run's {cfg.num_workers} workers: a SuperNode beyond them "
+            f"would host none (use 1..{cfg.num_workers})"
+        )
+    if not 0 <= args.gpus_per_client < math.inf:
+        raise ConfigError(f"--gpus-per-client={args.gpus_per_client} must be a finite share >= 0 (e.g. 0.1)")
+    if args.cpus_per_client < 0:
+        raise ConfigError(f"--cpus-per-client={args.cpus_per_client} must be >= 1 (or 0 for Flower's default, 2)")
     if args.engine == "local" and (args.supernodes or args.gpus_per_client or args.cpus_per_client):
         raise ConfigError("--supernodes / --gpus-per-client / --cpus-per-client need --engine flower or deployment")
     if args.insecure and args.engine != "deployment":
@@ -78,6 +88,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from byzflower.ray_address import check_ray_option
 
         check_ray_option(args.ray_address)
+    elif args.engine == "flower":
+        _check_client_resources(args.cpus_per_client, args.gpus_per_client)
     dataset_folder(cfg["dataset"], cfg["data-dir"], log=print)
     from byzflower.factory import preflight
 
@@ -111,11 +123,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else 1
 
 
+def _check_client_resources(cpus: int, gpus: float) -> None:
+    """What Flower's own Ray (on this machine) can give each ClientApp; asked for more, the simulation
+    crashes with 'ActorPool is empty' after its start-up (a cluster's resources are its own: not checked)."""
+    have = os.cpu_count() or 1
+    if cpus > have:
+        raise ConfigError(f"--cpus-per-client={cpus} exceeds this machine's {have} CPU cores (use 1..{have})")
+    if gpus > 0:
+        import torch
+
+        found = torch.cuda.device_count()
+        if gpus > found:
+            raise ConfigError(
+                f"--gpus-per-client={gpus} but torch sees {found} GPU(s) on this machine"
+                + ("" if found else ": leave it at 0 to compute on the CPU")
+            )
+
+
 def _cmd_credentials(args: argparse.Namespace) -> int:
     from byzflower.flower.credentials import make_credentials
 
-    if args.supernodes < 1:
-        raise ConfigError(f"--supernodes={args.supernodes} must be >= 1")
+    if not 1 <= args.supernodes <= MAX_WORKERS:
+        raise ConfigError(f"--supernodes={args.supernodes} must be 1..{MAX_WORKERS} (one key pair per device)")
     c = make_credentials(args.folder, args.host, args.supernodes)
     print(f"CA certificate (to every device and the flwr CLI): {c.ca_cert}")
     print(f"SuperLink certificate and key: {c.server_cert}, {c.server_key}  (valid for {', '.join(args.host)})")

@@ -141,6 +141,10 @@ def build_component(kind: str, cls: type, cfg: Mapping[str, Any], context: Mappi
     return cls(**args)
 
 
+# W = H + B at most: every iteration stacks one message per worker and draws a role-blind order of
+# W for each of the next 256 iterations (200 MB at this W); beyond it a run fails deep in torch.
+MAX_WORKERS = 100_000
+
 _RULE_KEYS = component_keys(RULES)
 _PRE_KEYS = component_keys(PRE_AGGREGATORS)
 _ESTIMATOR_KEYS = component_keys(ESTIMATORS)
@@ -152,8 +156,14 @@ _KEYS = [
     Key("num-server-rounds", 300, "Aggregation iterations (one model step each).", positive=True),
     Key("eval-every", 50, "Iterations between evaluations (the last iteration is always evaluated).", positive=True),
     Key("seed", 1, "Seed of everything: data split, sampling, model init, attacks.", minimum=0, maximum=2**63 - 1),
-    Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0),
-    Key("num-byzantine", 20, "Byzantine workers B (the paper: 20); attack='none' leaves them out (W = H).", minimum=0),
+    Key("num-honest", 50, "Honest workers H (the paper: 50).", minimum=0, maximum=MAX_WORKERS),
+    Key(
+        "num-byzantine",
+        20,
+        "Byzantine workers B (the paper: 20); attack='none' leaves them out (W = H).",
+        minimum=0,
+        maximum=MAX_WORKERS - 1,  # beside at least one honest worker
+    ),
     Key("attack", "gaussian", "What Byzantine workers send (see the table of attacks).", choices=ATTACKS),
     *_ATTACK_KEYS,
     Key("byzantine-ids", "", "Which workers are Byzantine, e.g. '0,7,9'; '' = the last num-byzantine."),
@@ -371,6 +381,11 @@ def _workers(cfg: RunConfig) -> list[str]:
         return [
             f"num-honest={cfg['num-honest']} must be >= 1: honest workers are the ones that learn "
             "(and omniscient attacks need honest messages to see)"
+        ]
+    if cfg.num_workers > MAX_WORKERS:
+        return [
+            f"num-honest + num-byzantine = {cfg.num_workers:,} workers; one run takes at most {MAX_WORKERS:,} "
+            "(each iteration stacks a message per worker)"
         ]
     return []
 

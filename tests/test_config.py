@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from byzflower.config import DEFAULTS, KEYS, ConfigError, resolve
+from byzflower.config import DEFAULTS, KEYS, MAX_WORKERS, ConfigError, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,25 @@ def test_no_number_key_accepts_nan_or_inf(key, value):
 def test_every_declared_maximum_is_enforced(key):
     past = key.maximum * 10 if key.kind is float else int(key.maximum) + 1
     assert f"{key.name}={past!r} is outside the allowed range" in _problems({key.name: past})
-    resolve({key.name: key.kind(key.maximum)} if key.name != "seed" else {"seed": 2**63 - 1})
+    at_most = {"seed": {"seed": 2**63 - 1}, "num-honest": {"num-honest": MAX_WORKERS, "attack": "none"}}
+    resolve(
+        at_most.get(key.name, {key.name: key.kind(key.maximum)})
+        | ({"num-honest": 1} if key.name == "num-byzantine" else {})
+    )
+
+
+@pytest.mark.parametrize("key", ["num-honest", "num-byzantine"])
+@pytest.mark.parametrize("value", [2**31, 2**63 - 1, 10**40])
+def test_worker_counts_past_what_a_run_takes_are_refused_up_front(key, value):
+    # these raised TypeError / RuntimeError from a torch allocation inside resolve before
+    assert f"{key}={value!r} is outside the allowed range" in _problems({key: value})
+
+
+def test_honest_and_byzantine_workers_together_are_capped():
+    text = _problems({"num-honest": 60_000, "num-byzantine": 40_001})
+    assert f"num-honest + num-byzantine = 100,001 workers; one run takes at most {MAX_WORKERS:,}" in text
+    assert resolve({"num-honest": 60_000, "num-byzantine": 40_000}).num_workers == MAX_WORKERS
+    assert resolve({"num-honest": 60_000, "num-byzantine": 90_000, "attack": "none"}).num_workers == 60_000
 
 
 def test_multi_krum_m_beyond_the_workers_names_krum_m():

@@ -17,8 +17,10 @@ import time
 import pytest
 import torch
 
+import byzflower.experiments.sweep as sweep_module
 from byzflower.config import resolve
 from byzflower.engine import RunExists, open_run, run_local
+from byzflower.experiments.sweep import grid, run_sweep
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 from byzflower.records.results import RunDirectory, RunFolderError
 
@@ -103,6 +105,67 @@ def test_a_ray_address_is_checked_before_any_process_starts(
     err = capsys.readouterr().err
     assert code == 2 and message.format(port=port, record=record) in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["raytmp"] if recorded else [])  # nothing started
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--supernodes", str(10**23)], f"--supernodes={10**23} exceeds the run's 70 workers"),
+        (["run", "--supernodes", "71"], "--supernodes=71 exceeds the run's 70 workers: a SuperNode beyond them"),
+        (["run", "--gpus-per-client", "-1"], "--gpus-per-client=-1.0 must be a finite share >= 0"),
+        (["run", "--gpus-per-client", "nan"], "--gpus-per-client=nan must be a finite share >= 0"),
+        (["run", "--gpus-per-client", "inf"], "--gpus-per-client=inf must be a finite share >= 0"),
+        (["run", "--gpus-per-client", "64"], "--gpus-per-client=64.0 but torch sees"),
+        (["run", "--cpus-per-client", "100000"], "--cpus-per-client=100000 exceeds this machine's"),
+        (["run", "--cpus-per-client", "-1"], "--cpus-per-client=-1 must be >= 1"),
+        (["run", "--run-config", f"num-byzantine={2**63 - 1}"], "is outside the allowed range: an integer >= 0"),
+        (["sweep", "--jobs", "0"], "--jobs=0 must be >= 1"),
+        (["sweep", "--jobs", "-3"], "--jobs=-3 must be >= 1"),
+        (["credentials", "creds", "--host", "x", "--supernodes", str(10**9)], "--supernodes=1000000000 must be 1.."),
+    ],
+)
+def test_command_line_numbers_out_of_range_are_refused_before_anything_starts(
+    tmp_path, mnist, monkeypatch, capsys, argv, message
+):
+    """Flower's simulation asked for more CPUs or GPUs per ClientApp than the machine has crashed with
+    'ActorPool is empty' after its start-up (a traceback, a run folder); a 23-digit --supernodes ended in
+    Flower's own error box; a 19-digit num-byzantine raised TypeError from a torch allocation; --jobs 0
+    or -3 ran one at a time without a word."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a SuperLink's home would appear
+    where = ["--out", f"{tmp_path}/r"] if argv[0] == "sweep" else []
+    where += ["--run-config", f"results-dir='{tmp_path}/r'"] if argv[0] == "run" and "--run-config" not in argv else []
+    if "--run-config" in argv:
+        argv = [*argv[:-1], argv[-1] + f" results-dir='{tmp_path}/r'"]
+    code = _main([*argv, *where])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no SuperLink home, no credentials
+
+
+def test_more_sweep_jobs_than_runs_take_one_slot_per_run(tmp_path, mnist):
+    """--jobs beyond the runs (here 10**20 for 2) is capped at the runs: Ray's num_cpus and each run's
+    threads are sized for the runs there are."""
+    seen = []
+    original = sweep_module._process_runs
+
+    def spy(jobs, *args):
+        seen.append(jobs)
+        return original(jobs, *args)
+
+    cells = grid(["sgd"], ["mean"], ["none", "sign-flip"])
+    overrides = {
+        "num-honest": 4,
+        "num-byzantine": 1,
+        "num-server-rounds": 2,
+        "eval-every": 1,
+        "eval-train-samples": 200,
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep_module, "_process_runs", spy)
+        outcomes = run_sweep(cells, overrides, tmp_path / "s", jobs=10**20, backend="processes", say=lambda _: None)
+    assert seen == [2] and [o["status"] for o in outcomes] == ["finished", "finished"]
 
 
 def test_flowers_simulation_starts_its_own_ray_unless_given_a_cluster(monkeypatch):

@@ -382,6 +382,8 @@ def run_sweep(
         backend = "ray" if ray_address else "processes"
     if not stop_grace > 0:
         raise ConfigError(f"--stop-grace={stop_grace} must be > 0 seconds")
+    if jobs < 1:
+        raise ConfigError(f"--jobs={jobs} must be >= 1 (1: one run at a time, in this process)")
     if backend == "processes" and ray_address:
         raise ConfigError("--ray-address needs backend 'ray' (or 'auto')")
     if ray_address is not None and jobs > 1:  # else Ray waits minutes on an address where nothing answers
@@ -402,7 +404,8 @@ def run_sweep(
     started = time.perf_counter()
     done = 0
     try:
-        if jobs <= 1 or len(todo) <= 1:
+        jobs = min(jobs, len(todo))  # more slots than runs would only thin each run's threads and GPU share
+        if jobs <= 1:
             for cell in todo:
                 say(_bar(done, len(todo), started) + f" | running {cell.name}")
                 outcomes[cell.name] = run_cell(cell_config(cell, overrides, out))
