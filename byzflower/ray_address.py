@@ -34,8 +34,14 @@ def check_ray_address(address: str) -> None:
                 "--head` writes it); give HOST:PORT, or leave the option out"
             )
     host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address, as Ray writes it: [::1]:6379
+        host = host[1:-1]
+    elif ":" in host:  # unbracketed IPv6: where the port begins is ambiguous
+        host = ""
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"ray address {shown} is not 'auto' or HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:6379)")
+        raise ValueError(
+            f"ray address {shown} is not 'auto' or HOST:PORT with a port 1-65535 (e.g. 127.0.0.1:6379, [::1]:6379)"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=3).close()
     except OSError as exc:

@@ -168,6 +168,22 @@ def test_more_sweep_jobs_than_runs_take_one_slot_per_run(tmp_path, mnist):
     assert seen == [2] and [o["status"] for o in outcomes] == ["finished", "finished"]
 
 
+def test_an_ipv6_ray_address_is_taken_as_ray_writes_it():
+    from byzflower.ray_address import check_ray_address
+
+    with socket.socket(socket.AF_INET6) as head:
+        head.bind(("::1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        check_ray_address(f"[::1]:{port}")  # answers: no error
+        with pytest.raises(ValueError, match=f"'::1:{port}' is not 'auto' or HOST:PORT"):
+            check_ray_address(f"::1:{port}")  # unbracketed: the port cannot be told from the address
+    with pytest.raises(ValueError, match=f"ray address '\\[::1\\]:{port}': nothing answers there"):
+        check_ray_address(f"[::1]:{port}")
+    with pytest.raises(ValueError, match="is not 'auto' or HOST:PORT"):
+        check_ray_address("[]:6379")
+
+
 def test_flowers_simulation_starts_its_own_ray_unless_given_a_cluster(monkeypatch):
     """The SuperLink's environment says which Ray Flower's simulation uses: --ray-address, else Ray's own
     $RAY_ADDRESS, else 'local' (a new Ray, never the cluster a `ray start` left recorded)."""
