@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, FileNotFoundError, RunFolderError) as exc:
+    except (DataError, OSError, RunFolderError) as exc:  # OSError: a full disk, a folder gone, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

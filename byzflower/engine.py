@@ -284,7 +284,11 @@ class LocalRun:
             summary = self.recorder.finish("finished")
         except BaseException as exc:
             status, error = status_of(exc)
-            self.recorder.finish(status, error)
+            if not self.recorder.finished:  # (a summary that could not be written is not tried twice)
+                try:
+                    self.recorder.finish(status, error)
+                except RunFolderError as unrecorded:
+                    self.log(str(unrecorded))
             self.log(f"{status}: {error}; results so far in {self.run_dir.path}")
             raise
         finally:

@@ -7,6 +7,7 @@ the extremes of float32 never make the model non-finite."""
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import torch
 
 import byzflower.experiments.sweep as sweep_module
 from byzflower.config import resolve
-from byzflower.engine import RunExists, open_run, run_local
+from byzflower.engine import LocalRun, RunExists, open_run, run_local
 from byzflower.experiments.sweep import grid, run_sweep
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 from byzflower.records.results import RunDirectory, RunFolderError
@@ -215,6 +216,55 @@ def test_an_unwritable_results_dir_is_refused_up_front(tmp_path, mnist, capsys):
     blocker.write_text("not a folder")
     code = _main(["run", "--engine", "local", "--run-config", f"results-dir='{blocker}/runs'"])
     assert code == 2 and f"results-dir='{blocker}/runs' cannot be written" in capsys.readouterr().err
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past ``limit`` bytes fail (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_run_whose_files_cannot_grow_ends_failed_in_one_line_and_says_so_in_its_summary(tmp_path, mnist):
+    """The disk fills mid-run (here: the process may write no file past 16 KB, so metrics.jsonl stops
+    growing after ~20 evaluations and the figures cannot be saved): the run ends 'failed' with the OS's
+    error in summary.json, the log says which record could not be written, the command prints one error
+    line (it printed two chained tracebacks before) and no temporary file is left."""
+    config = _config(
+        num_server_rounds=200, eval_every=1, eval_train_samples=200, results_dir=str(tmp_path), run_name="r"
+    )
+    command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(16384))
+    assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: [Errno 27] File too large"
+    ]
+    assert "but the figures could not be written in" in done.stdout
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "OSError: [Errno 27] File too large"
+    records = RunDirectory(tmp_path / "r").records()
+    assert 5 < len(records) < 200 and records == sorted(records, key=lambda r: r["iteration"])
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        ".lock",
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+
+
+def test_a_summary_that_cannot_be_written_is_said_and_the_folder_is_released(tmp_path, mnist):
+    """summary.json cannot be written at all (its temporary file's name is taken by a folder): the run's
+    own error comes out, the log names what could not be recorded, and the run folder is unlocked."""
+    cfg = resolve({**SMALL, "results-dir": str(tmp_path), "run-name": "r", "eval-train-samples": 200})
+    lines: list[str] = []
+    run = LocalRun(cfg, log=lines.append)
+    (run.run_dir.path / ".summary.json.tmp").mkdir()
+    with pytest.raises(IsADirectoryError):
+        run.run()
+    assert any(f"but summary.json could not be written in {run.run_dir.path}" in line for line in lines), lines
+    assert lines[-1].startswith("failed: IsADirectoryError") and run.recorder.finished
+    assert RunDirectory(run.run_dir.path).holder() is None  # released: another process may take it
 
 
 def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(tmp_path):

@@ -172,10 +172,13 @@ def _run_cell(config: dict[str, Any], threads: int | None, quiet: bool) -> dict[
         folder = Path(config["results-dir"]) / name
         folder.mkdir(parents=True, exist_ok=True)
         summary_path = folder / "summary.json"
-        if not summary_path.exists() or json.loads(summary_path.read_text()).get("status") != "failed":
-            summary_path.write_text(
-                json.dumps({"status": "failed", "error": error, "traceback": traceback.format_exc()})
-            )
+        try:
+            if not summary_path.exists() or json.loads(summary_path.read_text()).get("status") != "failed":
+                summary_path.write_text(
+                    json.dumps({"status": "failed", "error": error, "traceback": traceback.format_exc()})
+                )
+        except OSError as unrecorded:  # a full disk: the sweep's own record (sweep.json) still has it
+            log(f"could not write {summary_path}: {unrecorded.strerror or unrecorded}")
         return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
 
 

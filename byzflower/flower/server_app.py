@@ -138,8 +138,10 @@ def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness
         recorder.warnings += [
             w for w in (f"refused SuperNode {r['node']}: {r['reason']}" for r in harness.refused) if w not in seen
         ]
-    summary = recorder.finish(status, error)
-    _cleanup(grid)
+    try:
+        summary = recorder.finish(status, error)
+    finally:  # the nodes drop the run's worker state even where the summary could not be written
+        _cleanup(grid)
     _say(f"{status}: final test accuracy {summary['final'].get('test_accuracy')}; results in {recorder.run.path}")
 
 

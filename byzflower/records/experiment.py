@@ -13,7 +13,7 @@ import torch
 from byzflower.config import RunConfig
 from byzflower.data import ImageData
 from byzflower.records.detection import Suspicion
-from byzflower.records.results import RunDirectory, default_results_dir, run_name
+from byzflower.records.results import RunDirectory, RunFolderError, default_results_dir, run_name
 from clients.gradients import ModelGradients
 from clients.rng import derive_seed
 
@@ -260,9 +260,21 @@ class Recorder:
             "resumed_at": list(self.resumed_at),  # iterations a resumed run went on from, in order
             "config": self.cfg.resolved(),
         }
-        self.run.finish(summary)
-        self.run.unlock()
-        self.finished = True
+        from byzflower.records.plots import plot_run  # matplotlib: only when a run ends
+
+        written = "summary.json"
+        try:
+            self.run.write_json("summary.json", summary)
+            written = "the figures"
+            plot_run(self.run)
+        except OSError as exc:  # a full or lost disk: say what could not be recorded, as one error
+            raise RunFolderError(
+                f"the run ended {status} but {written} could not be written in {self.run.path}: {exc}"
+                + (f" (the run's error: {error})" if error else "")
+            ) from exc
+        finally:
+            self.run.unlock()
+            self.finished = True
         return summary
 
     def _fault_warnings(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -138,8 +139,13 @@ class RunDirectory:
 
     def write_json(self, filename: str, data: dict[str, Any]) -> None:
         tmp = self.path / f".{filename}.tmp"
-        tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.path / filename)
+        try:
+            tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+            tmp.replace(self.path / filename)
+        except OSError:  # a full disk: no half-written temporary file is left behind
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one evaluation record to metrics.jsonl and flush it to disk at once."""
@@ -188,9 +194,3 @@ class RunDirectory:
     def save_model(self, state_dict: dict[str, Any]) -> None:
         """The model's parameters (a torch state dict) as model.pt."""
         self.save_torch("model.pt", {k: v.detach().cpu().clone() for k, v in state_dict.items()})
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        self.write_json("summary.json", summary)
-        from byzflower.records.plots import plot_run
-
-        plot_run(self)
