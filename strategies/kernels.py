@@ -485,7 +485,7 @@ def order_statistic_mean(messages: torch.Tensor, lo: int, hi: int) -> torch.Tens
 
     def block(start: int, end: int) -> None:
         part = np.partition(a[:, start:end], kth, axis=0)[lo:hi]
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # (inf + -inf: NaN, redone below)
             mean = part.mean(axis=0)
         if not np.isfinite(mean).all():  # values near the dtype's limit: their sum overflows it
             mean = part.mean(axis=0, dtype=np.float64)
