@@ -363,3 +363,34 @@ def test_attackers_at_float32_extremes_leave_a_finite_model(tmp_path, mnist, att
     assert math.isfinite(final["test_loss"]) and final["test_accuracy"] > start["test_accuracy"]
     model = torch.load(next(tmp_path.iterdir()) / "model.pt")
     assert all(bool(torch.isfinite(v).all()) for v in model.values())
+
+
+def test_damaged_run_folders_are_named_left_out_of_reports_and_stop_a_sweep_before_it_starts(tmp_path, mnist, capsys):
+    """A run folder's file that is not what byzflower wrote (a copy cut short, a disk fault): `report`
+    leaves the run out and names the file, `sweep` stops before any work with one line naming it
+    (both printed a JSONDecodeError traceback before)."""
+    sweep = ["sweep", "--optimizer", "sgd", "--aggregator", "mean,gm,median", "--attack", "none"]
+    sweep += ["--run-config", "num-honest=4 num-byzantine=2 num-server-rounds=2 eval-every=1 eval-train-samples=200"]
+    sweep += ["--out", str(tmp_path)]
+    assert _main(sweep) == 0
+    (tmp_path / "sgd-gm-none" / "summary.json").write_text('{"status": "fini')  # cut short
+    with open(tmp_path / "sgd-mean-none" / "metrics.jsonl", "a") as f:
+        f.write('garbage\n{"iteration": 3}\n')  # a bad line that is not the last
+    capsys.readouterr()
+    assert _main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"left out of the report: {tmp_path}/sgd-gm-none/summary.json is damaged: not JSON" in out
+    assert f"left out of the report: {tmp_path}/sgd-mean-none/metrics.jsonl is damaged: line 4 is not JSON" in out
+    table = (tmp_path / "table.md").read_text()
+    assert "median" in table and "| gm" not in table.lower() and "Traceback" not in out + err
+    started = sorted(p.name for p in tmp_path.iterdir())
+    assert _main(sweep) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: {tmp_path}/sgd-gm-none/summary.json is damaged: not JSON (Unterminated string starting at: "
+        "line 1 column 12 (char 11)); move the run folder away (a sweep then runs it again)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == started  # nothing ran
+    (tmp_path / "sgd-median-none" / "config.json").write_text("[1, 2]")
+    with pytest.raises(RunFolderError, match=r"config\.json is damaged: a JSON list, not an object"):
+        RunDirectory(tmp_path / "sgd-median-none").config()

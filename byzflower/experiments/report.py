@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from byzflower.config import AGGREGATORS, ATTACKS, DEFAULTS, OPTIMIZERS
+from byzflower.records.results import DamagedRunFolder, RunDirectory
 
 
 @dataclass
@@ -47,20 +48,20 @@ class Run:
         return self.records[-1].get("test_accuracy")
 
 
-def collect(dirs: list[Path]) -> list[Run]:
-    """Every run folder (one holding config.json) under the given folders, in a stable order."""
+def collect(dirs: list[Path], say: Callable[[str], None] = print) -> list[Run]:
+    """Every run folder (one holding config.json) under the given folders, in a stable order. A
+    folder whose files are damaged is left out, and ``say`` names it and the file."""
     runs = []
     for root in dirs:
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
         for config_path in sorted(root.rglob("config.json")):
-            folder = config_path.parent
-            metrics = folder / "metrics.jsonl"
-            records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-            summary_path = folder / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-            runs.append(Run(folder, json.loads(config_path.read_text()), records, summary))
+            folder = RunDirectory(config_path.parent)
+            try:
+                runs.append(Run(folder.path, folder.config(), folder.records(), folder.summary()))
+            except DamagedRunFolder as exc:
+                say(f"left out of the report: {exc}")
     if not runs:
         raise FileNotFoundError(f"no run folders (with config.json) under {', '.join(map(str, dirs))}")
     return runs

@@ -92,10 +92,9 @@ def validate(cells: list[Cell], overrides: dict[str, Any], out: Path) -> None:
 
 
 def status_of(out: Path, cell: Cell) -> str | None:
-    path = out / cell.name / "summary.json"
-    if path.exists():
-        return json.loads(path.read_text()).get("status")
-    return None
+    """The cell's run's status from its summary.json (None: none yet); DamagedRunFolder if unreadable."""
+    summary = RunDirectory(out / cell.name).summary()
+    return None if summary is None else summary.get("status")
 
 
 _STOP: Any = None  # in a sweep's worker process: the parent's "stop" event
@@ -177,7 +176,7 @@ def _run_cell(config: dict[str, Any], threads: int | None, quiet: bool) -> dict[
                 summary_path.write_text(
                     json.dumps({"status": "failed", "error": error, "traceback": traceback.format_exc()})
                 )
-        except OSError as unrecorded:  # a full disk: the sweep's own record (sweep.json) still has it
+        except (OSError, ValueError) as unrecorded:  # a full disk, a damaged summary: said, and the sweep goes on
             log(f"could not write {summary_path}: {unrecorded.strerror or unrecorded}")
         return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
 

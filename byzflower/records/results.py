@@ -52,6 +52,31 @@ class RunFolderError(RuntimeError):
     """A run folder cannot be used: another process holds it, or it holds another run."""
 
 
+class DamagedRunFolder(RunFolderError):
+    """A run folder's file does not hold what byzflower wrote there (a copy cut short, a disk fault, an edit)."""
+
+
+def _damaged(path: Path, what: str) -> DamagedRunFolder:
+    return DamagedRunFolder(f"{path} is damaged: {what}; move the run folder away (a sweep then runs it again)")
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise _damaged(path, f"not text (byte {exc.start})") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(_text(path))
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
 _PID_MAX = 4_194_304  # Linux's largest pid_max (2**22)
 
 
@@ -162,26 +187,31 @@ class RunDirectory:
         tmp.replace(self.path / "metrics.jsonl")
 
     def records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records; a last line cut short (a killed run) is left out, any other line
+        that is not a record raises DamagedRunFolder naming it."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
         records = []
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in _text(path).splitlines() if line.strip()]
         for i, line in enumerate(lines):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
                 if i == len(lines) - 1:  # a record cut short by a kill: it is recomputed on resume
                     break
-                raise
+                raise _damaged(path, f"line {i + 1} is not JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+                raise _damaged(path, f"line {i + 1} is not an evaluation record")
+            records.append(record)
         return records
 
     def config(self) -> dict[str, Any]:
-        return json.loads((self.path / "config.json").read_text())
+        return _json_object(self.path / "config.json")
 
     def summary(self) -> dict[str, Any] | None:
         path = self.path / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return _json_object(path) if path.exists() else None
 
     def save_torch(self, filename: str, obj: Any) -> None:
         """``torch.save`` into the folder atomically (a kill never leaves half a file)."""
