@@ -376,6 +376,8 @@ def test_damaged_run_folders_are_named_left_out_of_reports_and_stop_a_sweep_befo
     (tmp_path / "sgd-gm-none" / "summary.json").write_text('{"status": "fini')  # cut short
     with open(tmp_path / "sgd-mean-none" / "metrics.jsonl", "a") as f:
         f.write('garbage\n{"iteration": 3}\n')  # a bad line that is not the last
+    with open(tmp_path / "sgd-median-none" / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3, "test_acc')  # a last line cut short, as a killed run leaves it: fine
     capsys.readouterr()
     assert _main(["report", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
