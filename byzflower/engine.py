@@ -310,7 +310,7 @@ class LocalRun:
         self.run_dir.save_torch(CHECKPOINT, state)
 
     def _restore(self) -> None:
-        state = torch.load(self.run_dir.path / CHECKPOINT, weights_only=False)
+        state = self.run_dir.load_torch(CHECKPOINT)
         t = int(state["iteration"])
         self.x = state["x"].to(self.device)
         self.workers.load_state_dict(state["workers"])

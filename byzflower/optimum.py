@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -72,16 +73,23 @@ class HonestObjective:
         with torch.no_grad():
             return float(self.value(x.detach().to("cpu", torch.float64))) - self.minimum
 
+    def _cached(self) -> float | None:
+        """The cached minimum; None when there is none or it is damaged (then solved again)."""
+        try:
+            return float(torch.load(self.cache, weights_only=True)["value"]) if self.cache.exists() else None
+        except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
+            return None
+
     def _minimum(self) -> float:
-        if self.cache.exists():
-            return float(torch.load(self.cache, weights_only=True)["value"])
+        if (cached := self._cached()) is not None:
+            return cached
         # Runs of one sweep start together and share x*: one solves it, the others wait and read it.
         self.cache.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.cache.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if self.cache.exists():
-                return float(torch.load(self.cache, weights_only=True)["value"])
+            if (cached := self._cached()) is not None:
+                return cached
             return self._solve()
         finally:
             os.close(fd)

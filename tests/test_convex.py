@@ -70,6 +70,10 @@ def test_the_minimiser_is_stationary_cached_and_the_gap_is_measured_from_it(smal
     stamp = objective.cache.stat().st_mtime_ns
     _, _, again = _objective(small)  # a second run reads the cached minimum
     assert again.cache.stat().st_mtime_ns == stamp and again.minimum == objective.minimum
+    objective.cache.write_bytes(objective.cache.read_bytes()[:100])  # damaged (a disk fault): solved again
+    _, _, solved = _objective(small)
+    assert solved.minimum == pytest.approx(objective.minimum, rel=1e-12, abs=1e-12)
+    assert torch.load(solved.cache, weights_only=True)["value"] == solved.minimum  # and cached whole again
 
 
 def test_runs_started_together_solve_for_the_minimiser_once(small):

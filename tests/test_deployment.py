@@ -205,3 +205,5 @@ def test_node_checkpoints_keep_two_and_restore_the_state_exactly(tmp_path, monke
     following = node.honest_messages(x + 0.04, 4)
     assert node.restore(3) and torch.equal(node.honest_messages(x + 0.04, 4), following)
     assert not node.restore(1) and node.estimator.last_iteration == 0  # rebuilt at the next step
+    (folder / "2.pt").write_bytes((folder / "2.pt").read_bytes()[:64])  # damaged: as if it had kept none
+    assert not node.restore(2) and node.estimator.last_iteration == 0

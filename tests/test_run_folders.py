@@ -365,6 +365,26 @@ def test_attackers_at_float32_extremes_leave_a_finite_model(tmp_path, mnist, att
     assert all(bool(torch.isfinite(v).all()) for v in model.values())
 
 
+def test_a_damaged_checkpoint_is_one_line_and_the_summary_says_why(tmp_path, mnist, capsys):
+    """A named run resumed from a checkpoint that torch cannot read (a copy cut short): one error line
+    naming the file (a RuntimeError traceback from torch's zip reader before), exit 1, summary 'failed'."""
+    config = _config(checkpoint_every=2, results_dir=str(tmp_path), run_name="r")
+    cfg = resolve({**SMALL, "checkpoint-every": 2, "results-dir": str(tmp_path), "run-name": "r"})
+    run = LocalRun(cfg, log=lambda _: None)
+    for t in (1, 2):
+        run.step(t)
+    run._checkpoint(2)  # as a run stopped after iteration 2 leaves it
+    run.run_dir.unlock()
+    checkpoint = tmp_path / "r" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert _main(["run", "--engine", "local", "--run-config", config]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint} is damaged: torch cannot read it back (") and "Traceback" not in err
+    assert err.rstrip().endswith("move the run folder away (the run then starts over)") and err.count("\n") == 1
+    summary = RunDirectory(tmp_path / "r").summary()
+    assert summary["status"] == "failed" and "checkpoint.pt is damaged" in summary["error"]
+
+
 def test_damaged_run_folders_are_named_left_out_of_reports_and_stop_a_sweep_before_it_starts(tmp_path, mnist, capsys):
     """A run folder's file that is not what byzflower wrote (a copy cut short, a disk fault): `report`
     leaves the run out and names the file, `sweep` stops before any work with one line naming it

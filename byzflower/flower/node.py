@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -49,10 +50,13 @@ class NodeWorkers(HostedWorkers):
         """Put back the workers' state of ``iteration``'s checkpoint; False (and the state is
         rebuilt at the next step) when this node has none for that iteration."""
         path = self._checkpoint_path(iteration)
-        if not path.exists():
+        try:
+            saved = torch.load(path, weights_only=False) if path.exists() else None
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            saved = None  # damaged (a disk fault): as if this node had kept nothing
+        if saved is None:
             self.reset()
             return False
-        saved = torch.load(path, weights_only=False)
         self.load_state_dict(saved["state"])
         return True
 

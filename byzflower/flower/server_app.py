@@ -154,7 +154,7 @@ def _resume(recorder: Recorder, strategy: RobustSGD) -> torch.Tensor:
     The nodes of the new Flower run start without worker state, so the first round rebuilds it at
     this model (SAGA's table, SVRG's snapshot, SARAH's estimate): a resumed run with a stateless
     estimator (SGD, mini-batch SGD) gives the uninterrupted run's numbers, the others do not."""
-    state = torch.load(recorder.run.path / CHECKPOINT, weights_only=False)
+    state = recorder.run.load_torch(CHECKPOINT)
     t = int(state["iteration"])
     strategy.rule.load_state_dict(state["rule"])
     recorder.load_state_dict(state["recorder"])

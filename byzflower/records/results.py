@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,20 @@ class RunDirectory:
     def summary(self) -> dict[str, Any] | None:
         path = self.path / "summary.json"
         return _json_object(path) if path.exists() else None
+
+    def load_torch(self, filename: str) -> Any:
+        """What ``save_torch`` wrote; DamagedRunFolder where torch cannot read it back."""
+        import torch
+
+        path = self.path / filename
+        try:
+            return torch.load(path, weights_only=False)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DamagedRunFolder(
+                f"{path} is damaged: torch cannot read it back ({why}); move the run folder away (the run then "
+                "starts over)"
+            ) from None
 
     def save_torch(self, filename: str, obj: Any) -> None:
         """``torch.save`` into the folder atomically (a kill never leaves half a file)."""
