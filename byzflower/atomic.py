@@ -1,10 +1,16 @@
-"""Write-then-rename for cache files that several writers may build at once."""
+"""Write-then-rename for cache files that several writers may build at once, and what reading one back
+raises when it is damaged."""
 
 from __future__ import annotations
 
 import os
 import threading
+import zipfile
 from pathlib import Path
+
+# What ``np.load`` of a damaged .npz cache raises (a copy cut short, a disk fault): a cut zip is
+# BadZipFile, which is neither OSError nor ValueError; a missing member KeyError; a cut member EOFError.
+DAMAGED_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 def tmp_beside(path: Path, suffix: str = ".tmp") -> Path:

@@ -63,6 +63,11 @@ def test_decoded_arrays_are_cached_with_their_sha256_and_checked(tmp_path):
     np.savez(cache, **arrays)
     with pytest.raises(DataError, match="does not match its recorded SHA-256"):
         load_hub_dataset(str(tmp_path / "grey"), tmp_path / "cache")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short: named, not a BadZipFile traceback
+    with pytest.raises(
+        DataError, match=r"arrays\.npz is damaged \(BadZipFile: .*delete it to decode the data set again"
+    ):
+        load_hub_dataset(str(tmp_path / "grey"), tmp_path / "cache")
 
 
 def test_unusable_folders_are_refused_with_the_reason(tmp_path):

@@ -149,6 +149,11 @@ def test_covtype_holds_out_a_seeded_tenth(tmp_path, clear_cache, monkeypatch):
     D.load_dataset.cache_clear()
     again = D.load_dataset("covtype", str(tmp_path))  # from features.npz: the same split
     assert np.array_equal(again.test_images, data.test_images)
+    cache = folder / "features.npz"
+    cache.write_bytes(cache.read_bytes()[:300])  # damaged (a copy cut short): parsed again, not a BadZipFile
+    D.load_dataset.cache_clear()
+    assert np.array_equal(D.load_dataset("covtype", str(tmp_path)).test_images, data.test_images)
+    assert cache.stat().st_size > 300  # and cached whole again
 
 
 def test_logistic_regression_on_ijcnn1_closes_the_optimality_gap(tmp_path, clear_cache):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byzflower.atomic import tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, tmp_beside
 from byzflower.data.libsvm import LIBSVM_SETS, LibsvmError, load_libsvm
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -391,7 +391,7 @@ def partition(
         with np.load(cache) as z:
             if version is None or str(z["version"]) == version:
                 return tuple(np.split(z["indices"], z["offsets"][1:-1]))
-    except (OSError, KeyError, ValueError):
+    except DAMAGED_NPZ:  # none yet, or damaged: split again
         pass
     if version is None:
         raise DataError(

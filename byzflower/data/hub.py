@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from byzflower.atomic import tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, tmp_beside
 from byzflower.data import DataError, DatasetSpec, ImageData, default_data_dir
 
 IMAGE_NAMES = ("image", "img")
@@ -162,8 +162,13 @@ def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_cache(cache: Path) -> dict[str, np.ndarray]:
-    with np.load(cache) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        with np.load(cache) as z:
+            arrays = {k: z[k] for k in z.files}
+    except DAMAGED_NPZ as exc:
+        raise DataError(
+            f"{cache} is damaged ({type(exc).__name__}: {exc}); delete it to decode the data set again"
+        ) from None
     if str(arrays.pop("sha256", "")) != _digest(arrays):
         raise DataError(f"{cache} does not match its recorded SHA-256; delete it to decode the data set again")
     return arrays

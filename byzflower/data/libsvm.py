@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from byzflower.atomic import tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, tmp_beside
 
 _F32_MAX = float(np.finfo(np.float32).max)
 BASE_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
@@ -175,7 +175,7 @@ def load_libsvm(spec: LibsvmSpec, folder: Path, log: Log = lambda _: None) -> di
         with np.load(cache) as z:
             if str(z["key"]) == key:
                 return {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-    except (OSError, KeyError, ValueError):
+    except DAMAGED_NPZ:  # none yet, or damaged: parsed again
         pass
     parsed = {}
     for name, rows in ((spec.train_file, spec.rows), (spec.test_file, spec.test_rows)):
