@@ -416,3 +416,17 @@ def test_damaged_run_folders_are_named_left_out_of_reports_and_stop_a_sweep_befo
     (tmp_path / "sgd-median-none" / "config.json").write_text("[1, 2]")
     with pytest.raises(RunFolderError, match=r"config\.json is damaged: a JSON list, not an object"):
         RunDirectory(tmp_path / "sgd-median-none").config()
+
+
+def test_a_sweep_run_that_fails_beside_a_damaged_summary_is_reported_and_the_sweep_goes_on(tmp_path, capsys):
+    """run_cell never raises: a failing run whose folder holds a damaged summary.json is returned as
+    failed, and the log says the failure could not be recorded there (was: the JSONDecodeError escaped)."""
+    from byzflower.experiments.sweep import run_cell
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "summary.json").write_text('{"status": "runn')
+    outcome = run_cell({"run-name": "bad", "results-dir": str(tmp_path), "lr": -1.0})
+    assert outcome["status"] == "failed" and "lr=-1.0 is outside the allowed range" in outcome["error"]
+    out = capsys.readouterr().out
+    assert f"could not record the failure in {folder / 'summary.json'}: Unterminated string" in out

@@ -177,7 +177,9 @@ def _run_cell(config: dict[str, Any], threads: int | None, quiet: bool) -> dict[
                     json.dumps({"status": "failed", "error": error, "traceback": traceback.format_exc()})
                 )
         except (OSError, ValueError) as unrecorded:  # a full disk, a damaged summary: said, and the sweep goes on
-            log(f"could not write {summary_path}: {unrecorded.strerror or unrecorded}")
+            log(
+                f"could not record the failure in {summary_path}: {getattr(unrecorded, 'strerror', None) or unrecorded}"
+            )
         return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
 
 
