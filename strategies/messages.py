@@ -7,7 +7,8 @@ Records (Flower Message API), by direction:
   ``BYZANTINE``: the omniscient attack, with the honest messages' statistics in ``content[STATS]``,
   arrays "mean" and "std", and ``HONEST_COUNT``);
 - node -> server: ``content[ROWS][ROWS]`` one (k, d) float32 array and ``content[WORKERS][IDS]`` the k
-  worker ids of its rows (``rows_content``);
+  worker ids of its rows (``rows_content``); in the first round of a resumed run, ``content[STATE][REBUILT]``
+  True when the node kept no readable state of the checkpoint and rebuilt its workers' state instead;
 - harness -> strategy: one reply per worker, ``content[GRADIENT]`` an ArrayRecord shaped like the
   model (``flat_to_arrays``).
 
@@ -27,6 +28,7 @@ PHASE, HONEST, BYZANTINE = "phase", "honest", "byzantine"
 SERVER_ROUND, HONEST_COUNT = "server-round", "honest-count"
 REBUILD = "rebuild"  # the node (re)joined mid-run: rebuild its workers' state at the model
 RESUME_FROM = "resume-from"  # a resumed run: put back the workers' state of this iteration
+STATE, REBUILT = "state", "rebuilt"  # a node's reply to RESUME_FROM: it had to rebuild that state
 
 
 def array(a: np.ndarray) -> Array:
@@ -81,11 +83,15 @@ def read_flat(
     return flat, "ok"
 
 
-def rows_content(workers: list[int], rows: np.ndarray) -> RecordDict:
-    """A node's reply: its workers' ids and their (k, d) messages, as float32."""
-    return RecordDict(
+def rows_content(workers: list[int], rows: np.ndarray, rebuilt: bool = False) -> RecordDict:
+    """A node's reply: its workers' ids and their (k, d) messages, as float32 (and, ``rebuilt``, that
+    it could not put back the checkpoint's state the server asked for)."""
+    content = RecordDict(
         {
             ROWS: ArrayRecord({ROWS: array(rows.astype(np.float32, copy=False))}),
             WORKERS: ConfigRecord({IDS: [int(w) for w in workers]}),
         }
     )
+    if rebuilt:
+        content[STATE] = ConfigRecord({REBUILT: True})
+    return content

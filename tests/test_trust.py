@@ -240,3 +240,115 @@ def test_the_first_iteration_rebuilds_whatever_state_a_node_holds(task_identity)
     grid = ScriptedGrid(TWO_NODES)
     _round(grid)
     assert all(m.content["config"]["rebuild"] for m in grid.sent if m.metadata.message_type == "train")
+
+
+def _rebuilt(grid, msg, honest):
+    """A node that says it kept no state of the checkpoint it was asked to put back."""
+    honest.content["state"] = ConfigRecord({"rebuilt": True})
+    return honest
+
+
+def _resume_instruction(iteration: int, resume_from: int):
+    msg = _instruction(iteration)
+    msg.content["config"]["resume-from"] = resume_from
+    return msg
+
+
+def test_workers_resumed_without_their_state_are_recorded_and_logged(task_identity):
+    """A resumed run's first round: a node that kept no state of the checkpoint (or found it damaged)
+    says so in its reply; its workers are named in the round's record and the log (they were rebuilt
+    at the checkpoint's model, so their numbers are not an uninterrupted run's). The flag means nothing
+    outside that round, and a reply that is dropped says nothing."""
+    lines: list[str] = []
+    grid = ScriptedGrid(TWO_NODES, behave={11: _rebuilt})
+    harness, _ = _round(grid, lines=lines)
+    assert harness.last_round.rebuilt == []  # not a resume round: the flag is not asked for
+    replies = list(harness.send_and_receive([_resume_instruction(6, 5)]))
+    assert _workers_seen(replies) == {float(w): 1 for w in range(6)}  # the rows are used as any others
+    assert harness.last_round.rebuilt == [3, 4, 5]  # node 11 hosts workers 3..5
+    assert any(
+        "round 6: workers [3, 4, 5] resumed without their state of the checkpoint (iteration 5" in x for x in lines
+    )
+
+    def rebuilt_but_foreign(grid, msg, honest):  # dropped whole (foreign ids): its flag counts for nothing
+        honest = _rebuilt(grid, msg, honest)
+        honest.content["workers"] = ConfigRecord({"ids": [0, 1, 2]})
+        return honest
+
+    grid.behave[11] = rebuilt_but_foreign
+    list(harness.send_and_receive([_resume_instruction(7, 5)]))
+    assert harness.last_round.rebuilt == [] and harness.last_round.rejected == {"foreign-ids": 1}
+
+
+def test_the_client_app_says_when_it_could_not_put_back_the_checkpoints_state(
+    tmp_path, monkeypatch, mnist, task_identity
+):
+    """byzflower's ClientApp function, on real Flower messages: asked to resume from a checkpoint it
+    does not hold, it rebuilds its workers' state and says so; holding it, it puts it back and says
+    nothing."""
+    from flwr.app import Context
+
+    from byzflower.config import resolve
+    from byzflower.flower import client_app
+    from byzflower.flower.node import NodeWorkers
+    from strategies.messages import flat_to_arrays
+
+    monkeypatch.setenv("BYZFLOWER_STATE_DIR", str(tmp_path))
+    run_config = {"optimizer": "saga", "num-honest": 4, "num-byzantine": 2, "attack": "sign-flip", "seed": 3}
+    run_config |= {"run-name": "resumed", "checkpoint-every": 5}
+    context = Context(77, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), run_config)
+    grads = NodeWorkers(resolve(run_config), 0, 1, 0).grads
+    x = grads.initial_point().numpy()
+    arrays = flat_to_arrays(x, list(grads.names), [tuple(s) for s in grads.shapes])
+
+    def ask(iteration: int, **config) -> Message:
+        content = RecordDict(
+            {"arrays": arrays, "config": ConfigRecord({"server-round": iteration, "phase": "honest", **config})}
+        )
+        msg = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+        return client_app.train(msg, context)
+
+    client_app._NODES.clear()
+    try:
+        fresh = ask(6, **{"resume-from": 5})  # nothing kept for iteration 5
+        assert fresh.content["state"]["rebuilt"] is True
+        assert sorted(fresh.content["workers"]["ids"]) == [0, 1, 2, 3]  # sign-flip: Byzantine rows come later
+        ask(5)  # iteration 5 of a named run with checkpoint-every 5: the node keeps its state
+        client_app._NODES.clear()  # a new ClientApp process
+        restored = ask(6, **{"resume-from": 5})
+        assert "state" not in restored.content
+    finally:
+        client_app._NODES.clear()
+
+
+def test_rebuilt_workers_reach_the_records_the_summary_and_a_checkpoint(tmp_path, mnist):
+    """What the server does with a round's rebuilt workers: named in that evaluation's record
+    (``rebuilt_workers``; [] otherwise, in both engines), counted and warned about in summary.json,
+    and carried by the recorder's checkpoint state until the evaluation that writes them."""
+    import json
+
+    import torch
+
+    from byzflower.config import resolve
+    from byzflower.factory import dataset_of, gradients_of, recorder_of
+
+    cfg = resolve({"num-honest": 4, "num-byzantine": 2, "eval-every": 2, "results-dir": str(tmp_path), "run-name": "r"})
+    data = dataset_of(cfg)
+    grads = gradients_of(cfg, data, torch.device("cpu"))
+    recorder = recorder_of(cfg, data, grads, torch.device("cpu"), lambda _: None)
+    x = grads.initial_point()
+    recorder.begin(1)
+    recorder.evaluate(0, x)
+    recorder.observe(1, None, None, {}, {}, rebuilt=[3, 4, 5])
+    state = recorder.state_dict()  # a checkpoint between the round and the evaluation
+    recorder.observe(2, None, None, {}, {})
+    first = recorder.evaluate(2, x)
+    recorder.observe(3, None, None, {}, {})
+    second = recorder.evaluate(4, x)
+    assert first["rebuilt_workers"] == [3, 4, 5] and second["rebuilt_workers"] == []
+    restored = recorder_of(cfg, data, grads, torch.device("cpu"), lambda _: None, recorder.run)
+    restored.load_state_dict(json.loads(json.dumps(state)))
+    assert restored.evaluate(2, x)["rebuilt_workers"] == [3, 4, 5]
+    summary = recorder.finish("finished")
+    assert summary["totals"]["rebuilt_workers"] == 3
+    assert any("3 worker(s) resumed without their checkpoint's state" in w for w in summary["warnings"])

@@ -71,8 +71,8 @@ def _flat(arrays: ArrayRecord, names: list[str]) -> torch.Tensor:
     return torch.from_numpy(flat)
 
 
-def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor) -> Message:
-    return Message(rows_content(workers, rows.detach().cpu().numpy()), reply_to=msg)
+def rows_reply(msg: Message, workers: list[int], rows: torch.Tensor, rebuilt: bool = False) -> Message:
+    return Message(rows_content(workers, rows.detach().cpu().numpy(), rebuilt), reply_to=msg)
 
 
 @app.query("discover")
@@ -97,10 +97,11 @@ def train(msg: Message, context: Context) -> Message:
     phase = config.get(PHASE)
     iteration = int(config[SERVER_ROUND])
     if phase == HONEST:
+        rebuilt = False
         if config.get(REBUILD, False):  # this node (re)joined mid-run: its state is rebuilt at x
             node.reset()
         elif int(config.get(RESUME_FROM, 0)):  # a resumed named run: the state of its checkpoint
-            node.restore(int(config[RESUME_FROM]))
+            rebuilt = not node.restore(int(config[RESUME_FROM]))  # none kept (or damaged): said in the reply
         x = _flat(msg.content[ARRAYS], node.grads.names)
         workers, rows = list(node.honest_ids), [node.honest_messages(x, iteration)]
         if node.byzantine_ids and not node.omniscient:  # attacks that need no knowledge go in the same round
@@ -109,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         every = int(node.cfg["checkpoint-every"])
         if node.cfg["run-name"] and every and iteration % every == 0:
             node.checkpoint(iteration)  # the server checkpoints this iteration too
-        return rows_reply(msg, workers, torch.cat(rows))
+        return rows_reply(msg, workers, torch.cat(rows), rebuilt)
     if phase == BYZANTINE:
         stats_record = msg.content[STATS]
         honest = torch.from_numpy(decode(stats_record["honest"]).copy()) if "honest" in stats_record else None

@@ -33,8 +33,11 @@ from strategies.messages import (
     IDS,
     PHASE,
     REBUILD,
+    REBUILT,
+    RESUME_FROM,
     ROWS,
     SERVER_ROUND,
+    STATE,
     STATS,
     WORKERS,
     array,
@@ -69,6 +72,7 @@ class RoundRecord:
     order: list[int]  # worker ids in the order the Strategy received them
     missing: list[int] = field(default_factory=list)  # workers whose message did not arrive
     rejected: dict[str, int] = field(default_factory=dict)  # dropped node replies by reason
+    rebuilt: list[int] = field(default_factory=list)  # workers resumed without their checkpoint's state
 
 
 def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
@@ -318,7 +322,15 @@ class Harness(Grid):
                 phase_config = {**config, PHASE: HONEST, REBUILD: nid in self.rebuild or iteration == 1}
                 content = RecordDict({ARRAYS: template, CONFIG: ConfigRecord(phase_config)})
                 phase1.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN))
-        self._exchange(phase1, expected, dim, timeout, rows, rejected)
+        rebuilt: set[int] = set()
+        resumed = int(config.get(RESUME_FROM, 0))
+        self._exchange(phase1, expected, dim, timeout, rows, rejected, rebuilt if resumed else None)
+        if rebuilt:
+            self.log(
+                f"round {iteration}: workers {sorted(rebuilt)} resumed without their state of the checkpoint "
+                f"(iteration {resumed}: their nodes kept none, or it was damaged); it was rebuilt at the "
+                "checkpoint's model, so their SAGA/SVRG/SARAH messages differ from an uninterrupted run's"
+            )
         # A node that did not answer may have restarted (with authentication it keeps its node id):
         # its workers' state is rebuilt at the model when it answers again.
         self.rebuild = {nid for nid, asked in expected.items() if asked[0] not in rows}
@@ -345,7 +357,9 @@ class Harness(Grid):
         order = [w for w in role_blind_order(self.seed, iteration, self.layout.num_workers) if w in rows]
         out = [Message(RecordDict({GRADIENT: flat_to_arrays(rows[w], keys, shapes)}), reply_to=anchor) for w in order]
         missing = sorted(set(range(self.layout.num_workers)) - set(rows))
-        self.last_round = RoundRecord(honest, list(self.layout.byzantine_ids), order, missing, rejected)
+        self.last_round = RoundRecord(
+            honest, list(self.layout.byzantine_ids), order, missing, rejected, sorted(rebuilt)
+        )
         if missing or rejected:
             shown = ", ".join(f"{k} {v}" for k, v in rejected.items())
             self.log(
@@ -372,8 +386,10 @@ class Harness(Grid):
         timeout: float | None,
         rows: dict[int, np.ndarray],
         rejected: dict[str, int],
+        rebuilt: set[int] | None = None,
     ) -> None:
-        """Send one phase and keep, from each asked node's first reply, exactly the asked rows."""
+        """Send one phase and keep, from each asked node's first reply, exactly the asked rows (and,
+        given ``rebuilt``, the workers of the replies that say their state was rebuilt)."""
         if not messages:
             return
         sent = _push(self.grid, messages)
@@ -391,10 +407,21 @@ class Harness(Grid):
                 got, reason = node_rows(reply, expected[nid], dim)
                 if got is not None:
                     rows.update(got)
+                    if rebuilt is not None and _says_rebuilt(reply):
+                        rebuilt.update(got)
             if nid is not None:
                 answered.add(reply.metadata.reply_to_message_id)
             if reason is not None:
                 rejected[reason] = rejected.get(reason, 0) + 1
+
+
+def _says_rebuilt(reply: Message) -> bool:
+    """Whether an accepted reply says its workers' state was rebuilt (a record, not a trust decision:
+    the rows are checked as any others)."""
+    try:
+        return reply.content[STATE][REBUILT] is True
+    except Exception:  # absent, or not a ConfigRecord: says nothing
+        return False
 
 
 def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.ndarray] | None, str | None]:

@@ -161,7 +161,7 @@ def _resume(recorder: Recorder, strategy: RobustSGD) -> torch.Tensor:
     recorder.run.truncate_records(after=t)  # records written after the checkpoint are recomputed
     strategy.round_offset = t
     recorder.resumed(t + 1)
-    _say("the nodes rebuild their workers' state at the checkpoint's model where they kept none")
+    _say("the nodes put back their workers' state of the checkpoint; any that kept none say so (rebuilt_workers)")
     return state["x"]
 
 
@@ -203,6 +203,7 @@ def _evaluation(cfg, recorder: Recorder, strategy: RobustSGD, harness: Harness, 
                 info,
                 missing=None if rec is None else rec.missing,
                 shares=shares,
+                rebuilt=None if rec is None else rec.rebuilt,
             )
         record = None
         if recorder.due(server_round):

@@ -102,6 +102,7 @@ class Recorder:
     def _reset_interval(self) -> None:
         self._variances: list[float] = []
         self._missing: set[int] = set()
+        self._rebuilt: set[int] = set()
         self._counts: dict[str, float] = {}
         self._latest: dict[str, Any] = {}
 
@@ -115,14 +116,19 @@ class Recorder:
         honest_mean: torch.Tensor | None = None,
         missing: list[int] | None = None,
         shares: dict[int, float] | None = None,
+        rebuilt: list[int] | None = None,
     ) -> None:
         """Note one iteration: the honest messages (H, d) (and their mean, when known), the
-        aggregate (d,), strategy counts, the workers whose message did not arrive.
+        aggregate (d,), strategy counts, the workers whose message did not arrive, the workers
+        resumed without their checkpoint's state (Flower: their nodes kept none).
 
         The figures stay tensors on the messages' device until an evaluation reads them, so
         observing an iteration never waits for a GPU."""
         if missing:
             self._missing.update(missing)
+        if rebuilt:
+            self._rebuilt.update(rebuilt)
+            self.totals["rebuilt-workers"] = self.totals.get("rebuilt-workers", 0) + len(rebuilt)
         if shares:  # each aggregated worker's share of the aggregate (detection)
             self.suspicion.observe(shares)
         for k, v in counts.items():
@@ -146,6 +152,7 @@ class Recorder:
             **interval,
             "variances": _floats(interval["variances"]),
             "missing": sorted(interval["missing"]),
+            "rebuilt": sorted(interval["rebuilt"]),
             "latest": _plain(interval["latest"]),
             "last_eval_iteration": self._last_eval_iteration,
             "elapsed": time.perf_counter() - self.started,
@@ -154,7 +161,14 @@ class Recorder:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.load_interval_state({**state, "missing": state.get("missing", []), "totals": state.get("totals", {})})
+        self.load_interval_state(
+            {
+                **state,
+                "missing": state.get("missing", []),
+                "rebuilt": state.get("rebuilt", []),
+                "totals": state.get("totals", {}),
+            }
+        )
         self._last_eval_iteration = int(state["last_eval_iteration"])
         self.started = time.perf_counter() - float(state["elapsed"])
         self._interval_start = time.perf_counter()
@@ -172,6 +186,7 @@ class Recorder:
             "variances": list(self._variances),
             "counts": dict(self._counts),
             "missing": set(self._missing),
+            "rebuilt": set(self._rebuilt),
             "totals": dict(self.totals),
             "latest": dict(self._latest),
             "suspicion": self.suspicion.state_dict(),
@@ -181,6 +196,7 @@ class Recorder:
         self._variances = list(state["variances"])
         self._counts = dict(state["counts"])
         self._missing = set(state["missing"])
+        self._rebuilt = set(state.get("rebuilt", ()))
         self.totals = dict(state["totals"])
         self._latest = dict(state["latest"])
         if "suspicion" in state:
@@ -214,6 +230,7 @@ class Recorder:
             "attack": self.cfg["attack"],
             "byzantine_ids": list(self.byzantine_ids),
             "missing_workers": sorted(self._missing),
+            "rebuilt_workers": sorted(self._rebuilt),
             **{k: v for k, v in self._latest.items() if k.startswith("rule_")},
             **{k.replace("-", "_"): v for k, v in self._counts.items()},
         }
@@ -286,6 +303,12 @@ class Recorder:
         lost = int(self.totals.get("missing-messages", 0))
         if lost:
             out.append(f"{lost} worker message(s) never arrived (see missing_workers in metrics.jsonl)")
+        rebuilt = int(self.totals.get("rebuilt-workers", 0))
+        if rebuilt:
+            out.append(
+                f"{rebuilt} worker(s) resumed without their checkpoint's state, rebuilt at its model (see "
+                "rebuilt_workers in metrics.jsonl): their SAGA/SVRG/SARAH numbers differ from an uninterrupted run's"
+            )
         dropped = {k: int(v) for k, v in self.totals.items() if k.startswith(("dropped-", "rejected-")) and v}
         if dropped:
             out.append(
