@@ -173,12 +173,14 @@ def test_superlink_and_its_children_are_stopped():
 
 
 def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(superlink, tmp_path):
+    """Mini-batch SGD + GM under Gaussian through Flower gives the local engine's numbers; mean under
+    zero-gradient freezes the model (checked on the local engine: the engines' parity for SGD and
+    mean is shown by the runs above and the deployment tests; one Flower run fewer, ~25 s)."""
     attacked = {"attack": "zero-gradient", "aggregator": "mean", "num-byzantine": 8}
-    frozen, frozen_dir = _run(superlink, tmp_path, "zero-mean", 2, **attacked)
     gaussian = {**attacked, "attack": "gaussian", "aggregator": "gm", "optimizer": "batch-sgd"}
     robust, robust_dir = _run(superlink, tmp_path, "gauss-gm", 2, **gaussian)
-    assert frozen.ok and robust.ok, (frozen.output[-2000:], robust.output[-2000:])
-    stuck = _metrics(frozen_dir)
+    assert robust.ok, robust.output[-2000:]
+    stuck = _local_metrics(tmp_path, "zero-mean", **attacked)
     # every message sums to zero: the mean is 0 and the model never moves
     assert {r["test_accuracy"] for r in stuck} == {stuck[0]["test_accuracy"]}
     assert stuck[-1]["attack"] == "zero-gradient" and stuck[-1]["byzantine_ids"] == list(range(20, 28))
@@ -187,9 +189,7 @@ def test_zero_gradient_freezes_mean_aggregation_and_gm_learns_under_gaussian(sup
     learned = _metrics(robust_dir)
     assert learned[-1]["test_accuracy"] > 0.5 and learned[-1]["rule_iterations"] >= 1
     assert learned[-1]["aggregate_distance"] < learned[-1]["honest_mean_norm"]
-    # the in-process engine gives the same numbers (SGD, mini-batch SGD)
-    _close(stuck, _local_metrics(tmp_path, "zero-mean", **attacked))
-    _close(learned, _local_metrics(tmp_path, "gauss-gm", **gaussian))
+    _close(learned, _local_metrics(tmp_path, "gauss-gm", **gaussian))  # the in-process engine's numbers
 
 
 def _local_metrics(tmp_path, name, **overrides):
@@ -245,7 +245,7 @@ def _close(flower, local):
     ids=["svrg+gaussian+user-model", "sarah+label-flip+monna"],  # SAGA: the resume test below
 )
 def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, overrides, federation):
-    overrides = {**overrides, "num-server-rounds": 8, "eval-every": 4}
+    overrides = {**overrides, "num-server-rounds": 6, "eval-every": 3}  # past SVRG's snapshot at 5, SARAH's restart
     config = {**BASE, **overrides, "results-dir": str(tmp_path), "run-name": "flower"}
     outcome = superlink.run(APP, config, federation, timeout=400)
     assert outcome.ok, outcome.output[-3000:]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import byzflower.experiments.sweep as sweep_module
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
@@ -113,17 +114,21 @@ def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
 @pytest.mark.parametrize("backend", ["ray", "processes"])
 def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend, monkeypatch):
     """Also: a `ray start` that left its address recorded (here a dead one) does not capture the sweep's
-    Ray, which ``ray.init()`` would join (and fail: 'num_cpus ... must not be provided')."""
+    Ray, which ``ray.init()`` would join (and fail: 'num_cpus ... must not be provided'); and --jobs
+    beyond the runs (10**20 for 2) takes one slot per run (Ray's num_cpus, each run's threads)."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths live below it
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    launcher = "_ray_runs" if backend == "ray" else "_process_runs"
+    slots, original = [], getattr(sweep_module, launcher)
+    monkeypatch.setattr(sweep_module, launcher, lambda jobs, *rest: slots.append(jobs) or original(jobs, *rest))
     cells = grid(["sgd", "batch-sgd"], ["median"], ["ipm"])
     try:
-        outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=2, say=lambda _: None, backend=backend)
+        outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, jobs=10**20, say=lambda _: None, backend=backend)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert [o["status"] for o in outcomes] == ["finished", "finished"]
+    assert [o["status"] for o in outcomes] == ["finished", "finished"] and slots == [2]
     sequential = tmp_path / "seq"
     run_sweep(cells[:1], _sweep_overrides(), sequential, say=lambda _: None)
     assert _records(tmp_path / "sgd-median-ipm" / "metrics.jsonl") == _records(

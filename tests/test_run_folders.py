@@ -18,10 +18,8 @@ import time
 import pytest
 import torch
 
-import byzflower.experiments.sweep as sweep_module
 from byzflower.config import resolve
 from byzflower.engine import LocalRun, RunExists, open_run, run_local
-from byzflower.experiments.sweep import grid, run_sweep
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 from byzflower.records.results import RunDirectory, RunFolderError
 
@@ -143,30 +141,6 @@ def test_command_line_numbers_out_of_range_are_refused_before_anything_starts(
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []  # no run folder, no SuperLink home, no credentials
-
-
-def test_more_sweep_jobs_than_runs_take_one_slot_per_run(tmp_path, mnist):
-    """--jobs beyond the runs (here 10**20 for 2) is capped at the runs: Ray's num_cpus and each run's
-    threads are sized for the runs there are."""
-    seen = []
-    original = sweep_module._process_runs
-
-    def spy(jobs, *args):
-        seen.append(jobs)
-        return original(jobs, *args)
-
-    cells = grid(["sgd"], ["mean"], ["none", "sign-flip"])
-    overrides = {
-        "num-honest": 4,
-        "num-byzantine": 1,
-        "num-server-rounds": 2,
-        "eval-every": 1,
-        "eval-train-samples": 200,
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep_module, "_process_runs", spy)
-        outcomes = run_sweep(cells, overrides, tmp_path / "s", jobs=10**20, backend="processes", say=lambda _: None)
-    assert seen == [2] and [o["status"] for o in outcomes] == ["finished", "finished"]
 
 
 def test_an_ipv6_ray_address_is_taken_as_ray_writes_it():
