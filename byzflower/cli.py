@@ -145,7 +145,10 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 
     if not 1 <= args.supernodes <= MAX_WORKERS:
         raise ConfigError(f"--supernodes={args.supernodes} must be 1..{MAX_WORKERS} (one key pair per device)")
-    c = make_credentials(args.folder, args.host, args.supernodes)
+    try:
+        c = make_credentials(args.folder, args.host, args.supernodes)
+    except ValueError as exc:  # a host that no certificate can name
+        raise ConfigError(f"--host: {exc}") from None
     print(f"CA certificate (to every device and the flwr CLI): {c.ca_cert}")
     print(f"SuperLink certificate and key: {c.server_cert}, {c.server_key}  (valid for {', '.join(args.host)})")
     for i, key in enumerate(c.node_keys):

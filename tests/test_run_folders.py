@@ -4,6 +4,7 @@ Bad input is refused before any folder exists, one process owns a run folder at 
 that fails or is interrupted after its folder exists says so in summary.json, and attackers at
 the extremes of float32 never make the model non-finite."""
 
+import ipaddress
 import json
 import math
 import os
@@ -121,15 +122,19 @@ def test_a_ray_address_is_checked_before_any_process_starts(
         (["sweep", "--jobs", "0"], "--jobs=0 must be >= 1"),
         (["sweep", "--jobs", "-3"], "--jobs=-3 must be >= 1"),
         (["credentials", "creds", "--host", "x", "--supernodes", str(10**9)], "--supernodes=1000000000 must be 1.."),
+        (["credentials", "creds", "--host", "", "--supernodes", "1"], "--host: host '' is not an IP address or a"),
+        (["credentials", "creds", "--host", "a b", "--supernodes", "1"], "host 'a b' is not an IP address or a DNS"),
+        (["credentials", "creds", "--host", "a" * 300, "--supernodes", "1"], "is not an IP address or a DNS name"),
     ],
 )
-def test_command_line_numbers_out_of_range_are_refused_before_anything_starts(
+def test_command_line_values_out_of_range_are_refused_before_anything_starts(
     tmp_path, mnist, monkeypatch, capsys, argv, message
 ):
     """Flower's simulation asked for more CPUs or GPUs per ClientApp than the machine has crashed with
     'ActorPool is empty' after its start-up (a traceback, a run folder); a 23-digit --supernodes ended in
     Flower's own error box; a 19-digit num-byzantine raised TypeError from a torch allocation; --jobs 0
-    or -3 ran one at a time without a word."""
+    or -3 ran one at a time without a word; an empty or 300-character --host raised ValueError from the
+    certificate library, and 'a b' made a certificate no device could match."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a SuperLink's home would appear
@@ -404,3 +409,18 @@ def test_a_sweep_run_that_fails_beside_a_damaged_summary_is_reported_and_the_swe
     assert outcome["status"] == "failed" and "lr=-1.0 is outside the allowed range" in outcome["error"]
     out = capsys.readouterr().out
     assert f"could not record the failure in {folder / 'summary.json'}: Unterminated string" in out
+
+
+def test_certificate_hosts_are_ip_addresses_or_dns_names():
+    from cryptography import x509
+
+    from byzflower.flower.credentials import parse_host
+
+    assert parse_host("[::1]") == parse_host("::1") == x509.IPAddress(ipaddress.ip_address("::1"))
+    long_name = ".".join(["a" * 63] * 3) + ".org"  # 195 characters: more than a CN's 64, a valid DNS name
+    assert parse_host(long_name) == x509.DNSName(long_name) and parse_host("host.example.") == x509.DNSName(
+        "host.example"
+    )
+    for bad in ("", "a b", "-x.org", "x-.org", "a..b", "a" * 64 + ".org", ".".join(["a" * 63] * 4) + ".org", "é.org"):
+        with pytest.raises(ValueError, match="is not an IP address or a DNS name"):
+            parse_host(bad)

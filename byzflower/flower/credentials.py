@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,20 +49,32 @@ def _name(common: str) -> x509.Name:
     )
 
 
-def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_host(host: str) -> x509.GeneralName:
+    """A host as the certificate names it: an IP address (IPv6 with or without brackets) or a DNS name
+    (dot-separated labels of 1-63 letters, digits and '-', 253 characters at most); ValueError naming
+    it otherwise (a certificate for 'a b' or '' would never match the name devices connect to)."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return x509.IPAddress(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not 0 < len(name) <= 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(
+            f"host {host!r} is not an IP address or a DNS name (dot-separated labels of 1-63 letters, "
+            "digits and '-', 253 characters at most)"
+        )
+    return x509.DNSName(name)
 
 
 def make_credentials(folder: str | Path, hosts: list[str], supernodes: int, days: int = 365) -> Credentials:
     """A CA, a SuperLink certificate valid for ``hosts`` and ``supernodes`` node key pairs in ``folder``."""
     if not hosts:
         raise ValueError("the SuperLink certificate needs at least one host name or IP address")
+    alt_names = [parse_host(h) for h in hosts]  # before anything is written
     if supernodes < 0:
         raise ValueError(f"supernodes={supernodes} must be >= 0")
     folder = Path(folder)
@@ -98,13 +111,13 @@ def make_credentials(folder: str | Path, hosts: list[str], supernodes: int, days
     server_key = ec.generate_private_key(ec.SECP384R1())
     server = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
+        .subject_name(_name("byzflower SuperLink"))  # (a host may exceed the 64 characters a CN allows)
         .issuer_name(ca.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
