@@ -122,6 +122,8 @@ class LocalRun:
         self.start = 1
         if resume and (run.path / CHECKPOINT).exists():
             self._restore()
+        elif resume:  # killed before its first checkpoint: it starts over, its records too (as in Flower)
+            run.truncate_records(after=-1)
 
     # -- one iteration ---------------------------------------------------------------------------
     def messages(self, t: int) -> tuple[torch.Tensor, HonestStats, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 
 import byzflower.experiments.sweep as sweep_module
 from byzflower.config import ConfigError, resolve
-from byzflower.engine import run_local
+from byzflower.engine import LocalRun, run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
 from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
@@ -79,6 +79,26 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
     assert at % 40 == 1 and at > 1  # right after a checkpoint (every 40)
     assert resumed == _records(tmp_path / "straight" / "metrics.jsonl")
     assert not (tmp_path / "killed" / "checkpoint.pt").exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_with_its_records(tmp_path):
+    """Named, killed after some evaluations but before any checkpoint, started again: it runs from the
+    start and its records are the uninterrupted run's, each iteration once (they were appended after the
+    old ones: 0, 2, 0, 2, 4; the Flower engine already started over)."""
+    overrides = {**RUN, "num-server-rounds": 4, "eval-every": 2, "checkpoint-every": 0, "results-dir": str(tmp_path)}
+    run_local(resolve({**overrides, "run-name": "straight"}), log=lambda _: None)
+    cfg = resolve({**overrides, "run-name": "killed"})
+    first = LocalRun(cfg, log=lambda _: None)
+    first.recorder.begin(1)
+    first.recorder.evaluate(0, first.x)
+    for t in (1, 2):
+        first.step(t)
+    first.recorder.evaluate(2, first.x)
+    first.run_dir.unlock()  # as the kernel does for a killed process
+    assert run_local(cfg, log=lambda _: None)["status"] == "finished"
+    again = _records(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["iteration"] for r in again] == [0, 2, 4]
+    assert again == _records(tmp_path / "straight" / "metrics.jsonl")
 
 
 def _sweep_overrides():
