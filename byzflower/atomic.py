@@ -1,9 +1,10 @@
-"""Write-then-rename for cache files that several writers may build at once, and what reading one back
-raises when it is damaged."""
+"""Write-then-rename for cache files that several writers may build at once, and what reading a saved
+file back raises when it is damaged."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import zipfile
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 # What ``np.load`` of a damaged .npz cache raises (a copy cut short, a disk fault): a cut zip is
 # BadZipFile, which is neither OSError nor ValueError; a missing member KeyError; a cut member EOFError.
 DAMAGED_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
+# What ``torch.load`` of a damaged file raises: torch's zip reader RuntimeError, a cut pickle EOFError or
+# UnpicklingError.
+DAMAGED_TORCH = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
 
 
 def tmp_beside(path: Path, suffix: str = ".tmp") -> Path:

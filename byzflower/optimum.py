@@ -13,13 +13,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import pickle
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from byzflower.atomic import tmp_beside
+from byzflower.atomic import DAMAGED_TORCH, tmp_beside
 from byzflower.config import RunConfig
 from byzflower.data import ImageData, dataset_folder
 from byzflower.models import build_model
@@ -77,7 +76,7 @@ class HonestObjective:
         """The cached minimum; None when there is none or it is damaged (then solved again)."""
         try:
             return float(torch.load(self.cache, weights_only=True)["value"]) if self.cache.exists() else None
-        except (RuntimeError, EOFError, ValueError, KeyError, TypeError, pickle.UnpicklingError):
+        except (*DAMAGED_TORCH, KeyError, TypeError):  # (or not the dict this class saves)
             return None
 
     def _minimum(self) -> float:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
+from byzflower.atomic import DAMAGED_TORCH
 from byzflower.config import RunConfig
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of
 from byzflower.flower.node_state import mapped_allocator, run_state_dir, state_key
@@ -52,7 +52,7 @@ class NodeWorkers(HostedWorkers):
         path = self._checkpoint_path(iteration)
         try:
             saved = torch.load(path, weights_only=False) if path.exists() else None
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        except DAMAGED_TORCH:
             saved = None  # damaged (a disk fault): as if this node had kept nothing
         if saved is None:
             self.reset()

@@ -196,7 +196,7 @@ class Recorder:
         self._variances = list(state["variances"])
         self._counts = dict(state["counts"])
         self._missing = set(state["missing"])
-        self._rebuilt = set(state.get("rebuilt", ()))
+        self._rebuilt = set(state["rebuilt"])
         self.totals = dict(state["totals"])
         self._latest = dict(state["latest"])
         if "suspicion" in state:

@@ -7,10 +7,11 @@ import fcntl
 import json
 import math
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
+
+from byzflower.atomic import DAMAGED_TORCH
 
 
 def default_results_dir() -> Path:
@@ -221,7 +222,7 @@ class RunDirectory:
         path = self.path / filename
         try:
             return torch.load(path, weights_only=False)
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        except DAMAGED_TORCH as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DamagedRunFolder(
                 f"{path} is damaged: torch cannot read it back ({why}); move the run folder away (the run then "
