@@ -26,7 +26,7 @@ import torch
 
 from clients.gradients import ModelGradients, SampleGrads
 from clients.rng import derive_seed, draw_base, uniform_ints_at
-from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks
+from clients.workers import CHUNK, SAMPLE_BLOCK, Chunk, WorkerData, chunks, take
 
 Allocator = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 _AHEAD, _AHEAD_DRAWS = 256, 1 << 16  # sample draws made ahead on the CPU: iterations, draws at most
@@ -164,7 +164,7 @@ class Estimator:
 
     def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
         flat = rows.reshape(-1)
-        return self.grads.sample_grads(x, self.data.input_rows(flat), self.data.targets[flat])
+        return self.grads.sample_grads(x, self.data.input_rows(flat), take(self.data.targets, flat))
 
     def _write(
         self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor, old: SampleGrads | None = None
@@ -193,7 +193,7 @@ class Estimator:
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x_new.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x_new.device)
         for ch in self._chunks:
-            r = rows[ch.rows]
+            r = take(rows, ch.rows)
             self._write(out, ch, self._chunk_grads(x_new, r), w, old=self._chunk_grads(x_old, r))
         return out
 
@@ -202,7 +202,7 @@ class Estimator:
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x.device)
         for ch in self._chunks:
-            self._write(out, ch, self._chunk_grads(x, rows[ch.rows]), w)
+            self._write(out, ch, self._chunk_grads(x, take(rows, ch.rows)), w)
         return out
 
     def full_gradients(
@@ -282,11 +282,11 @@ class SAGA(Estimator):
         inputs = []
         for i, store in enumerate(self._store_input):
             if store:
-                inputs.append(self.state[f"table.input{i}"][srows].to(dev))
+                inputs.append(take(self.state[f"table.input{i}"], srows).to(dev))
             else:
                 inputs.append(self.data.input_rows(rows).reshape(rows.numel(), -1))
-        deltas = [self.state[f"table.delta{i}"][srows].to(dev) for i in range(len(self._store_input))]
-        dense = self.state["table.dense"][srows].to(dev) if "table.dense" in self.state else None
+        deltas = [take(self.state[f"table.delta{i}"], srows).to(dev) for i in range(len(self._store_input))]
+        dense = take(self.state["table.dense"], srows).to(dev) if "table.dense" in self.state else None
         return SampleGrads(inputs, deltas, dense)
 
     def _store_rows(self, rows: torch.Tensor, grads: SampleGrads) -> None:
@@ -315,7 +315,7 @@ class SAGA(Estimator):
         delta = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         exact: dict[int, torch.Tensor] = {}
         for ch, samples in zip(self._chunks, self._sample_index, strict=True):
-            r = rows[ch.rows]
+            r = take(rows, ch.rows)
             new = self._chunk_grads(x, r)
             old = self._table_rows(r.reshape(-1))
             self._write(delta, ch, new, w, old=old)  # (1/b) sum_j (new_j - old_j)

@@ -53,9 +53,9 @@ class SampleGrads:
     def select(self, index: torch.Tensor) -> SampleGrads:
         """The rows ``index`` (a (m,) int64 tensor)."""
         return SampleGrads(
-            [a[index] for a in self.inputs],
-            [g[index] for g in self.deltas],
-            None if self.dense is None else self.dense[index],
+            [a.index_select(0, index) for a in self.inputs],
+            [g.index_select(0, index) for g in self.deltas],
+            None if self.dense is None else self.dense.index_select(0, index),
         )
 
 

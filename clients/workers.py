@@ -15,6 +15,16 @@ CHUNK = 25
 SAMPLE_BLOCK = 512
 
 
+def take(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]`` for int64 ``rows`` of any shape: (*rows.shape, *table.shape[1:]).
+
+    The same values as advanced indexing, by ``index_select``: a quarter of its cost on a CPU for
+    a small model's gathers (measured: 28 against 103 us for 125 MNIST images), paid every iteration."""
+    if rows.dim() == 1:  # the common case, without the reshapes' own cost
+        return table.index_select(0, rows)
+    return table.index_select(0, rows.reshape(-1)).view(*rows.shape, *table.shape[1:])
+
+
 @dataclass
 class WorkerData:
     """Samples of k workers, concatenated.
@@ -74,7 +84,7 @@ class WorkerData:
 
     def input_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The inputs of ``rows`` (any shape of int64 row numbers), shaped (*rows.shape, *input_shape)."""
-        return self.inputs[rows if self.source is None else self.source[rows]]
+        return take(self.inputs, rows if self.source is None else take(self.source, rows))
 
     @property
     def num_workers(self) -> int:

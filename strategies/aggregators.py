@@ -1132,7 +1132,7 @@ def _weighted_sum(messages: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
     float64 when the dtype's sum overflows)."""
     w = torch.from_numpy(np.asarray(weights, dtype=np.float64))
     out = w.to(device=messages.device, dtype=messages.dtype) @ messages
-    if kernels.reads_are_free(out) and bool(torch.isfinite(out).all()):
+    if kernels.reads_are_free(out) and kernels.all_finite(out):
         return out
     wide = (w.to(messages.device) @ messages.double()).to(messages.dtype)
     return wide if kernels.reads_are_free(out) else torch.where(torch.isfinite(out), out, wide)

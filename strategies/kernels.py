@@ -257,7 +257,7 @@ def centered_gram(messages: torch.Tensor) -> Gram:
         dtype, scale = _work_format(messages, top)
         center = center if worth else -1
         g = _raw_gram(messages, center, dtype, scale)
-    host = None
+    host, typical_sq = None, None
     if n > 2:
         gn = g.numpy()
         d2 = _pair_distances_np(gn)
@@ -269,10 +269,11 @@ def centered_gram(messages: torch.Tensor) -> Gram:
             center = best
             g = _raw_gram(messages, center, dtype, scale)
         else:
-            host = (gn, d2, medians)
+            host, typical_sq = (gn, d2, medians), quality
     # A float dot product of length d is off by about eps * sqrt(d) * |x| * |y|.
     eps = 4.0 * torch.finfo(dtype).eps * math.sqrt(d)
-    typical_sq = _lower_median(np.diag(g.numpy())) if n else 0.0
+    if typical_sq is None:  # (the centre's median squared distance, unless computed above for this matrix)
+        typical_sq = _lower_median(np.diag(g.numpy())) if n else 0.0
     gram = Gram(g, center, eps * max(typical_sq, 0.0), eps, wide=dtype != messages.dtype, scale=scale)
     gram._host = host
     return gram
@@ -407,13 +408,20 @@ def reads_are_free(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, read on the host: one summing pass where
+    ``isfinite(t).all()`` takes four (a finite sum proves every entry finite; entries whose sum
+    overflows are then checked one by one)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def safe_mean(messages: torch.Tensor) -> torch.Tensor:
     """The mean over rows in the messages' dtype; in float64 when their sum overflows the dtype
     (a mean of finite values is always representable)."""
     out = messages.mean(dim=0)
-    ok = torch.isfinite(out).all()
-    if reads_are_free(out) and bool(ok):
+    if reads_are_free(out) and all_finite(out):
         return out
+    ok = torch.isfinite(out).all()
     wide = messages.mean(dim=0, dtype=torch.float64).to(messages.dtype)
     return wide if reads_are_free(out) else torch.where(ok, out, wide)
 

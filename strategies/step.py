@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from strategies import kernels
 from strategies.aggregators import AggregationError, Rule
 
 
@@ -47,12 +48,12 @@ def server_step(
         result = rule(messages)
     except AggregationError as exc:
         return StepOutcome(point, failure=str(exc), reason="rule-error")
-    if not bool(torch.isfinite(result.vector).all()):
+    if not kernels.all_finite(result.vector):
         return StepOutcome(
             point, info=result.info, failure=f"{rule.name} returned a non-finite aggregate", reason="nonfinite"
         )
     moved = point - lr * result.vector.to(point)
-    if not bool(torch.isfinite(moved).all()):
+    if not kernels.all_finite(moved):
         return StepOutcome(
             point,
             info=result.info,

@@ -2,6 +2,7 @@
 defining properties, robustness, precision, and parameter validation."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -72,6 +73,26 @@ def ref_median(values):
 
 
 # -- hand-computed cases -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_is_isfinite_all_even_where_the_sum_overflows(dtype):
+    big = torch.finfo(dtype).max
+    cases = [
+        [1.0, -2.0, 3.0],
+        [big, big, big],  # finite entries whose sum overflows: checked one by one
+        [big, -big, big, -big],
+        [big, big, math.inf],
+        [1.0, math.nan, 2.0],
+        [-math.inf, 0.0],
+        [math.inf, -math.inf],  # inf - inf: a NaN sum
+        [],
+    ]
+    for case in cases:
+        t = torch.tensor(case, dtype=dtype)
+        assert kernels.all_finite(t) == bool(torch.isfinite(t).all()), case
+    assert kernels.all_finite(torch.full((3, 4), big, dtype=dtype))  # any shape
+    assert not kernels.all_finite(torch.tensor([[1.0, 2.0], [3.0, math.nan]], dtype=dtype))
+
+
 def test_hand_computed_cases():
     m = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0], [100.0, 100.0]], dtype=torch.float64)
     assert torch.equal(Mean()(m).vector, torch.tensor([20.8, 20.8], dtype=torch.float64))

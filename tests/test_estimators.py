@@ -5,7 +5,7 @@ from byzflower.models import build_model
 from clients.estimators import SGD
 from clients.gradients import ModelGradients
 from clients.rng import _MASK64, derive_seed, uniform_ints
-from clients.workers import CHUNK, WorkerData, chunks
+from clients.workers import CHUNK, WorkerData, chunks, take
 
 
 def _splitmix_ref(z):
@@ -35,6 +35,18 @@ def test_uniform_ints_are_in_range_and_uniform():
     freq = torch.bincount(draws.reshape(-1), minlength=7).double() / draws.numel()
     assert (freq - 1 / 7).abs().max() < 0.005  # 100,000 draws
     assert not torch.equal(draws, uniform_ints(1, torch.arange(200), 10, 500, torch.full((200,), 7)))
+
+
+def test_take_gathers_what_indexing_gathers_for_any_shape_of_rows():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 1, 3, 3, generator=gen)
+    for shape in [(7,), (5, 3), (2, 3, 4), (0,), (0, 5)]:
+        rows = torch.randint(0, 40, shape, generator=gen)
+        got = take(table, rows)
+        assert got.shape == (*shape, 1, 3, 3) and torch.equal(got, table[rows])
+    data = WorkerData.shared([0, 1], table, torch.arange(40), [torch.tensor([3, 9, 9]), torch.tensor([0, 39])])
+    rows = torch.tensor([[0, 2], [4, 3]])
+    assert torch.equal(data.input_rows(rows), table[data.source[rows]])  # partitioner='full': rows -> samples
 
 
 def _group(G, parts, ids):

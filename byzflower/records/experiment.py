@@ -98,6 +98,7 @@ class Recorder:
         self.totals: dict[str, float] = {}  # dropped / failed counts over the whole run
         self.suspicion = Suspicion(cfg.num_workers)  # detection: per-worker running suspicion
         self.finished = False
+        self._centred: torch.Tensor | None = None  # reused: a fresh (H, d) tensor each iteration page-faults
 
     def _reset_interval(self) -> None:
         self._variances: list[float] = []
@@ -137,13 +138,21 @@ class Recorder:
         latest: dict[str, Any] = {f"rule_{k.replace('-', '_')}": v for k, v in rule_info.items()}
         if honest is not None and honest.shape[0] > 0:
             mean = honest.mean(dim=0) if honest_mean is None else honest_mean
-            variance = torch.linalg.vector_norm(honest - mean).square().double() / honest.shape[0]
+            variance = torch.linalg.vector_norm(self._minus(honest, mean)).square().double() / honest.shape[0]
             self._variances.append(variance)
             latest["honest_variance"] = variance
             latest["honest_mean_norm"] = mean.norm()
             if aggregate is not None:
                 latest["aggregate_distance"] = (aggregate.to(mean.device) - mean).norm()
         self._latest = latest
+
+    def _minus(self, honest: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """honest - mean, written into a buffer kept between iterations (measured in the engine on
+        MNIST's logistic regression: 0.7 ms for a fresh 50 x 7,850 result, most of it page faults)."""
+        buf = self._centred
+        if buf is None or buf.shape != honest.shape or buf.dtype != honest.dtype or buf.device != honest.device:
+            buf = self._centred = torch.empty_like(honest)
+        return torch.sub(honest, mean, out=buf)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to keep recording as if it had never stopped."""
