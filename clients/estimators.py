@@ -162,9 +162,13 @@ class Estimator:
             self._ahead = first, rows = iteration, local + self.data.offsets[:-1, None]
         return rows[iteration - first]
 
-    def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
+    def _samples(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of ``rows`` (any shape), flattened to one sample per row."""
         flat = rows.reshape(-1)
-        return self.grads.sample_grads(x, self.data.input_rows(flat), take(self.data.targets, flat))
+        return self.data.input_rows(flat), take(self.data.targets, flat)
+
+    def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
+        return self.grads.sample_grads(x, *self._samples(rows))
 
     def _write(
         self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor, old: SampleGrads | None = None
@@ -193,8 +197,9 @@ class Estimator:
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x_new.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x_new.device)
         for ch in self._chunks:
-            r = take(rows, ch.rows)
-            self._write(out, ch, self._chunk_grads(x_new, r), w, old=self._chunk_grads(x_old, r))
+            samples = self._samples(take(rows, ch.rows))  # gathered once for both points
+            new, old = self.grads.sample_grads(x_new, *samples), self.grads.sample_grads(x_old, *samples)
+            self._write(out, ch, new, w, old=old)
         return out
 
     def _mean_grads(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -276,7 +281,9 @@ class SAGA(Estimator):
         self._add_state("gbar", (data.num_workers, grads.dim))
         self._sample_index = [ch.sample_index(self.batch_size) for ch in self._chunks]
 
-    def _table_rows(self, rows: torch.Tensor) -> SampleGrads:
+    def _table_rows(self, rows: torch.Tensor, fresh: SampleGrads) -> SampleGrads:
+        """The stored per-sample gradients of ``rows``; ``fresh``: the same rows' new gradients,
+        whose inputs a layer fed the data shares (not stored, not gathered twice)."""
         dev = self.data.device
         srows = rows.to(self.state["gbar"].device)
         inputs = []
@@ -284,7 +291,7 @@ class SAGA(Estimator):
             if store:
                 inputs.append(take(self.state[f"table.input{i}"], srows).to(dev))
             else:
-                inputs.append(self.data.input_rows(rows).reshape(rows.numel(), -1))
+                inputs.append(fresh.inputs[i])
         deltas = [take(self.state[f"table.delta{i}"], srows).to(dev) for i in range(len(self._store_input))]
         dense = take(self.state["table.dense"], srows).to(dev) if "table.dense" in self.state else None
         return SampleGrads(inputs, deltas, dense)
@@ -317,7 +324,7 @@ class SAGA(Estimator):
         for ch, samples in zip(self._chunks, self._sample_index, strict=True):
             r = take(rows, ch.rows)
             new = self._chunk_grads(x, r)
-            old = self._table_rows(r.reshape(-1))
+            old = self._table_rows(r.reshape(-1), new)
             self._write(delta, ch, new, w, old=old)  # (1/b) sum_j (new_j - old_j)
             # gbar += (1/J) sum over the distinct sampled j of (new_j - old_j), which is
             # (b/J) * delta unless a worker drew a sample twice: such workers get the exact sum.
