@@ -87,6 +87,17 @@ class LocalRun:
         if run is None:
             run, resume = open_run(cfg)
         self.run_dir = run
+        #: a named run's summary when it already finished: nothing is built, its folder stays as it is
+        self.done: dict[str, Any] | None = None
+        if resume:
+            try:
+                existing = run.summary()
+            except RunFolderError:  # damaged: said in one line, the folder left for the user to look at
+                run.unlock()
+                raise
+            if existing is not None and existing.get("status") == "finished":
+                self.done = existing
+                return
         try:
             self._build(cfg, run, resume)
         except BaseException as exc:  # the folder exists: it must say why nothing ran
@@ -263,6 +274,9 @@ class LocalRun:
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if self.done is not None:  # finished before: its summary, the folder untouched
+            self.run_dir.unlock()
+            return self.done
         rounds = int(self.cfg["num-server-rounds"])
         every = int(self.cfg["checkpoint-every"])
         try:
@@ -328,11 +342,9 @@ def run_local(cfg: RunConfig, log: Log = print) -> dict[str, Any]:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     local = LocalRun(cfg, log=log)
-    existing = local.run_dir.summary()
-    if existing is not None and existing.get("status") == "finished":
-        local.run_dir.unlock()
+    if local.done is not None:
         log(f"already finished: {local.run_dir.path}")
-        return existing
+        return local.run()
     summary = local.run()
     summary["engine_wall_s"] = round(time.perf_counter() - start, 3)
     return summary

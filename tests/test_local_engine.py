@@ -101,6 +101,63 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_its_records(t
     assert again == _records(tmp_path / "straight" / "metrics.jsonl")
 
 
+def test_a_finished_named_run_started_again_is_left_exactly_as_it_was(tmp_path):
+    """Run again under its name, a finished run is reported, not rebuilt: every file of its folder keeps
+    its bytes (the records were emptied: the start-over of a run killed before its first checkpoint
+    took the finished run, whose checkpoint is deleted at its end, for one)."""
+    cfg = resolve({**RUN, "num-server-rounds": 4, "eval-every": 2, "results-dir": str(tmp_path), "run-name": "done"})
+    first = run_local(cfg, log=lambda _: None)
+    folder = tmp_path / "done"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    lines = []
+    again = run_local(cfg, log=lines.append)
+    assert again["status"] == "finished" and again["final"] == first["final"]
+    assert lines == [f"already finished: {folder}"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    run = LocalRun(cfg, log=lambda _: None)  # the object itself builds nothing and runs nothing
+    assert run.done is not None and not hasattr(run, "workers")
+    assert run.run()["final"] == first["final"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_resumed_run_that_fails_before_it_starts_keeps_what_its_summary_said(tmp_path, monkeypatch):
+    """A named run interrupted at iteration 4 (checkpoint at 2), started again, fails while it is built:
+    summary.json says so, and still says what the folder holds (iterations, final record, totals), and the
+    records are untouched (it was a summary of 'iterations: 0' and nothing else)."""
+    import byzflower.engine as engine
+
+    cfg = resolve(
+        {**RUN, "num-server-rounds": 6, "eval-every": 2, "checkpoint-every": 2, "results-dir": str(tmp_path)}
+        | {"run-name": "again"}
+    )
+    first = LocalRun(cfg, log=lambda _: None)
+    step = first.step
+
+    def until_four(t: int) -> None:
+        if t == 5:
+            raise KeyboardInterrupt("stopped by SIGTERM")
+        step(t)
+
+    first.step = until_four
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    folder = tmp_path / "again"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["iterations"] == 4
+    records = (folder / "metrics.jsonl").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt("stopped by SIGINT")
+
+    monkeypatch.setattr(engine, "recorder_of", broken)
+    with pytest.raises(KeyboardInterrupt):
+        LocalRun(cfg, log=lambda _: None)
+    after = json.loads((folder / "summary.json").read_text())
+    assert after["status"] == "interrupted" and "SIGINT" in after["error"]
+    assert after["iterations"] == 4 and after["final"] == summary["final"] and after["totals"] == summary["totals"]
+    assert (folder / "metrics.jsonl").read_bytes() == records
+
+
 def _sweep_overrides():
     return {**RUN, "num-server-rounds": 6, "eval-every": 3}
 

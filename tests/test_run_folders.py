@@ -424,3 +424,28 @@ def test_certificate_hosts_are_ip_addresses_or_dns_names():
     for bad in ("", "a b", "-x.org", "x-.org", "a..b", "a" * 64 + ".org", ".".join(["a" * 63] * 4) + ".org", "é.org"):
         with pytest.raises(ValueError, match="is not an IP address or a DNS name"):
             parse_host(bad)
+
+
+@pytest.mark.parametrize("engine", ["local", "flower"])
+def test_a_named_run_with_a_damaged_summary_is_one_line_and_its_folder_is_left_unlocked(tmp_path, engine):
+    """Started again, a named run whose summary.json is not JSON is refused naming the file, before anything
+    is built, and the folder is released (the local engine read it after building; the ServerApp outside
+    its error handling, a traceback)."""
+    from byzflower.flower.server_app import _finished
+    from byzflower.records.results import DamagedRunFolder
+
+    cfg = resolve({**SMALL, "num-server-rounds": 2, "eval-every": 2, "results-dir": str(tmp_path), "run-name": "cut"})
+    run_local(cfg, log=lambda _: None)
+    (tmp_path / "cut" / "summary.json").write_text('{"status": "fini')
+    records = (tmp_path / "cut" / "metrics.jsonl").read_bytes()
+    with pytest.raises(DamagedRunFolder, match=r"summary\.json is damaged"):
+        if engine == "local":
+            LocalRun(cfg, log=lambda _: None)
+        else:
+            run, resume = open_run(cfg)
+            assert resume
+            _finished(run)
+    held = RunDirectory(tmp_path / "cut")
+    held.lock()  # free again
+    held.unlock()
+    assert (tmp_path / "cut" / "metrics.jsonl").read_bytes() == records

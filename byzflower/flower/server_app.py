@@ -53,9 +53,10 @@ def main(grid: Grid, context: Context) -> None:
         data = dataset_of(cfg)
         preflight(cfg)
         run, resume = _named_run(cfg)
+        done = resume and _finished(run)
     except (ConfigError, DataError, RunFolderError) as exc:
         _abort(exc)
-    if resume and (run.summary() or {}).get("status") == "finished":
+    if done:
         _say(f"already finished: {run.path}")
         run.unlock()
         return
@@ -107,6 +108,15 @@ def main(grid: Grid, context: Context) -> None:
         flwr_logger.removeFilter(quiet)
         if not recorder.finished:
             _finish(recorder, status, error, harness, grid)
+
+
+def _finished(run: RunDirectory) -> bool:
+    """Whether the named run's folder holds a finished run (a damaged summary: said, the folder unlocked)."""
+    try:
+        return (run.summary() or {}).get("status") == "finished"
+    except RunFolderError:
+        run.unlock()
+        raise
 
 
 def _named_run(cfg: RunConfig) -> tuple[RunDirectory | None, bool]:

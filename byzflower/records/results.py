@@ -45,9 +45,15 @@ def status_of(exc: BaseException) -> tuple[str, str]:
 
 
 def record_failure(run: RunDirectory, config: dict[str, Any], exc: BaseException) -> None:
-    """A summary for a run that stopped before its recorder existed."""
+    """A summary for a run that stopped before its recorder existed. A resumed run's folder keeps
+    what its earlier summary said of the records there (iterations, final record, totals, warnings):
+    only the status and the error are this attempt's."""
     status, error = status_of(exc)
-    run.write_json("summary.json", {"status": status, "error": error, "iterations": 0, "config": config})
+    try:
+        earlier = run.summary() or {}
+    except RunFolderError:  # damaged: nothing in it to keep
+        earlier = {}
+    run.write_json("summary.json", {"iterations": 0, **earlier, "status": status, "error": error, "config": config})
 
 
 class RunFolderError(RuntimeError):
