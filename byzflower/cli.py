@@ -141,12 +141,14 @@ def _check_client_resources(cpus: int, gpus: float) -> None:
 
 
 def _cmd_credentials(args: argparse.Namespace) -> int:
-    from byzflower.flower.credentials import make_credentials
+    from byzflower.flower.credentials import CredentialsExist, make_credentials
 
     if not 1 <= args.supernodes <= MAX_WORKERS:
         raise ConfigError(f"--supernodes={args.supernodes} must be 1..{MAX_WORKERS} (one key pair per device)")
     try:
-        c = make_credentials(args.folder, args.host, args.supernodes)
+        c = make_credentials(args.folder, args.host, args.supernodes, replace=args.replace)
+    except CredentialsExist as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError as exc:  # a host that no certificate can name
         raise ConfigError(f"--host: {exc}") from None
     print(f"CA certificate (to every device and the flwr CLI): {c.ca_cert}")
@@ -254,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", required=True, help="the SuperLink's host name or IP address, as devices reach it"
     )
     creds.add_argument("--supernodes", type=int, required=True, help="how many SuperNode key pairs")
+    creds.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace credentials already in the folder (every device set up with them is locked out)",
+    )
     creds.set_defaults(func=_cmd_credentials)
 
     sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack")

@@ -449,3 +449,25 @@ def test_a_named_run_with_a_damaged_summary_is_one_line_and_its_folder_is_left_u
     held.lock()  # free again
     held.unlock()
     assert (tmp_path / "cut" / "metrics.jsonl").read_bytes() == records
+
+
+def test_credentials_already_in_a_folder_are_replaced_only_when_asked(tmp_path, capsys):
+    """Run again into the same folder, ``byzflower credentials`` wrote a new CA and new keys over the old ones
+    without a word, locking out every device set up with them; now it refuses, naming the files, and leaves
+    them as they were; ``--replace`` replaces them all."""
+    creds = tmp_path / "creds"
+    argv = ["credentials", str(creds), "--host", "192.0.2.10", "--supernodes", "2"]
+    assert _main(argv) == 0
+    before = {p.name: p.read_bytes() for p in creds.iterdir()}
+    assert set(before) == {"ca.crt", "ca.key", "server.pem", "server.key"} | {
+        f"supernode-{i}{s}" for i in (0, 1) for s in ("", ".pub")
+    }
+    capsys.readouterr()
+    assert _main([*argv[:-1], "3"]) == 2  # one more device: still the same CA, refused
+    err = capsys.readouterr().err
+    assert "already holds credentials (ca.crt, ca.key, server.pem, server.key, supernode-0, supernode-0.pub and" in err
+    assert "--replace" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in creds.iterdir()} == before
+    assert _main([*argv, "--replace"]) == 0
+    after = {p.name: p.read_bytes() for p in creds.iterdir()}
+    assert set(after) == set(before) and all(after[n] != before[n] for n in before)

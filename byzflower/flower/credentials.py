@@ -70,14 +70,33 @@ def parse_host(host: str) -> x509.GeneralName:
     return x509.DNSName(name)
 
 
-def make_credentials(folder: str | Path, hosts: list[str], supernodes: int, days: int = 365) -> Credentials:
-    """A CA, a SuperLink certificate valid for ``hosts`` and ``supernodes`` node key pairs in ``folder``."""
+class CredentialsExist(FileExistsError):
+    """The folder already holds credentials that new ones would replace."""
+
+
+def make_credentials(
+    folder: str | Path, hosts: list[str], supernodes: int, days: int = 365, replace: bool = False
+) -> Credentials:
+    """A CA, a SuperLink certificate valid for ``hosts`` and ``supernodes`` node key pairs in ``folder``.
+
+    Credentials already there are replaced only with ``replace``: a new CA and new keys lock out
+    every device set up with the old ones (CredentialsExist names the files otherwise)."""
     if not hosts:
         raise ValueError("the SuperLink certificate needs at least one host name or IP address")
     alt_names = [parse_host(h) for h in hosts]  # before anything is written
     if supernodes < 0:
         raise ValueError(f"supernodes={supernodes} must be >= 0")
     folder = Path(folder)
+    names = ["ca.crt", "ca.key", "server.pem", "server.key"]
+    names += [f"supernode-{i}{suffix}" for i in range(supernodes) for suffix in ("", ".pub")]
+    there = [n for n in names if (folder / n).exists()]
+    if there and not replace:
+        shown = ", ".join(there[:6]) + (f" and {len(there) - 6} more" if len(there) > 6 else "")
+        raise CredentialsExist(
+            f"{folder} already holds credentials ({shown}): new ones would lock out every device set up with "
+            "them (their CA certificate, their registered keys); write them to another folder, or replace them "
+            "with --replace"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
