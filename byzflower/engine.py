@@ -10,7 +10,6 @@ checkpoint and ends with the numbers of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from byzflower.records.experiment import name_selected
 from byzflower.records.results import (
     RunDirectory,
     RunFolderError,
+    config_difference,
     default_results_dir,
     record_failure,
     run_name,
@@ -38,8 +38,6 @@ from strategies.step import server_step, speculative_step
 
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
-# keys that may change between a run and its resumption
-_FREE = {"checkpoint-every", "round-timeout", "min-workers", "cuda-graphs"}
 # a speculative round's counts: a segment is kept only if all its rounds were clean
 _CLEAN = ("dropped-nonfinite", "dropped-malformed", "dropped-error", "missing-messages", "failed")
 # iterations whose role-blind positions are made on the host and sent to the device at once
@@ -54,20 +52,37 @@ def open_run(cfg: RunConfig) -> tuple[RunDirectory, bool]:
     """The run's folder (locked by this process), and whether it holds an unfinished run to resume.
 
     A named run (``run-name``) with the same config continues where its checkpoint left it; a
-    finished one is left alone by the caller; an unnamed run always gets a new folder.
+    finished one is left alone by the caller; an unnamed run always gets a new folder. A named
+    folder that holds no run yet (a sweep's record of a run that failed before it began) is this
+    run's: it was given a new name (``name-2``, ``-3``, ... at every attempt) that the sweep never read.
     """
     root = Path(cfg["results-dir"] or default_results_dir()).expanduser().resolve()
     if cfg["run-name"]:
         path = root / cfg["run-name"]
+        if path.is_dir() and not (path / "config.json").exists():
+            stray = sorted(p.name for p in path.iterdir() if p.name not in (RunDirectory.LOCK, "summary.json"))
+            if stray:  # not ours to write in: nothing is written there
+                shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+                raise RunFolderError(
+                    f"{path} holds {shown} but no run (no config.json); choose another run-name or move it away"
+                )
+            run = RunDirectory(path)
+            run.lock()
+            if not (path / "config.json").exists():  # still none with the lock held: no other process is making it
+                (path / "summary.json").unlink(missing_ok=True)  # the failed attempt's; this run writes its own
+                run.write_json("config.json", cfg.resolved())
+                return run, False
+            run.unlock()
         if (path / "config.json").exists():
             run = RunDirectory(path)
             run.lock()
-            existing = run.config()
-            wanted = json.loads(json.dumps(cfg.resolved()))
-            diff = sorted(k for k in set(existing) | set(wanted) if k not in _FREE and existing.get(k) != wanted.get(k))
-            if diff:
+            try:
+                shown = config_difference(run.config(), cfg.resolved())
+            except RunFolderError:
                 run.unlock()
-                shown = ", ".join(f"{k} ({existing.get(k)!r} there, {wanted.get(k)!r} now)" for k in diff)
+                raise
+            if shown:
+                run.unlock()
                 raise RunExists(
                     f"run-name={cfg['run-name']!r} already holds a run with another config, differing in {shown}; "
                     "choose another run-name or remove the folder"

@@ -164,10 +164,10 @@ def _sweep_overrides():
 
 def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
     cells = grid(["sgd"], ["mean", "gm"], ["none", "sign-flip"])
-    # a folder already holding another run makes that cell fail at run time
+    # a folder holding files but no run makes that cell fail at run time; the sweep writes nothing there
     clash = tmp_path / "sgd-gm-none"
     clash.mkdir()
-    (clash / "config.json").write_text(json.dumps({"optimizer": "something else"}))
+    (clash / "notes.txt").write_text("mine")
     lines = []
     outcomes = run_sweep(cells, _sweep_overrides(), tmp_path, say=lines.append)
     status = {o["name"]: o["status"] for o in outcomes}
@@ -177,15 +177,54 @@ def test_sweep_skips_finished_runs_and_continues_past_a_failing_one(tmp_path):
         "sgd-gm-none": "failed",
         "sgd-gm-sign-flip": "finished",
     }
-    assert "another config" in json.loads((clash / "summary.json").read_text())["error"]
+    failed = next(o for o in outcomes if o["name"] == "sgd-gm-none")
+    assert "holds notes.txt but no run" in failed["error"]
+    assert sorted(p.name for p in clash.iterdir()) == ["notes.txt"]  # (it wrote a summary over a folder not its own)
     assert any("ETA" in line for line in lines)
     before = (tmp_path / "sgd-mean-none" / "metrics.jsonl").stat().st_mtime_ns
-    (clash / "config.json").unlink()
-    (clash / "summary.json").unlink()
+    (clash / "notes.txt").unlink()
     again = run_sweep(cells, _sweep_overrides(), tmp_path, say=lines.append)
     assert [o.get("skipped", False) for o in again] == [True, True, False, True]
     assert all(o["status"] == "finished" for o in again)
     assert (tmp_path / "sgd-mean-none" / "metrics.jsonl").stat().st_mtime_ns == before  # not rerun
+    assert not any(p.name.startswith("sgd-gm-none-") for p in tmp_path.iterdir())  # in its own folder
+
+
+def test_a_cell_that_failed_before_its_run_began_runs_again_in_its_own_folder(tmp_path):
+    """A run that fails before its folder holds a run (data that cannot be fetched, say) leaves only the
+    sweep's summary.json there. Run again, it went to a new folder, ``-2``, then ``-3`` at the next sweep,
+    while the sweep kept reading the first one: the cell failed forever and the report saw copies."""
+    cells = grid(["sgd"], ["mean"], ["gaussian"])
+    folder = tmp_path / "sgd-mean-gaussian"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"status": "failed", "error": "DataError: no internet"}))
+    for _ in range(2):
+        (outcome,) = run_sweep(cells, _sweep_overrides(), tmp_path, say=lambda _: None)
+    assert outcome["status"] == "finished" and outcome.get("skipped")
+    assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
+    assert (folder / "config.json").exists()
+    assert not any(p.name.startswith("sgd-mean-gaussian-") for p in tmp_path.iterdir())
+
+
+def test_a_sweep_refuses_a_folder_holding_a_run_of_another_config_before_any_work(tmp_path):
+    """Run again with another --run-config into the same --out, a sweep took every finished run there for
+    its own (its report then showed 3-iteration runs for a 6-iteration sweep) and wrote 'failed' over the
+    summaries of unfinished ones; now it names the cells and keys and runs nothing. A folder moved
+    elsewhere is the same run (results-dir is not compared)."""
+    cells = grid(["sgd"], ["mean", "gm"], ["gaussian"])
+    short = {**_sweep_overrides(), "num-server-rounds": 3}
+    run_sweep(cells, short, tmp_path / "a", say=lambda _: None)
+    files = {p: p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file() and p.parent != tmp_path / "a"}
+    with pytest.raises(ConfigError) as caught:
+        run_sweep(cells, _sweep_overrides(), tmp_path / "a", say=lambda _: None)
+    message = str(caught.value)
+    for cell in ("sgd-mean-gaussian", "sgd-gm-gaussian"):
+        assert f"{cell}: {tmp_path / 'a' / cell} holds a run with another config, differing in " in message
+    assert "num-server-rounds (3 there, 6 now)" in message and "use another --out" in message
+    assert {p: p.read_bytes() for p in files} == files
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = run_sweep(cells, short, tmp_path / "b", say=lambda _: None)
+    assert all(o.get("skipped") for o in moved)
 
 
 @pytest.mark.parametrize("backend", ["ray", "processes"])

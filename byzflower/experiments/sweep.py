@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
-from byzflower.records.results import RunDirectory
+from byzflower.records.results import RunDirectory, RunFolderError, config_difference
 
 AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
 BACKENDS = ("auto", "ray", "processes")
@@ -84,9 +84,19 @@ def validate(cells: list[Cell], overrides: dict[str, Any], out: Path) -> None:
     problems = []
     for cell in cells:
         try:
-            preflight(resolve(cell_config(cell, overrides, out)))
+            cfg = resolve(cell_config(cell, overrides, out))
+            preflight(cfg)
         except ConfigError as exc:
             problems.append(f"{cell.name}: {str(exc).removeprefix('invalid run config:').strip()}")
+            continue
+        folder = RunDirectory(out / cell.name)
+        if (folder.path / "config.json").exists():  # a run there: it must be this cell's, finished or not
+            differs = config_difference(folder.config(), cfg.resolved())
+            if differs:
+                problems.append(
+                    f"{cell.name}: {folder.path} holds a run with another config, differing in {differs}; "
+                    "use another --out or move that folder away"
+                )
     if problems:
         raise ConfigError("invalid sweep:\n" + "\n".join(problems))
 
@@ -166,6 +176,10 @@ def _run_cell(config: dict[str, Any], threads: int | None, quiet: bool) -> dict[
             "test_accuracy": summary.get("final", {}).get("test_accuracy"),
             "total": total,
         }
+    except RunFolderError as exc:  # the folder is not this run's to write in (in use, damaged): said, left alone
+        error = f"{type(exc).__name__}: {exc}"
+        log(error)
+        return {"name": name, "status": "failed", "error": error, "wall_s": time.perf_counter() - start}
     except Exception as exc:  # a failing run is recorded, the sweep goes on
         error = f"{type(exc).__name__}: {exc}"
         folder = Path(config["results-dir"]) / name

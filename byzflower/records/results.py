@@ -44,6 +44,18 @@ def status_of(exc: BaseException) -> tuple[str, str]:
     return "failed", f"{type(exc).__name__}: {exc}"
 
 
+# keys that may change between a run and its resumption (and a folder moved elsewhere is the same run)
+FREE_KEYS = frozenset({"checkpoint-every", "round-timeout", "min-workers", "cuda-graphs", "results-dir"})
+
+
+def config_difference(there: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """The keys in which a run folder's config differs from the one asked for, in words ('' when the
+    same run): 'num-server-rounds (4 there, 6 now), ...'. ``wanted``: a resolved config."""
+    wanted = json.loads(json.dumps(wanted))  # as config.json holds it (tuples as lists)
+    keys = sorted(k for k in set(there) | set(wanted) if k not in FREE_KEYS and there.get(k) != wanted.get(k))
+    return ", ".join(f"{k} ({there.get(k)!r} there, {wanted.get(k)!r} now)" for k in keys)
+
+
 def record_failure(run: RunDirectory, config: dict[str, Any], exc: BaseException) -> None:
     """A summary for a run that stopped before its recorder existed. A resumed run's folder keeps
     what its earlier summary said of the records there (iterations, final record, totals, warnings):
