@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import byzflower.experiments.sweep as sweep_module
-from byzflower.config import ConfigError, resolve
+from byzflower.config import DEFAULTS, ConfigError, resolve
 from byzflower.engine import LocalRun, run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
 from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
@@ -394,12 +394,11 @@ def test_bad_sweep_arguments_are_clear():
         run_sweep([Cell("sgd", "krum", "none")], {"num-honest": 3, "aggregator-f": 1}, "/tmp/unused", say=print)
 
 
-def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished", pre="none"):
-    folder = root / f"{optimizer}-{pre}-{aggregator}-{attack}"
+def _fake_run(root, optimizer, aggregator, attack, accuracy, status="finished", pre="none", **extra):
+    folder = root / "-".join([optimizer, pre, aggregator, attack, *(f"{k}{v}" for k, v in extra.items())])
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(
-        json.dumps({"optimizer": optimizer, "aggregator": aggregator, "attack": attack, "pre-aggregator": pre})
-    )
+    config = {"optimizer": optimizer, "aggregator": aggregator, "attack": attack, "pre-aggregator": pre}
+    (folder / "config.json").write_text(json.dumps({**config, **{k.replace("_", "-"): v for k, v in extra.items()}}))
     records = [
         {"iteration": 0, "test_accuracy": 0.1, "train_loss": 2.3, "honest_variance": None},
         {"iteration": 10, "test_accuracy": accuracy, "train_loss": 0.5, "honest_variance": 3.0},
@@ -461,6 +460,36 @@ def test_report_table_is_laid_out_like_the_papers_table_one(tmp_path):
     assert paths["figure"].stat().st_size > 10_000 and paths["csv"].exists()
     with pytest.raises(FileNotFoundError, match="no run folders"):
         collect([tmp_path / "out"])
+
+
+def test_a_report_shows_every_run_seeds_as_mean_and_spread_other_settings_as_columns(tmp_path):
+    """One table cell per (attack, optimizer + rule) hid all but one of the runs that shared it (the last
+    folder in path order: another seed, another lr), and a pre-aggregated rule's column never showed."""
+    from byzflower.experiments.report import beside_paper, worst_case
+
+    for seed, acc in ((1, 0.90), (2, 0.94), (3, 0.92)):
+        _fake_run(tmp_path, "saga", "gm", "none", acc, seed=seed)
+    _fake_run(tmp_path, "saga", "gm", "none", 0.5, status="interrupted", seed=4)
+    _fake_run(tmp_path, "saga", "gm", "gaussian", 0.88, seed=1)
+    _fake_run(tmp_path, "saga", "gm", "sign-flip", 0.2, seed=1)
+    _fake_run(tmp_path, "sgd", "gm", "none", 0.7, pre="nnm")
+    runs = collect([tmp_path])
+    _, columns, cells = table(runs)
+    assert columns == ["sgd nnm+gm", "saga gm"]  # the config's order of optimizers
+    assert cells[("none", "saga gm")] == "0.9200 ± 0.0200 (n=3) (+1 unfinished)"
+    assert cells[("gaussian", "saga gm")] == "0.8800" and cells[("none", "sgd nnm+gm")] == "0.7000"
+    assert "| none | 92.00 (96.3, -4.3) |" in beside_paper(runs)  # the mean over the seeds
+    assert "| saga gm | 0.9200 | 0.2000 | sign-flip | 2 | - |" in worst_case(runs)
+    assert {r.label for r in runs if r.config["attack"] == "none" and r.column == "saga gm"} == {
+        f"saga gm seed {s}" for s in (1, 2, 3, 4)
+    }
+    _fake_run(tmp_path, "saga", "gm", "gaussian", 0.6, seed=1, lr=0.5)  # another step size: its own column
+    _, columns, cells = table(collect([tmp_path]))
+    default_lr = DEFAULTS["lr"]
+    assert columns == [f"sgd nnm+gm lr={default_lr}", f"saga gm lr={default_lr}", "saga gm lr=0.5"]
+    assert cells[("gaussian", "saga gm lr=0.5")] == "0.6000"
+    assert cells[("gaussian", f"saga gm lr={default_lr}")] == "0.8800"
+    assert cells[("none", f"saga gm lr={default_lr}")].startswith("0.9200 ± 0.0200 (n=3)")
 
 
 def test_a_rules_by_attacks_grid_reports_each_rules_worst_case_and_a_heatmap(tmp_path):

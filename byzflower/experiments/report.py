@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from byzflower.config import AGGREGATORS, ATTACKS, DEFAULTS, OPTIMIZERS
-from byzflower.records.results import DamagedRunFolder, RunDirectory
+from byzflower.records.results import FREE_KEYS, DamagedRunFolder, RunDirectory
 
 
 @dataclass
@@ -30,12 +30,25 @@ class Run:
     config: dict
     records: list[dict]
     summary: dict | None
+    #: the settings that set this run apart from others of its optimizer, rule and attack ('' when none
+    #: do): seeds aside, runs that differ get columns of their own instead of one cell hiding the others
+    variant: str = ""
+    #: whether other runs of the same column and attack differ from this one only in their seed
+    replicated: bool = False
+
+    @property
+    def rule(self) -> str:
+        pre = self.config.get("pre-aggregator", "none")
+        return self.config["aggregator"] if pre in ("none", "", None) else f"{pre}+{self.config['aggregator']}"
 
     @property
     def column(self) -> str:
-        pre = self.config.get("pre-aggregator", "none")
-        rule = self.config["aggregator"] if pre in ("none", "", None) else f"{pre}+{self.config['aggregator']}"
-        return f"{self.config['optimizer']} {rule}"
+        return f"{self.config['optimizer']} {self.rule}" + (f" {self.variant}" if self.variant else "")
+
+    @property
+    def label(self) -> str:
+        """The column, and the seed where replicates share it (per-run tables and legends)."""
+        return self.column + (f" seed {self.config.get('seed', DEFAULTS['seed'])}" if self.replicated else "")
 
     @property
     def status(self) -> str:
@@ -64,7 +77,67 @@ def collect(dirs: list[Path], say: Callable[[str], None] = print) -> list[Run]:
                 say(f"left out of the report: {exc}")
     if not runs:
         raise FileNotFoundError(f"no run folders (with config.json) under {', '.join(map(str, dirs))}")
+    _set_variants(runs)
     return runs
+
+
+# never what sets runs apart in a report: where they were written, and what may change on resumption
+_NOT_SETTINGS = frozenset({"run-name", "seed", "optimizer", "aggregator", "pre-aggregator", "attack"}) | FREE_KEYS
+
+
+def _set_variants(runs: list[Run]) -> None:
+    """Name, in each run's ``variant``, the settings in which runs of the same optimizer, rule and attack
+    differ (the same keys for every run, so columns line up), and mark runs that share their column and
+    attack with others as ``replicated`` (they differ in their seed only)."""
+    full = [{**DEFAULTS, **r.config} for r in runs]
+    groups: dict[tuple, list[dict]] = {}
+    for run, config in zip(runs, full, strict=True):
+        groups.setdefault((run.config["optimizer"], run.rule, run.config["attack"]), []).append(config)
+    keys = sorted(
+        {
+            k
+            for members in groups.values()
+            for k in set().union(*members)
+            if k not in _NOT_SETTINGS and len({repr(c.get(k)) for c in members}) > 1
+        }
+    )
+    for run, config in zip(runs, full, strict=True):
+        run.variant = " ".join(f"{k}={config.get(k)}" for k in keys)
+    cells: dict[tuple[str, str], int] = {}
+    for run in runs:
+        cells[(run.config["attack"], run.column)] = cells.get((run.config["attack"], run.column), 0) + 1
+    for run in runs:
+        run.replicated = cells[(run.config["attack"], run.column)] > 1
+
+
+def by_cell(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """{(attack, column): its runs}: one run, or replicates differing in their seed only."""
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        cells.setdefault((run.config["attack"], run.column), []).append(run)
+    return cells
+
+
+def mean_final(runs: list[Run]) -> float | None:
+    """The mean final test accuracy of the finished runs among ``runs`` (None: none finished)."""
+    done = [r.final_accuracy for r in runs if r.final_accuracy is not None]
+    return sum(done) / len(done) if done else None
+
+
+def cell_text(runs: list[Run]) -> str:
+    """A table cell: the final test accuracy of one run; over replicates the mean, the sample standard
+    deviation and how many seeds finished; the status when none did; unfinished replicates counted."""
+    done = [r.final_accuracy for r in runs if r.final_accuracy is not None]
+    if not done:
+        return "/".join(sorted({r.status for r in runs}))
+    mean = sum(done) / len(done)
+    text = f"{mean:.4f}"
+    if len(done) > 1:
+        std = math.sqrt(sum((a - mean) ** 2 for a in done) / (len(done) - 1))
+        text += f" ± {std:.4f} (n={len(done)})"
+    if len(done) < len(runs):
+        text += f" (+{len(runs) - len(done)} unfinished)"
+    return text
 
 
 def _rank(value: str, reference: tuple[str, ...]) -> tuple[int, str]:
@@ -83,15 +156,21 @@ def _by_column_then_attack(run: Run) -> tuple:
 def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
     """(attacks, columns, cells): cells[(attack, column)] is the final test accuracy as text."""
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
-    optimizers = _ordered({r.config["optimizer"] for r in runs}, OPTIMIZERS)
-    aggregators = _ordered({r.config["aggregator"] for r in runs}, AGGREGATORS)
-    columns = [f"{o} {a}" for o in optimizers for a in aggregators if any(r.column == f"{o} {a}" for r in runs)]
-    cells: dict[tuple[str, str], str] = {}
-    for run in runs:
-        key = (run.config["attack"], run.column)
-        acc = run.final_accuracy
-        cells[key] = f"{acc:.4f}" if acc is not None else run.status
+    columns = sorted({r.column for r in runs}, key=lambda c: _column_rank(c, runs))
+    cells = {key: cell_text(members) for key, members in by_cell(runs).items()}
     return attacks, columns, cells
+
+
+def _column_rank(column: str, runs: list[Run]) -> tuple:
+    """Optimizers, then rules, in the config's order; a pre-aggregated rule after its plain one."""
+    run = next(r for r in runs if r.column == column)
+    pre = run.config.get("pre-aggregator", "none")
+    return (
+        _rank(run.config["optimizer"], OPTIMIZERS),
+        _rank(run.config["aggregator"], AGGREGATORS),
+        pre not in ("none", "", None),
+        column,
+    )
 
 
 def markdown(attacks: list[str], columns: list[str], cells: dict) -> str:
@@ -152,13 +231,12 @@ def beside_paper(runs: list[Run]) -> str | None:
     percentage points; None when no run is one of its cells. A line above the table says which model,
     data set, workers and iterations the runs used, so settings other than the paper's show."""
     ours: dict[tuple[str, str], float | str] = {}
-    for run in runs:
-        attack, column = run.config["attack"], run.column
-        if run.config.get("model") == "logreg":  # Table I is the neural network; logreg is Figs. 3-6
+    for (attack, column), members in by_cell(runs).items():
+        if members[0].config.get("model") == "logreg":  # Table I is the neural network; logreg is Figs. 3-6
             continue
         if column in PAPER_TABLE_I.get(attack, {}):
-            acc = run.final_accuracy
-            ours[(attack, column)] = acc * 100 if acc is not None else run.status
+            acc = mean_final(members)  # over seeds, where several ran
+            ours[(attack, column)] = acc * 100 if acc is not None else "/".join(sorted({r.status for r in members}))
     if not ours:
         return None
     attacks = [a for a in PAPER_TABLE_I if any(k[0] == a for k in ours)]
@@ -199,15 +277,16 @@ def worst_case(runs: list[Run]) -> str | None:
     and which attack achieved it, beside its accuracy without attack; None unless some column met
     at least two attacks. Unfinished runs are listed, never counted as a result."""
     columns = _ordered({r.column for r in runs}, ())
+    cells = by_cell(runs)
     rows = []
     for column in columns:
-        mine = [r for r in runs if r.column == column and r.config["attack"] != "none"]
-        done = [(r.final_accuracy, r.config["attack"]) for r in mine if r.final_accuracy is not None]
-        if len({r.config["attack"] for r in mine}) < 2:
+        mine = {a: members for (a, c), members in cells.items() if c == column and a != "none"}
+        done = [(mean_final(m), a) for a, m in mine.items() if mean_final(m) is not None]
+        if len(mine) < 2:
             continue
-        clean = [r.final_accuracy for r in runs if r.column == column and r.config["attack"] == "none"]
-        clean_text = f"{clean[0]:.4f}" if clean and clean[0] is not None else "-"
-        missing = sorted(r.config["attack"] for r in mine if r.final_accuracy is None)
+        clean = mean_final(cells.get(("none", column), []))
+        clean_text = f"{clean:.4f}" if clean is not None else "-"
+        missing = sorted(a for a, m in mine.items() if mean_final(m) is None)
         worst = min(done) if done else None
         rows.append((worst[0] if worst else 2.0, column, clean_text, worst, len(done), missing))
     if not rows:
@@ -232,13 +311,11 @@ def detection(runs: list[Run]) -> str | None:
         return None
     attacks = _ordered({r.config["attack"] for r in scored}, ATTACKS)
     columns = _ordered({r.column for r in scored}, ())
-    cells = {
-        (
-            r.column,
-            r.config["attack"],
-        ): f"{r.records[-1]['detection_auc']:.2f} / {r.records[-1]['detection_precision']:.2f}"
-        for r in scored
-    }
+    cells = {}
+    for (attack, column), members in by_cell(scored).items():  # replicates: the mean over their seeds
+        auc = sum(r.records[-1]["detection_auc"] for r in members) / len(members)
+        precision = sum(r.records[-1]["detection_precision"] for r in members) / len(members)
+        cells[(column, attack)] = f"{auc:.2f} / {precision:.2f}"
     lines = [
         "Detection at the last evaluation: AUC / precision of the B most suspected workers (1 / 1: every attacker "
         "is more suspected than every honest worker; 0.5: no better than chance; - : the rule gives no shares, or "
@@ -257,10 +334,10 @@ def heatmap(runs: list[Run], path: Path) -> None:
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
     columns = _ordered({r.column for r in runs}, ())
     grid = [[float("nan")] * len(attacks) for _ in columns]
-    for run in runs:
-        acc = run.final_accuracy
+    for (attack, column), members in by_cell(runs).items():  # replicates: the mean over their seeds
+        acc = mean_final(members)
         if acc is not None:
-            grid[columns.index(run.column)][attacks.index(run.config["attack"])] = acc
+            grid[columns.index(column)][attacks.index(attack)] = acc
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(attacks), 1.0 + 0.45 * len(columns)))
     image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right")
@@ -386,7 +463,7 @@ def mechanism(runs: list[Run], path: Path) -> str | None:
         ratio = _late_median(run, lambda r: r["aggregate_distance"] / r["honest_mean_norm"])
         acc = run.final_accuracy
         lines.append(
-            f"| {run.column} | {run.config['attack']} | {spread:.3g} | {norm:.3g} | {norm / spread:.2f} | "
+            f"| {run.label} | {run.config['attack']} | {spread:.3g} | {norm:.3g} | {norm / spread:.2f} | "
             f"{ratio:.2f} | {'-' if acc is None else f'{acc:.4f}'} |"
         )
     return "\n".join(lines) + "\n"
@@ -419,7 +496,7 @@ def convex(runs: list[Run]) -> str | None:
         variance = math.exp(sum(math.log(v) for v in late) / len(late)) if late else float("nan")
         acc = run.final_accuracy
         lines.append(
-            f"| {run.column} | {run.config['attack']} | {middle:.3g} | {gaps[-1][1]:.3g} | "
+            f"| {run.label} | {run.config['attack']} | {middle:.3g} | {gaps[-1][1]:.3g} | "
             f"{'-' if acc is None else f'{acc:.4f}'} | {variance:.3g} |"
         )
     return "\n".join(lines) + "\n"
