@@ -471,3 +471,20 @@ def test_credentials_already_in_a_folder_are_replaced_only_when_asked(tmp_path, 
     assert _main([*argv, "--replace"]) == 0
     after = {p.name: p.read_bytes() for p in creds.iterdir()}
     assert set(after) == set(before) and all(after[n] != before[n] for n in before)
+
+
+def test_a_folder_from_an_older_version_without_a_newer_key_is_the_same_run():
+    """A key added to byzflower after a run was made is absent from its config.json: it counts as its
+    default (what the older version did), so such a folder still resumes, or is skipped by a sweep, instead
+    of being refused as another run's; a real difference, or a non-default value now, is still named."""
+    from byzflower.records.results import config_difference
+
+    cfg = resolve({**SMALL}).resolved()
+    older = json.loads(json.dumps(cfg))
+    del older["gm-tol"]
+    assert config_difference(older, cfg) == ""
+    assert config_difference(older, resolve({**SMALL, "gm-tol": 1e-3}).resolved()) == "gm-tol (1e-05 there, 0.001 now)"
+    older["num-server-rounds"] = 7
+    assert config_difference(older, cfg) == "num-server-rounds (7 there, 6 now)"
+    moved = {**json.loads(json.dumps(cfg)), "results-dir": "/elsewhere", "checkpoint-every": 5}
+    assert config_difference(moved, cfg) == ""  # where it lies, and what may change on resumption

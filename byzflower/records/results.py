@@ -50,8 +50,12 @@ FREE_KEYS = frozenset({"checkpoint-every", "round-timeout", "min-workers", "cuda
 
 def config_difference(there: dict[str, Any], wanted: dict[str, Any]) -> str:
     """The keys in which a run folder's config differs from the one asked for, in words ('' when the
-    same run): 'num-server-rounds (4 there, 6 now), ...'. ``wanted``: a resolved config."""
+    same run): 'num-server-rounds (4 there, 6 now), ...'. ``wanted``: a resolved config. A key that
+    a folder from an older byzflower lacks counts as its default (what that version did)."""
+    from byzflower.config import DEFAULTS
+
     wanted = json.loads(json.dumps(wanted))  # as config.json holds it (tuples as lists)
+    there = {**json.loads(json.dumps({k: v for k, v in DEFAULTS.items() if k not in there})), **there}
     keys = sorted(k for k in set(there) | set(wanted) if k not in FREE_KEYS and there.get(k) != wanted.get(k))
     return ", ".join(f"{k} ({there.get(k)!r} there, {wanted.get(k)!r} now)" for k in keys)
 
