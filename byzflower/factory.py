@@ -64,7 +64,13 @@ def recorder_of(
 ) -> Recorder:
     """The run's recorder (creating its folder unless ``run`` is given): the evaluator on the test
     set (and the optimality gap when asked), the Byzantine ids and the config's warnings."""
-    evaluator = Evaluator(cfg, data, grads, device, objective_of(cfg, data, grads))
+    objective = objective_of(cfg, data, grads)
+    if objective is not None and objective.stale:
+        log(
+            f"the cached minimiser {objective.cache} was not this problem's (F there differs from the value "
+            "saved with it: the data or the model changed since); solved again"
+        )
+    evaluator = Evaluator(cfg, data, grads, device, objective)
     recorder = Recorder(cfg, evaluator, log, run)
     recorder.byzantine_ids = list(layout_of(cfg).byzantine_ids)
     recorder.warnings = warnings_of(cfg)

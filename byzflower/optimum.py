@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 
 import numpy as np
@@ -57,6 +58,7 @@ class HonestObjective:
         ):
             digest.update(piece.encode() if isinstance(piece, str) else piece)
         self.solved = False  # whether this instance ran the solver (False: read from the cache)
+        self.stale = False  # whether a cached minimiser was found that is not this objective's
         self.cache = dataset_folder(cfg["dataset"], cfg["data-dir"]) / "optima" / f"{digest.hexdigest()[:20]}.pt"
         self.minimum = self._minimum()
 
@@ -73,11 +75,29 @@ class HonestObjective:
             return float(self.value(x.detach().to("cpu", torch.float64))) - self.minimum
 
     def _cached(self) -> float | None:
-        """The cached minimum; None when there is none or it is damaged (then solved again)."""
+        """The cached minimum; None when there is none, it is damaged, or it is not this objective's
+        (then solved again).
+
+        The cache is keyed by the model's name, lambda, the data set's name and the honest samples, not
+        by the data's values or the model's code, so F at the cached x* must give the cached value back:
+        a user's model edited under the same name, a folder data set saved again or a change in the
+        inputs' preprocessing would otherwise measure every gap from another problem's minimum."""
         try:
-            return float(torch.load(self.cache, weights_only=True)["value"]) if self.cache.exists() else None
+            saved = torch.load(self.cache, weights_only=True) if self.cache.exists() else None
+            if saved is None:
+                return None
+            value, x = float(saved["value"]), saved["x"]
         except (*DAMAGED_TORCH, KeyError, TypeError):  # (or not the dict this class saves)
             return None
+        if not isinstance(x, torch.Tensor) or x.shape != (self.grads.dim,):
+            self.stale = True
+            return None
+        with torch.no_grad():
+            now = float(self.value(x.to(torch.float64)))
+        if not math.isclose(now, value, rel_tol=1e-9, abs_tol=1e-12):
+            self.stale = True
+            return None
+        return value
 
     def _minimum(self) -> float:
         if (cached := self._cached()) is not None:

@@ -10,7 +10,8 @@ import torch
 
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
-from byzflower.factory import dataset_of, gradients_of, objective_of, partitions_of
+from byzflower.factory import dataset_of, gradients_of, objective_of, partitions_of, recorder_of
+from byzflower.records.results import RunDirectory
 from tests.test_hub_data import _save
 
 
@@ -74,6 +75,38 @@ def test_the_minimiser_is_stationary_cached_and_the_gap_is_measured_from_it(smal
     _, _, solved = _objective(small)
     assert solved.minimum == pytest.approx(objective.minimum, rel=1e-12, abs=1e-12)
     assert torch.load(solved.cache, weights_only=True)["value"] == solved.minimum  # and cached whole again
+
+
+def test_a_cached_minimiser_of_another_problem_under_the_same_key_is_solved_again(small):
+    """The cache key names the model, lambda, the data set and the honest samples, not the data's values:
+    inputs preprocessed otherwise (or a user's model edited, a folder set saved again) found the old x*
+    and measured every gap from it, even below zero. F at the cached x* must now give the saved value."""
+    from byzflower.optimum import HonestObjective
+
+    cfg, data, objective = _objective(small)
+    assert not objective.stale
+    plain = data.inputs
+
+    class Rescaled:  # the same samples, preprocessed otherwise
+        def __getattr__(self, name):
+            return getattr(data, name)
+
+        def inputs(self, images):
+            return plain(images) * 1.5
+
+    grads = gradients_of(cfg, data, torch.device("cpu"))
+    other = HonestObjective(cfg, Rescaled(), grads, partitions_of(cfg))
+    assert other.cache == objective.cache and other.stale and other.solved
+    assert other.minimum != pytest.approx(objective.minimum, rel=1e-6)
+    x_star = torch.load(other.cache, weights_only=True)["x"].clone().requires_grad_(True)
+    other.value(x_star).backward()
+    assert float(x_star.grad.abs().max()) < 1e-6  # the minimiser of the problem asked for
+    assert other.gap(x_star.detach()) == pytest.approx(0.0, abs=1e-12)
+    lines = []
+    recorder_of(cfg, data, grads, torch.device("cpu"), lines.append, run=RunDirectory(small["results-dir"]))
+    assert any("was not this problem's" in line and "solved again" in line for line in lines)
+    _, _, back = _objective(small)  # and the original problem finds its own again
+    assert not back.stale and back.minimum == pytest.approx(objective.minimum, rel=1e-12)
 
 
 def test_runs_started_together_solve_for_the_minimiser_once(small):
