@@ -80,8 +80,9 @@ class HonestObjective:
 
         The cache is keyed by the model's name, lambda, the data set's name and the honest samples, not
         by the data's values or the model's code, so F at the cached x* must give the cached value back:
-        a user's model edited under the same name, a folder data set saved again or a change in the
-        inputs' preprocessing would otherwise measure every gap from another problem's minimum."""
+        a user's model edited under the same name or inputs preprocessed otherwise by another version
+        would otherwise measure every gap from another problem's minimum (a folder data set saved again
+        gets a cache folder of its own: its arrays are keyed by their contents)."""
         try:
             saved = torch.load(self.cache, weights_only=True) if self.cache.exists() else None
             if saved is None:

@@ -79,7 +79,7 @@ def test_the_minimiser_is_stationary_cached_and_the_gap_is_measured_from_it(smal
 
 def test_a_cached_minimiser_of_another_problem_under_the_same_key_is_solved_again(small):
     """The cache key names the model, lambda, the data set and the honest samples, not the data's values:
-    inputs preprocessed otherwise (or a user's model edited, a folder set saved again) found the old x*
+    inputs preprocessed otherwise (or a user's model edited under its name) found the old x*
     and measured every gap from it, even below zero. F at the cached x* must now give the saved value."""
     from byzflower.optimum import HonestObjective
 
