@@ -477,6 +477,12 @@ def test_a_report_shows_every_run_seeds_as_mean_and_spread_other_settings_as_col
     _, columns, cells = table(runs)
     assert columns == ["sgd nnm+gm", "saga gm"]  # the config's order of optimizers
     assert cells[("none", "saga gm")] == "0.9200 ± 0.0200 (n=3) (+1 unfinished)"
+    copy = tmp_path / "saga-none-gm-none-seed2-copy"  # the same experiment twice (a folder copied, say)
+    shutil.copytree(tmp_path / "saga-none-gm-none-seed2", copy)
+    (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text().replace("0.94", "0.5"))
+    _, _, with_copy = table(collect([tmp_path]))
+    assert with_copy[("none", "saga gm")] == "0.9200 ± 0.0200 (n=3) (+1 unfinished) (+1 of a seed already counted)"
+    shutil.rmtree(copy)
     assert cells[("gaussian", "saga gm")] == "0.8800" and cells[("none", "sgd nnm+gm")] == "0.7000"
     assert "| none | 92.00 (96.3, -4.3) |" in beside_paper(runs)  # the mean over the seeds
     assert "| saga gm | 0.9200 | 0.2000 | sign-flip | 2 | - |" in worst_case(runs)

@@ -118,16 +118,33 @@ def by_cell(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     return cells
 
 
+def _finished_per_seed(runs: list[Run]) -> tuple[list[float], int]:
+    """(final accuracies of the finished runs, one per seed, in path order; how many finished runs
+    repeated a seed already counted: copies of one experiment, not replicates)."""
+    seen: dict[object, float] = {}
+    copies = 0
+    for run in sorted(runs, key=lambda r: str(r.path)):
+        if run.final_accuracy is None:
+            continue
+        seed = run.config.get("seed", DEFAULTS["seed"])
+        if seed in seen:
+            copies += 1
+        else:
+            seen[seed] = run.final_accuracy
+    return list(seen.values()), copies
+
+
 def mean_final(runs: list[Run]) -> float | None:
-    """The mean final test accuracy of the finished runs among ``runs`` (None: none finished)."""
-    done = [r.final_accuracy for r in runs if r.final_accuracy is not None]
+    """The mean final test accuracy over the seeds finished among ``runs`` (None: none finished)."""
+    done, _ = _finished_per_seed(runs)
     return sum(done) / len(done) if done else None
 
 
 def cell_text(runs: list[Run]) -> str:
     """A table cell: the final test accuracy of one run; over replicates the mean, the sample standard
-    deviation and how many seeds finished; the status when none did; unfinished replicates counted."""
-    done = [r.final_accuracy for r in runs if r.final_accuracy is not None]
+    deviation and how many seeds finished; the status when none did; unfinished replicates and copies
+    of a seed already counted (the same experiment run twice) said, not counted."""
+    done, copies = _finished_per_seed(runs)
     if not done:
         return "/".join(sorted({r.status for r in runs}))
     mean = sum(done) / len(done)
@@ -135,8 +152,11 @@ def cell_text(runs: list[Run]) -> str:
     if len(done) > 1:
         std = math.sqrt(sum((a - mean) ** 2 for a in done) / (len(done) - 1))
         text += f" ± {std:.4f} (n={len(done)})"
-    if len(done) < len(runs):
-        text += f" (+{len(runs) - len(done)} unfinished)"
+    unfinished = sum(r.final_accuracy is None for r in runs)
+    if unfinished:
+        text += f" (+{unfinished} unfinished)"
+    if copies:
+        text += f" (+{copies} of a seed already counted)"
     return text
 
 
