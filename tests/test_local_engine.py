@@ -498,6 +498,20 @@ def test_a_report_shows_every_run_seeds_as_mean_and_spread_other_settings_as_col
     assert cells[("none", f"saga gm lr={default_lr}")].startswith("0.9200 ± 0.0200 (n=3)")
 
 
+def test_a_report_says_a_run_whose_process_died_left_no_record(tmp_path):
+    """A summary saying 'running' is a running run only while a process holds the folder's lock; a run
+    killed hard left it saying so forever, and the report showed it as running."""
+    from byzflower.records.results import RunDirectory
+
+    folder = _fake_run(tmp_path, "sgd", "gm", "none", 0.5, status="running")
+    held = RunDirectory(folder)
+    held.lock()
+    assert table(collect([tmp_path]))[2][("none", "sgd gm")] == "running"
+    held.unlock()
+    assert table(collect([tmp_path]))[2][("none", "sgd gm")] == "no record"
+    assert json.loads((folder / "summary.json").read_text())["status"] == "running"  # the folder is not edited
+
+
 def test_a_rules_by_attacks_grid_reports_each_rules_worst_case_and_a_heatmap(tmp_path):
     from byzflower.experiments.report import worst_case
 

@@ -72,7 +72,10 @@ def collect(dirs: list[Path], say: Callable[[str], None] = print) -> list[Run]:
         for config_path in sorted(root.rglob("config.json")):
             folder = RunDirectory(config_path.parent)
             try:
-                runs.append(Run(folder.path, folder.config(), folder.records(), folder.summary()))
+                summary = folder.summary()
+                if summary is not None and summary.get("status") == "running" and not folder.held():
+                    summary = {**summary, "status": "no record"}  # its process ended without saying how (killed)
+                runs.append(Run(folder.path, folder.config(), folder.records(), summary))
             except DamagedRunFolder as exc:
                 say(f"left out of the report: {exc}")
     if not runs:

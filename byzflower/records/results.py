@@ -174,6 +174,20 @@ class RunDirectory:
         finally:
             os.close(fd)
 
+    def held(self) -> bool:
+        """Whether some process holds this folder's lock now."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # (releases the shared lock just taken, if it was)
+        return False
+
     def begin(self, summary: dict[str, Any]) -> None:
         """Say in summary.json that the run is going (status 'running'): a summary left saying so
         by a process that no longer holds the lock is a run that ended without a record."""
