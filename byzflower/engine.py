@@ -342,11 +342,12 @@ class LocalRun:
 
     def _restore(self) -> None:
         state = self.run_dir.load_torch(CHECKPOINT)
-        t = int(state["iteration"])
-        self.x = state["x"].to(self.device)
-        self.workers.load_state_dict(state["workers"])
-        self.rule.load_state_dict(state["rule"])
-        self.recorder.load_state_dict(state["recorder"])
+        with self.run_dir.restoring(CHECKPOINT):
+            t = int(state["iteration"])
+            self.x = state["x"].to(self.device)
+            self.workers.load_state_dict(state["workers"])
+            self.rule.load_state_dict(state["rule"])
+            self.recorder.load_state_dict(state["recorder"])
         self.run_dir.truncate_records(after=t)  # records written after the checkpoint are recomputed
         self.start = t + 1
         self.recorder.resumed(t + 1)

@@ -488,3 +488,56 @@ def test_a_folder_from_an_older_version_without_a_newer_key_is_the_same_run():
     assert config_difference(older, cfg) == "num-server-rounds (7 there, 6 now)"
     moved = {**json.loads(json.dumps(cfg)), "results-dir": "/elsewhere", "checkpoint-every": 5}
     assert config_difference(moved, cfg) == ""  # where it lies, and what may change on resumption
+
+
+@pytest.mark.parametrize("engine", ["local", "flower"])
+def test_a_checkpoint_this_code_cannot_put_back_is_one_line_and_the_records_stay(tmp_path, engine):
+    """A checkpoint written by another version (here: SAGA's state without its table average, a rule's
+    state with an entry this rule does not keep) ended a resume in a KeyError traceback from inside the
+    estimator; now one line names the file and the two ways on, and the records up to it are kept."""
+    from byzflower.config import rule_of
+    from byzflower.factory import dataset_of, gradients_of, recorder_of
+    from byzflower.flower.server_app import _resume
+    from strategies.strategy import RobustSGD
+
+    config = {
+        **SMALL,
+        "optimizer": "saga",
+        "aggregator": "centered-clipping",  # a rule with a state of its own
+        "checkpoint-every": 2,
+        "results-dir": str(tmp_path),
+        "run-name": "older",
+    }
+    cfg = resolve(config)
+    first = LocalRun(cfg, log=lambda _: None)
+    step = first.step
+
+    def until_four(t: int) -> None:
+        if t == 5:
+            raise KeyboardInterrupt("stopped")
+        step(t)
+
+    first.step = until_four
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    folder = tmp_path / "older"
+    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    del state["workers"]["honest"]["gbar"]
+    state["rule"] = {"momentum": torch.zeros(3)}  # another version's rule state
+    torch.save(state, folder / "checkpoint.pt")
+    records = (folder / "metrics.jsonl").read_bytes()
+    message = r"checkpoint\.pt holds a state this byzflower cannot put back \(KeyError: .*\); written by another"
+    if engine == "local":
+        with pytest.raises(RunFolderError, match=message):
+            LocalRun(cfg, log=lambda _: None)
+        assert json.loads((folder / "summary.json").read_text())["status"] == "failed"
+    else:  # the ServerApp's resume of the same state: the rule's is what it cannot take
+        (folder / "server-checkpoint.pt").write_bytes((folder / "checkpoint.pt").read_bytes())
+        run, _ = open_run(cfg)
+        data = dataset_of(cfg)
+        grads = gradients_of(cfg, data, torch.device("cpu"))
+        recorder = recorder_of(cfg, data, grads, torch.device("cpu"), lambda _: None, run)
+        with pytest.raises(RunFolderError, match=message):
+            _resume(recorder, RobustSGD(rule_of(cfg), lr=cfg.lr))
+        run.unlock()
+    assert (folder / "metrics.jsonl").read_bytes() == records

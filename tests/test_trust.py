@@ -284,8 +284,8 @@ def test_the_client_app_says_when_it_could_not_put_back_the_checkpoints_state(
     tmp_path, monkeypatch, mnist, task_identity
 ):
     """byzflower's ClientApp function, on real Flower messages: asked to resume from a checkpoint it
-    does not hold, it rebuilds its workers' state and says so; holding it, it puts it back and says
-    nothing."""
+    does not hold, or holds in a form this code cannot take, it rebuilds its workers' state and says so;
+    holding it, it puts it back and says nothing."""
     from flwr.app import Context
 
     from byzflower.config import resolve
@@ -317,6 +317,15 @@ def test_the_client_app_says_when_it_could_not_put_back_the_checkpoints_state(
         client_app._NODES.clear()  # a new ClientApp process
         restored = ask(6, **{"resume-from": 5})
         assert "state" not in restored.content
+        (kept,) = [p for p in tmp_path.rglob("5.pt")]  # a state another version wrote: a key it lacks
+        import torch
+
+        saved = torch.load(kept, weights_only=False)
+        saved["state"] = {"honest": {k: v for k, v in saved["state"]["honest"].items() if k != "gbar"}}
+        torch.save(saved, kept)
+        client_app._NODES.clear()
+        foreign = ask(6, **{"resume-from": 5})  # rebuilt and said, as with none (was a KeyError: no reply)
+        assert foreign.content["state"]["rebuilt"] is True
     finally:
         client_app._NODES.clear()
 

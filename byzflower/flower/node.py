@@ -54,11 +54,14 @@ class NodeWorkers(HostedWorkers):
             saved = torch.load(path, weights_only=False) if path.exists() else None
         except DAMAGED_TORCH:
             saved = None  # damaged (a disk fault): as if this node had kept nothing
-        if saved is None:
-            self.reset()
-            return False
-        self.load_state_dict(saved["state"])
-        return True
+        if saved is not None:
+            try:
+                self.load_state_dict(saved["state"])
+                return True
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
+                pass  # a state this code cannot take (another version wrote it): kept nothing usable
+        self.reset()
+        return False
 
     def honest_messages(self, x: torch.Tensor, iteration: int) -> torch.Tensor:
         """(len(honest), d) messages of the node's honest workers at x, on the host."""

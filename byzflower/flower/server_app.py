@@ -165,14 +165,16 @@ def _resume(recorder: Recorder, strategy: RobustSGD) -> torch.Tensor:
     this model (SAGA's table, SVRG's snapshot, SARAH's estimate): a resumed run with a stateless
     estimator (SGD, mini-batch SGD) gives the uninterrupted run's numbers, the others do not."""
     state = recorder.run.load_torch(CHECKPOINT)
-    t = int(state["iteration"])
-    strategy.rule.load_state_dict(state["rule"])
-    recorder.load_state_dict(state["recorder"])
+    with recorder.run.restoring(CHECKPOINT):
+        t = int(state["iteration"])
+        strategy.rule.load_state_dict(state["rule"])
+        recorder.load_state_dict(state["recorder"])
+        x = state["x"]
     recorder.run.truncate_records(after=t)  # records written after the checkpoint are recomputed
     strategy.round_offset = t
     recorder.resumed(t + 1)
     _say("the nodes put back their workers' state of the checkpoint; any that kept none say so (rebuilt_workers)")
-    return state["x"]
+    return x
 
 
 def _checkpoint(recorder: Recorder, strategy: RobustSGD, t: int) -> None:

@@ -265,6 +265,20 @@ class RunDirectory:
                 "starts over)"
             ) from None
 
+    @contextlib.contextmanager
+    def restoring(self, filename: str):
+        """Around putting a checkpoint's state back: a state this code cannot take (a key missing, a
+        shape changed: written by another version of byzflower) is one RunFolderError naming the file,
+        not a KeyError or RuntimeError from deep inside the estimator or the rule."""
+        try:
+            yield
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise RunFolderError(
+                f"{self.path / filename} holds a state this byzflower cannot put back ({type(exc).__name__}: "
+                f"{exc}); written by another version? Finish the run with that version, or remove {filename} "
+                "to start it over"
+            ) from None
+
     def save_torch(self, filename: str, obj: Any) -> None:
         """``torch.save`` into the folder atomically (a kill never leaves half a file)."""
         import torch
