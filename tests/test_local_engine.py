@@ -101,6 +101,20 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_with_its_records(t
     assert again == _records(tmp_path / "straight" / "metrics.jsonl")
 
 
+def interrupted_after(run: LocalRun, iteration: int) -> None:
+    """Run ``run`` and stop it (as SIGTERM does) once ``iteration`` is done: it records itself interrupted."""
+    step = run.step
+
+    def until(t: int) -> None:
+        if t > iteration:
+            raise KeyboardInterrupt("stopped by SIGTERM")
+        step(t)
+
+    run.step = until
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+
+
 def test_a_finished_named_run_started_again_is_left_exactly_as_it_was(tmp_path):
     """Run again under its name, a finished run is reported, not rebuilt: every file of its folder keeps
     its bytes (the records were emptied: the start-over of a run killed before its first checkpoint
@@ -130,17 +144,7 @@ def test_a_resumed_run_that_fails_before_it_starts_keeps_what_its_summary_said(t
         {**RUN, "num-server-rounds": 6, "eval-every": 2, "checkpoint-every": 2, "results-dir": str(tmp_path)}
         | {"run-name": "again"}
     )
-    first = LocalRun(cfg, log=lambda _: None)
-    step = first.step
-
-    def until_four(t: int) -> None:
-        if t == 5:
-            raise KeyboardInterrupt("stopped by SIGTERM")
-        step(t)
-
-    first.step = until_four
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    interrupted_after(LocalRun(cfg, log=lambda _: None), 4)
     folder = tmp_path / "again"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["iterations"] == 4

@@ -499,6 +499,7 @@ def test_a_checkpoint_this_code_cannot_put_back_is_one_line_and_the_records_stay
     from byzflower.factory import dataset_of, gradients_of, recorder_of
     from byzflower.flower.server_app import _resume
     from strategies.strategy import RobustSGD
+    from tests.test_local_engine import interrupted_after
 
     config = {
         **SMALL,
@@ -509,17 +510,7 @@ def test_a_checkpoint_this_code_cannot_put_back_is_one_line_and_the_records_stay
         "run-name": "older",
     }
     cfg = resolve(config)
-    first = LocalRun(cfg, log=lambda _: None)
-    step = first.step
-
-    def until_four(t: int) -> None:
-        if t == 5:
-            raise KeyboardInterrupt("stopped")
-        step(t)
-
-    first.step = until_four
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    interrupted_after(LocalRun(cfg, log=lambda _: None), 4)
     folder = tmp_path / "older"
     state = torch.load(folder / "checkpoint.pt", weights_only=False)
     del state["workers"]["honest"]["gbar"]

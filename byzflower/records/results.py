@@ -152,41 +152,44 @@ class RunDirectory:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
+    @contextlib.contextmanager
+    def _peek(self):
+        """(the lock file's descriptor, whether a process holds the lock now), or None without a lock
+        file. Looking takes a shared lock for the instant of the block when none is held."""
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = False
+            except OSError:
+                held = True
+            yield fd, held
+        finally:
+            os.close(fd)  # (releases the shared lock, if it was taken)
+
     def holder(self) -> int | None:
         """The PID of the process that holds this folder's lock now, or None when none does (the
         PID written in the lock file is only trusted while the lock is held: a free lock's PID may
         have been reused)."""
-        try:
-            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        with self._peek() as peek:
+            if peek is None or not peek[1]:
+                return None
+            fd = peek[0]
             # the holder writes its PID right after taking the lock: give it a moment to appear
             deadline = time.monotonic() + 1.0
             while not (text := os.pread(fd, 64, 0).decode(errors="replace").strip()) and time.monotonic() < deadline:
                 time.sleep(0.01)
             # only what can be another process: a damaged file's 0 would signal our whole group, 1 init
             return int(text) if text.isdigit() and 1 < int(text) <= _PID_MAX else None
-        else:
-            return None  # closing the descriptor below releases the lock just taken
-        finally:
-            os.close(fd)
 
     def held(self) -> bool:
         """Whether some process holds this folder's lock now."""
-        try:
-            fd = os.open(self.path / self.LOCK, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # (releases the shared lock just taken, if it was)
-        return False
+        with self._peek() as peek:
+            return peek is not None and peek[1]
 
     def begin(self, summary: dict[str, Any]) -> None:
         """Say in summary.json that the run is going (status 'running'): a summary left saying so
