@@ -502,6 +502,16 @@ def test_a_report_shows_every_run_seeds_as_mean_and_spread_other_settings_as_col
     assert cells[("none", f"saga gm lr={default_lr}")].startswith("0.9200 ± 0.0200 (n=3)")
 
 
+def test_detection_over_replicates_is_the_mean_over_their_seeds_each_counted_once(tmp_path):
+    from byzflower.experiments.report import detection
+
+    for seed, auc, name in ((1, 0.8, "a"), (2, 0.6, "b"), (2, 0.0, "c")):  # c: a copy of seed 2's experiment
+        folder = _fake_run(tmp_path / name, "sgd", "gm", "sign-flip", 0.3, seed=seed)
+        last = {"iteration": 20, "test_accuracy": 0.3, "detection_auc": auc, "detection_precision": auc}
+        (folder / "metrics.jsonl").write_text((folder / "metrics.jsonl").read_text() + json.dumps(last) + "\n")
+    assert detection(collect([tmp_path])).splitlines()[-1] == "| sgd gm | 0.70 / 0.70 |"
+
+
 def test_a_report_says_a_run_whose_process_died_left_no_record(tmp_path):
     """A summary saying 'running' is a running run only while a process holds the folder's lock; a run
     killed hard left it saying so forever, and the report showed it as running."""

@@ -121,10 +121,10 @@ def by_cell(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     return cells
 
 
-def _finished_per_seed(runs: list[Run]) -> tuple[list[float], int]:
-    """(final accuracies of the finished runs, one per seed, in path order; how many finished runs
-    repeated a seed already counted: copies of one experiment, not replicates)."""
-    seen: dict[object, float] = {}
+def _one_per_seed(runs: list[Run]) -> tuple[list[Run], int]:
+    """(the finished runs, one per seed, the first in path order; how many finished runs repeated a
+    seed already counted: copies of one experiment, not replicates)."""
+    seen: dict[object, Run] = {}
     copies = 0
     for run in sorted(runs, key=lambda r: str(r.path)):
         if run.final_accuracy is None:
@@ -133,8 +133,14 @@ def _finished_per_seed(runs: list[Run]) -> tuple[list[float], int]:
         if seed in seen:
             copies += 1
         else:
-            seen[seed] = run.final_accuracy
+            seen[seed] = run
     return list(seen.values()), copies
+
+
+def _finished_per_seed(runs: list[Run]) -> tuple[list[float], int]:
+    """(final accuracies of ``_one_per_seed``'s runs, its count of copies)."""
+    kept, copies = _one_per_seed(runs)
+    return [r.final_accuracy for r in kept], copies
 
 
 def mean_final(runs: list[Run]) -> float | None:
@@ -335,7 +341,8 @@ def detection(runs: list[Run]) -> str | None:
     attacks = _ordered({r.config["attack"] for r in scored}, ATTACKS)
     columns = _ordered({r.column for r in scored}, ())
     cells = {}
-    for (attack, column), members in by_cell(scored).items():  # replicates: the mean over their seeds
+    for (attack, column), cell in by_cell(scored).items():  # replicates: the mean over their seeds
+        members, _ = _one_per_seed(cell)
         auc = sum(r.records[-1]["detection_auc"] for r in members) / len(members)
         precision = sum(r.records[-1]["detection_precision"] for r in members) / len(members)
         cells[(column, attack)] = f"{auc:.2f} / {precision:.2f}"
