@@ -97,8 +97,8 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(grid=harness, initial_arrays=initial, num_rounds=left, evaluate_fn=evaluate)
         (recorder.run.path / CHECKPOINT).unlink(missing_ok=True)
         status = "finished"
-    except HarnessError as exc:
-        error = str(exc)
+    except (HarnessError, RunFolderError) as exc:  # our own message alone (a checkpoint it cannot put back)
+        error = str(exc) if isinstance(exc, HarnessError) else status_of(exc)[1]
         _finish(recorder, status, error, harness, grid)
         _abort(exc)
     except BaseException as exc:
