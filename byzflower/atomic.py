@@ -1,5 +1,5 @@
 """Write-then-rename for cache files that several writers may build at once, and what reading a saved
-file back raises when it is damaged."""
+file back raises when it is damaged (or, for a checkpoint, another version's)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ DAMAGED_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)
 # What ``torch.load`` of a damaged file raises: torch's zip reader RuntimeError, a cut pickle EOFError or
 # UnpicklingError.
 DAMAGED_TORCH = (RuntimeError, EOFError, ValueError, pickle.UnpicklingError)
+# What putting a checkpoint's state back (``load_state_dict``) raises when another version of byzflower
+# wrote it: a key missing or unknown, a shape or type changed.
+FOREIGN_STATE = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
 
 
 def tmp_beside(path: Path, suffix: str = ".tmp") -> Path:

@@ -68,25 +68,22 @@ def open_run(cfg: RunConfig) -> tuple[RunDirectory, bool]:
                 )
             run = RunDirectory(path)
             run.lock()
-            if not (path / "config.json").exists():  # still none with the lock held: no other process is making it
-                (path / "summary.json").unlink(missing_ok=True)  # the failed attempt's; this run writes its own
-                run.write_json("config.json", cfg.resolved())
-                return run, False
+            with run.unlocked_on_error():
+                if not (path / "config.json").exists():  # still none with the lock held: no other process makes it
+                    (path / "summary.json").unlink(missing_ok=True)  # the failed attempt's; this run writes its own
+                    run.write_json("config.json", cfg.resolved())
+                    return run, False
             run.unlock()
         if (path / "config.json").exists():
             run = RunDirectory(path)
             run.lock()
-            try:
+            with run.unlocked_on_error():
                 shown = config_difference(run.config(), cfg.resolved())
-            except RunFolderError:
-                run.unlock()
-                raise
-            if shown:
-                run.unlock()
-                raise RunExists(
-                    f"run-name={cfg['run-name']!r} already holds a run with another config, differing in {shown}; "
-                    "choose another run-name or remove the folder"
-                )
+                if shown:
+                    raise RunExists(
+                        f"run-name={cfg['run-name']!r} already holds a run with another config, differing in "
+                        f"{shown}; choose another run-name or remove the folder"
+                    )
             return run, True
     return RunDirectory.create(root, cfg["run-name"] or run_name(cfg.resolved()), cfg.resolved()), False
 
@@ -105,11 +102,8 @@ class LocalRun:
         #: a named run's summary when it already finished: nothing is built, its folder stays as it is
         self.done: dict[str, Any] | None = None
         if resume:
-            try:
+            with run.unlocked_on_error():  # damaged: said in one line, the folder left for the user to look at
                 existing = run.summary()
-            except RunFolderError:  # damaged: said in one line, the folder left for the user to look at
-                run.unlock()
-                raise
             if existing is not None and existing.get("status") == "finished":
                 self.done = existing
                 return

@@ -410,8 +410,8 @@ def reads_are_free(t: torch.Tensor) -> bool:
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite, read on the host: one summing pass where
-    ``isfinite(t).all()`` takes four (a finite sum proves every entry finite; entries whose sum
-    overflows are then checked one by one)."""
+    ``isfinite(t).all()`` takes four (a finite sum proves every entry finite; only where the sum is
+    not finite, a non-finite entry or finite ones that overflow it, are the entries checked)."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 

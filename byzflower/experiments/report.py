@@ -106,11 +106,9 @@ def _set_variants(runs: list[Run]) -> None:
     )
     for run, config in zip(runs, full, strict=True):
         run.variant = " ".join(f"{k}={config.get(k)}" for k in keys)
-    cells: dict[tuple[str, str], int] = {}
-    for run in runs:
-        cells[(run.config["attack"], run.column)] = cells.get((run.config["attack"], run.column), 0) + 1
-    for run in runs:
-        run.replicated = cells[(run.config["attack"], run.column)] > 1
+    for members in by_cell(runs).values():
+        for run in members:
+            run.replicated = len(members) > 1
 
 
 def by_cell(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -137,25 +135,25 @@ def _one_per_seed(runs: list[Run]) -> tuple[list[Run], int]:
     return list(seen.values()), copies
 
 
-def _finished_per_seed(runs: list[Run]) -> tuple[list[float], int]:
-    """(final accuracies of ``_one_per_seed``'s runs, its count of copies)."""
-    kept, copies = _one_per_seed(runs)
-    return [r.final_accuracy for r in kept], copies
-
-
 def mean_final(runs: list[Run]) -> float | None:
     """The mean final test accuracy over the seeds finished among ``runs`` (None: none finished)."""
-    done, _ = _finished_per_seed(runs)
-    return sum(done) / len(done) if done else None
+    kept, _ = _one_per_seed(runs)
+    return sum(r.final_accuracy for r in kept) / len(kept) if kept else None
+
+
+def _statuses(runs: list[Run]) -> str:
+    """What a cell says when none of its runs finished: their statuses ('failed', 'failed/interrupted')."""
+    return "/".join(sorted({r.status for r in runs}))
 
 
 def cell_text(runs: list[Run]) -> str:
     """A table cell: the final test accuracy of one run; over replicates the mean, the sample standard
     deviation and how many seeds finished; the status when none did; unfinished replicates and copies
     of a seed already counted (the same experiment run twice) said, not counted."""
-    done, copies = _finished_per_seed(runs)
+    kept, copies = _one_per_seed(runs)
+    done = [r.final_accuracy for r in kept]
     if not done:
-        return "/".join(sorted({r.status for r in runs}))
+        return _statuses(runs)
     mean = sum(done) / len(done)
     text = f"{mean:.4f}"
     if len(done) > 1:
@@ -193,11 +191,10 @@ def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str], 
 def _column_rank(column: str, runs: list[Run]) -> tuple:
     """Optimizers, then rules, in the config's order; a pre-aggregated rule after its plain one."""
     run = next(r for r in runs if r.column == column)
-    pre = run.config.get("pre-aggregator", "none")
     return (
         _rank(run.config["optimizer"], OPTIMIZERS),
         _rank(run.config["aggregator"], AGGREGATORS),
-        pre not in ("none", "", None),
+        run.rule != run.config["aggregator"],  # pre-aggregated
         column,
     )
 
@@ -265,7 +262,7 @@ def beside_paper(runs: list[Run]) -> str | None:
             continue
         if column in PAPER_TABLE_I.get(attack, {}):
             acc = mean_final(members)  # over seeds, where several ran
-            ours[(attack, column)] = acc * 100 if acc is not None else "/".join(sorted({r.status for r in members}))
+            ours[(attack, column)] = acc * 100 if acc is not None else _statuses(members)
     if not ours:
         return None
     attacks = [a for a in PAPER_TABLE_I if any(k[0] == a for k in ours)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from byzflower.atomic import DAMAGED_TORCH
+from byzflower.atomic import DAMAGED_TORCH, FOREIGN_STATE
 from byzflower.config import RunConfig
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of
 from byzflower.flower.node_state import mapped_allocator, run_state_dir, state_key
@@ -58,7 +58,7 @@ class NodeWorkers(HostedWorkers):
             try:
                 self.load_state_dict(saved["state"])
                 return True
-            except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError):
+            except FOREIGN_STATE:
                 pass  # a state this code cannot take (another version wrote it): kept nothing usable
         self.reset()
         return False

@@ -112,11 +112,8 @@ def main(grid: Grid, context: Context) -> None:
 
 def _finished(run: RunDirectory) -> bool:
     """Whether the named run's folder holds a finished run (a damaged summary: said, the folder unlocked)."""
-    try:
+    with run.unlocked_on_error():
         return (run.summary() or {}).get("status") == "finished"
-    except RunFolderError:
-        run.unlock()
-        raise
 
 
 def _named_run(cfg: RunConfig) -> tuple[RunDirectory | None, bool]:

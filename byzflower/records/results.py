@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from byzflower.atomic import DAMAGED_TORCH
+from byzflower.atomic import DAMAGED_TORCH, FOREIGN_STATE
 
 
 def default_results_dir() -> Path:
@@ -269,13 +269,23 @@ class RunDirectory:
             ) from None
 
     @contextlib.contextmanager
+    def unlocked_on_error(self):
+        """Release this process's lock on the folder if the block raises: a folder refused (another
+        run's, damaged) must not stay held."""
+        try:
+            yield
+        except BaseException:
+            self.unlock()
+            raise
+
+    @contextlib.contextmanager
     def restoring(self, filename: str):
         """Around putting a checkpoint's state back: a state this code cannot take (a key missing, a
         shape changed: written by another version of byzflower) is one RunFolderError naming the file,
         not a KeyError or RuntimeError from deep inside the estimator or the rule."""
         try:
             yield
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        except FOREIGN_STATE as exc:
             raise RunFolderError(
                 f"{self.path / filename} holds a state this byzflower cannot put back ({type(exc).__name__}: "
                 f"{exc}); written by another version? Finish the run with that version, or remove {filename} "
