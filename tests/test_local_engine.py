@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ from byzflower.engine import LocalRun, run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
 from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
+from byzflower.records.plots import plot_run
+from byzflower.records.results import RunDirectory
 
 TIMING = {"elapsed_s", "iters_per_s"}
 RUN = {"num-honest": 10, "num-byzantine": 3, "seed": 5}
@@ -510,6 +513,40 @@ def test_detection_over_replicates_is_the_mean_over_their_seeds_each_counted_onc
         last = {"iteration": 20, "test_accuracy": 0.3, "detection_auc": auc, "detection_precision": auc}
         (folder / "metrics.jsonl").write_text((folder / "metrics.jsonl").read_text() + json.dumps(last) + "\n")
     assert detection(collect([tmp_path])).splitlines()[-1] == "| sgd gm | 0.70 / 0.70 |"
+
+
+def test_the_figure_draws_replicates_as_their_mean_and_band_and_diverged_runs_without_noise(tmp_path):
+    """Replicate seeds were drawn as lines of one colour under one legend entry, one of them possibly a
+    copy of another seed or an interrupted seed; a diverged run's values printed numpy's overflow
+    warnings on the console."""
+    from byzflower.experiments.report import curves, figure
+
+    for seed, acc in ((1, 0.90), (2, 0.94), (3, 0.92)):
+        _fake_run(tmp_path, "saga", "gm", "none", acc, seed=seed)
+    _fake_run(tmp_path, "saga", "gm", "none", 0.2, status="interrupted", seed=4)  # not with the finished ones
+    copy = tmp_path / "saga-none-gm-none-seed2-copy"  # seed 2 again: counted once, the first in path order
+    shutil.copytree(tmp_path / "saga-none-gm-none-seed2", copy)
+    (copy / "metrics.jsonl").write_text((copy / "metrics.jsonl").read_text().replace("0.94", "0.5"))
+    _fake_run(tmp_path, "sgd", "gm", "none", 0.7)
+    runs = collect([tmp_path])
+    saga, sgd = curves(runs, "none", "test_accuracy")
+    assert (saga.column, saga.iterations, saga.seeds) == ("saga gm", [0, 10], 3)
+    assert saga.values == pytest.approx([0.1, 0.92]) and saga.low == [0.1, 0.90] and saga.high == [0.1, 0.94]
+    assert (sgd.column, sgd.values, sgd.low, sgd.high, sgd.seeds) == ("sgd gm", [0.1, 0.7], None, None, 1)
+    assert [c.iterations for c in curves(runs, "none", "honest_variance")] == [[10], [10]]  # None is no point
+    assert curves(runs, "gaussian", "test_accuracy") == []
+
+    diverged = _fake_run(tmp_path / "div", "sgd", "mean", "sign-flip", 0.0)
+    blown = [
+        {"iteration": 0, "train_loss": 2.3, "test_accuracy": 0.1, "honest_variance": 1.0},
+        {"iteration": 10, "train_loss": 1e300, "honest_variance": 1e300},
+    ]
+    (diverged / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in blown))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure(collect([tmp_path / "div"]), tmp_path / "div.png")
+        plot_run(RunDirectory(diverged))
+    assert (tmp_path / "div.png").stat().st_size > 10_000 and (diverged / "loss.png").exists()
 
 
 def test_a_report_says_a_run_whose_process_died_left_no_record(tmp_path):

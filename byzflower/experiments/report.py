@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from byzflower.config import AGGREGATORS, ATTACKS, DEFAULTS, OPTIMIZERS
+from byzflower.records.plots import quiet_overflow
 from byzflower.records.results import FREE_KEYS, DamagedRunFolder, RunDirectory
 
 
@@ -380,7 +381,56 @@ def heatmap(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class Curve:
+    """One line of the report's figure: a column's values of one record key against iterations.
+
+    Over replicates (seeds of one cell) ``values`` is their mean at the iterations every seed recorded
+    and ``low`` / ``high`` the lowest and highest seed's value there (the figure's band); for one run
+    they are None."""
+
+    column: str
+    iterations: list[int]
+    values: list[float]
+    low: list[float] | None
+    high: list[float] | None
+    seeds: int
+
+
+def curves(runs: list[Run], attack: str, key: str) -> list[Curve]:
+    """The figure's lines for ``attack`` and the record ``key``: one per column, in column order. A
+    seed recorded twice (the same experiment run twice) counts once, the first in path order, as in the
+    tables; where some seeds finished, the figure shows those (the tables' mean), else every seed."""
+    lines = []
+    for (cell_attack, column), members in sorted(by_cell(runs).items(), key=lambda item: item[0][1]):
+        if cell_attack != attack:
+            continue
+        series, seeds = [], set()
+        finished = [r for r in members if r.status == "finished"]
+        for run in sorted(finished or members, key=lambda r: str(r.path)):
+            seed = run.config.get("seed", DEFAULTS["seed"])
+            points = {r["iteration"]: r[key] for r in run.records if r.get(key) is not None}
+            if points and seed not in seeds:
+                seeds.add(seed)
+                series.append(points)
+        if not series:
+            continue
+        iterations = sorted(set(series[0]).intersection(*series[1:]))
+        if not iterations:
+            continue
+        at = [[s[i] for s in series] for i in iterations]
+        values = [math.fsum(v) / len(v) for v in at]
+        if len(series) == 1:
+            lines.append(Curve(column, iterations, values, None, None, 1))
+        else:
+            lines.append(Curve(column, iterations, values, [min(v) for v in at], [max(v) for v in at], len(series)))
+    return lines
+
+
+@quiet_overflow
 def figure(runs: list[Run], path: Path) -> None:
+    """One column of panels per attack, one line per optimizer + rule; replicates as their mean over
+    seeds with a band from the lowest to the highest seed."""
     attacks = _ordered({r.config["attack"] for r in runs}, ATTACKS)
     panels = [
         ("test_accuracy", "test accuracy", False),
@@ -392,13 +442,16 @@ def figure(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(len(panels), len(attacks), figsize=(4.2 * len(attacks), 3.2 * len(panels)), squeeze=False)
     columns = sorted({r.column for r in runs})
     colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(columns)}
+    seeds: dict[str, int] = {}
     for j, attack in enumerate(attacks):
         for i, (key, label, logy) in enumerate(panels):
             ax = axes[i][j]
-            for run in sorted((r for r in runs if r.config["attack"] == attack), key=lambda r: r.column):
-                pts = [(r["iteration"], r[key]) for r in run.records if r.get(key) is not None]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), label=run.column, color=colours[run.column])
+            for curve in curves(runs, attack, key):
+                colour = colours[curve.column]
+                ax.plot(curve.iterations, curve.values, color=colour)
+                if curve.low is not None:
+                    ax.fill_between(curve.iterations, curve.low, curve.high, color=colour, alpha=0.2, lw=0)
+                seeds[curve.column] = max(seeds.get(curve.column, 1), curve.seeds)
             if logy:
                 ax.set_yscale("log")
             if i == 0:
@@ -408,8 +461,9 @@ def figure(runs: list[Run], path: Path) -> None:
             if i == len(panels) - 1:
                 ax.set_xlabel("iteration")
             ax.grid(alpha=0.3)
-    handles = {c: plt.Line2D([], [], color=colours[c]) for c in columns}
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(columns), 6), frameon=False)
+    names = [c + (f" (mean of {seeds[c]} seeds, band min-max)" if seeds.get(c, 1) > 1 else "") for c in columns]
+    handles = [plt.Line2D([], [], color=colours[c]) for c in columns]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(columns), 6), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -434,6 +488,7 @@ def _late_median(run: Run, value) -> float:
     return vals[len(vals) // 2] if vals else float("nan")
 
 
+@quiet_overflow
 def mechanism(runs: list[Run], path: Path) -> str | None:
     """Where identical copies (sign-flip, zero-gradient) hold a robust rule: per run, against iterations
     on a log scale, the honest messages' spread (sqrt of their variance), the copies' distance from the

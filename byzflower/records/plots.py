@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from byzflower.records.results import RunDirectory
+
+F = TypeVar("F", bound=Callable)
+
+
+def quiet_overflow(draw: F) -> F:
+    """Draw without numpy's overflow warnings: a diverged run's values (1e38 and beyond) overflow
+    matplotlib's log-scale margins, which is harmless there and said on the console as noise."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with np.errstate(over="ignore"):
+            return draw(*args, **kwargs)
+
+    return drawn  # type: ignore[return-value]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -19,6 +36,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+@quiet_overflow
 def plot_run(run: RunDirectory) -> list[str]:
     """Write loss.png, accuracy.png, variance.png (gap.png for convex runs, suspicion.png where the rule gives
     per-worker shares) into the run folder; returns the names."""
