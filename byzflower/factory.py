@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from byzflower.config import ConfigError, RunConfig, build_component, layout_of, warnings_of
-from byzflower.data import ImageData, load_dataset, partition
+from byzflower.data import ImageData, PartitionError, load_dataset, partition
 from byzflower.models import ModelError, build_model
 from byzflower.records.experiment import Evaluator, Recorder
 from byzflower.records.results import RunDirectory, default_results_dir
@@ -95,7 +95,10 @@ def preflight(cfg: RunConfig) -> None:
             f"num-honest={cfg['num-honest']} exceeds the {samples} training samples of {cfg['dataset']}: "
             "every honest worker needs at least one sample"
         )
-    parts = partitions_of(cfg)
+    try:
+        parts = partitions_of(cfg)
+    except PartitionError as exc:
+        raise ConfigError(str(exc)) from None
     sizes = [len(p) for p in parts]
     smallest = min(sizes)
     worker = sizes.index(smallest)

@@ -134,3 +134,27 @@ def test_partition_is_cached_on_disk(mnist):
     D.partition.cache_clear()
     c = D.partition("mnist", "", 7, "iid", 11)
     assert all(np.array_equal(x, y) for x, y in zip(a, c, strict=True)) and cache.stat().st_size > 200
+
+
+def test_a_dirichlet_split_it_cannot_make_is_one_line_naming_the_ways_on(tmp_path):
+    """Too many workers for partitioner='dirichlet' (each needs MIN_PARTITION_SIZE samples) ended in a
+    traceback from inside flwr-datasets after ten console warnings, one per redraw."""
+    import warnings
+
+    from byzflower.config import ConfigError, resolve
+    from byzflower.factory import preflight
+
+    labels = np.arange(1000) % 10
+    with pytest.raises(D.PartitionError, match=r"cannot give each of num-honest=101 workers at least 10 of the 1000"):
+        D.partition_labels(labels, 101, "dirichlet", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flwr-datasets' warning at each redraw is not shown
+        with pytest.raises(
+            D.PartitionError, match=r"found no draw that gives each of num-honest=95 .*dirichlet-alpha=0.5"
+        ):
+            D.partition_labels(labels, 95, "dirichlet", seed=1)
+        assert min(len(p) for p in D.partition_labels(labels, 20, "dirichlet", seed=1)) >= D.MIN_PARTITION_SIZE
+    cfg = resolve({"num-honest": 7000, "partitioner": "dirichlet", "results-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"cannot give each of num-honest=7000 workers .* or partitioner='iid'"):
+        preflight(cfg)
+    assert list(tmp_path.iterdir()) == []  # refused before any folder

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,7 +354,11 @@ def dataset_folder(name: str, data_dir: str = "", log: Log = lambda _: None) -> 
 
 
 PARTITIONERS = ("iid", "dirichlet", "pathological", "full")
-MIN_PARTITION_SIZE = 10
+MIN_PARTITION_SIZE = 10  # partitioner='dirichlet': each partition's least number of samples
+
+
+class PartitionError(ValueError):
+    """The partitioner cannot split the samples into that many partitions (its message names the ways on)."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -443,6 +448,8 @@ def partition_labels(
     if partitioner == "iid":
         part = IidPartitioner(num_partitions)
     elif partitioner == "dirichlet":
+        if num_partitions * MIN_PARTITION_SIZE > len(labels):
+            raise PartitionError(_dirichlet_refusal(num_partitions, len(labels), dirichlet_alpha, "cannot give"))
         part = DirichletPartitioner(
             num_partitions, "label", dirichlet_alpha, min_partition_size=MIN_PARTITION_SIZE, seed=pseed
         )
@@ -451,4 +458,24 @@ def partition_labels(
             num_partitions, "label", pathological_classes, class_assignment_mode="random", seed=pseed
         )
     part.dataset = table
-    return tuple(np.sort(np.asarray(part.load_partition(i)["index"], dtype=np.int64)) for i in range(num_partitions))
+    with warnings.catch_warnings():
+        # flwr-datasets warns at every redraw of a Dirichlet split that left a partition under its least
+        # size; a split found after redraws is as valid as any, and one never found is raised below
+        warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+        try:
+            first = part.load_partition(0)
+        except ValueError as exc:
+            if partitioner == "dirichlet" and "max number of attempts" in str(exc):
+                found = "found no draw that gives"  # flwr-datasets gave up redrawing
+                raise PartitionError(_dirichlet_refusal(num_partitions, len(labels), dirichlet_alpha, found)) from None
+            raise
+    rest = (part.load_partition(i) for i in range(1, num_partitions))
+    return tuple(np.sort(np.asarray(p["index"], dtype=np.int64)) for p in (first, *rest))
+
+
+def _dirichlet_refusal(partitions: int, samples: int, alpha: float, outcome: str) -> str:
+    return (
+        f"partitioner='dirichlet' {outcome} each of num-honest={partitions} workers at least "
+        f"{MIN_PARTITION_SIZE} of the {samples} training samples (dirichlet-alpha={alpha:g}); use fewer workers, "
+        "a larger dirichlet-alpha (more even), or partitioner='iid' or 'pathological'"
+    )
