@@ -159,23 +159,31 @@ def _cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from byzflower.experiments.sweep import grid, parse_axis, run_sweep
+    from byzflower.experiments.sweep import cell_config, grid, parse_axis, parse_seeds, run_sweep
     from byzflower.records.results import default_results_dir
 
     cells = grid(
         parse_axis("optimizer", args.optimizer),
         parse_axis("aggregator", args.aggregator),
         parse_axis("attack", args.attack),
+        parse_seeds(args.seed) if args.seed is not None else None,
     )
     overrides = parse_run_config(args.run_config)
-    for key in ("optimizer", "aggregator", "attack", "run-name", "results-dir"):
+    set_here = ("optimizer", "aggregator", "attack", "run-name", "results-dir", *(("seed",) if args.seed else ()))
+    for key in set_here:
         if key in overrides:
-            raise ConfigError(
-                f"--run-config may not set {key!r} in a sweep (the sweep sets it; use --out for the folder)"
-            )
+            flag = "--seed" if key == "seed" else "the sweep"
+            raise ConfigError(f"--run-config may not set {key!r} in a sweep ({flag} sets it; use --out for the folder)")
     out = Path(args.out) if args.out else default_results_dir() / "sweep"
-    resolved = resolve({k: v for k, v in overrides.items()})
-    dataset_folder(resolved["dataset"], resolved["data-dir"], log=print)
+    # the data, fetched once before any worker starts: its keys from a cell's config (the run config
+    # alone may be no valid run, e.g. num-byzantine=0 with the default attack where --attack none)
+    for cell in cells:
+        try:
+            resolved = resolve(cell_config(cell, overrides, out))
+        except ConfigError:
+            continue  # run_sweep names every cell's problem at once
+        dataset_folder(resolved["dataset"], resolved["data-dir"], log=print)
+        break
     outcomes = run_sweep(
         cells,
         overrides,
@@ -263,11 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     creds.set_defaults(func=_cmd_credentials)
 
-    sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack")
+    sweep = sub.add_parser("sweep", help="a grid of runs (in-process engine): optimizer x aggregator x attack (x seed)")
     sweep.add_argument("--optimizer", default="sgd,batch-sgd,saga", help="comma-separated optimizers, or all")
     sweep.add_argument("--aggregator", default="mean,gm", help="comma-separated aggregators, or all")
     sweep.add_argument(
         "--attack", default="none,gaussian,sign-flip,zero-gradient", help="comma-separated attacks, or all"
+    )
+    sweep.add_argument(
+        "--seed",
+        default=None,
+        help="comma-separated seeds (e.g. 1,2,3): one run of every cell per seed, replicates that the report "
+        "shows as mean ± std (default: the run config's seed, one run per cell)",
     )
     sweep.add_argument("--run-config", default="", help="overrides for every run, TOML syntax")
     sweep.add_argument(

@@ -532,3 +532,32 @@ def test_a_checkpoint_this_code_cannot_put_back_is_one_line_and_the_records_stay
             _resume(recorder, RobustSGD(rule_of(cfg), lr=cfg.lr))
         run.unlock()
     assert (folder / "metrics.jsonl").read_bytes() == records
+
+
+def test_a_sweep_runs_replicate_seeds_and_adds_seeds_later(tmp_path, mnist, capsys):
+    """`--seed 1,2` runs every cell once per seed, in folders named by it, which the report shows as mean ±
+    std; a later `--seed 1,2,3` into the same folder runs only the new seed. (Without it a second seed
+    was refused as another config in the cell's folder.) Also: a sweep whose --run-config alone is no
+    valid run (num-byzantine=0 with the default attack) was refused though every cell set attack='none'."""
+    out = tmp_path / "sw"
+    config = "num-honest=4 num-byzantine=0 num-server-rounds=2 eval-every=2 checkpoint-every=0"
+    argv = ["sweep", "--optimizer", "sgd", "--aggregator", "mean", "--attack", "none", "--run-config", config]
+    assert _main([*argv, "--seed", "1,2", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == ["sgd-mean-none-s1", "sgd-mean-none-s2"]
+    assert [json.loads((out / n / "config.json").read_text())["seed"] for n in names] == [1, 2]
+    finals = [json.loads((out / n / "summary.json").read_text())["final"]["test_accuracy"] for n in names]
+    assert finals[0] != finals[1]  # two draws, not one run twice
+    assert "(n=2)" in (out / "table.md").read_text()
+    first = (out / "sgd-mean-none-s1" / "metrics.jsonl").read_bytes()
+    assert _main([*argv, "--seed", "1,2,3", "--out", str(out), "--no-report"]) == 0
+    assert (out / "sgd-mean-none-s1" / "metrics.jsonl").read_bytes() == first  # finished: skipped
+    assert json.loads((out / "sgd-mean-none-s3" / "summary.json").read_text())["status"] == "finished"
+    assert _main([*argv[:-1], config + " seed=4", "--seed", "1", "--out", str(out)]) == 2
+    assert "may not set 'seed' in a sweep (--seed sets it" in capsys.readouterr().err
+    for bad, said in (("1,x", "'x' not a seed"), ("2,2", "--seed repeats 2"), ("", "--seed is empty")):
+        assert _main([*argv, "--seed", bad, "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if p.is_dir())[-1] == "sgd-mean-none-s3"  # nothing more made
+    assert _main([*argv, "--out", str(tmp_path / "one"), "--no-report"]) == 0  # no --seed: the config's, no suffix
+    assert [p.name for p in (tmp_path / "one").iterdir() if p.is_dir()] == ["sgd-mean-none"]

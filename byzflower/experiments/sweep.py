@@ -37,13 +37,16 @@ BACKENDS = ("auto", "ray", "processes")
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a sweep; ``seed`` None: the run config's seed (the folder's name then has none)."""
+
     optimizer: str
     aggregator: str
     attack: str
+    seed: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.optimizer}-{self.aggregator}-{self.attack}"
+        return f"{self.optimizer}-{self.aggregator}-{self.attack}" + ("" if self.seed is None else f"-s{self.seed}")
 
 
 def parse_axis(name: str, text: str) -> list[str]:
@@ -62,8 +65,28 @@ def parse_axis(name: str, text: str) -> list[str]:
     return values
 
 
-def grid(optimizers: list[str], aggregators: list[str], attacks: list[str]) -> list[Cell]:
-    return [Cell(o, g, a) for o, g, a in itertools.product(optimizers, aggregators, attacks)]
+def parse_seeds(text: str) -> list[int]:
+    """'1, 2, 3' -> [1, 2, 3] (the sweep's ``--seed``: replicates of every cell), checked like the config's seed."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise ConfigError("--seed is empty; give one or more integer seeds, e.g. 1,2,3")
+    bad = [v for v in values if not v.isdigit()]
+    if bad:
+        raise ConfigError(f"--seed: {', '.join(map(repr, bad))} not a seed; give integers >= 0, e.g. 1,2,3")
+    seeds = [int(v) for v in values]
+    repeated = sorted({v for v in seeds if seeds.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"--seed repeats {', '.join(map(str, repeated))}")
+    for seed in seeds:
+        resolve({"seed": seed})  # the config's own range check, named the same way
+    return seeds
+
+
+def grid(
+    optimizers: list[str], aggregators: list[str], attacks: list[str], seeds: list[int] | None = None
+) -> list[Cell]:
+    """Every combination, seeds innermost (a cell's replicates run one after another)."""
+    return [Cell(*c) for c in itertools.product(optimizers, aggregators, attacks, seeds or [None])]
 
 
 def cell_config(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -72,6 +95,7 @@ def cell_config(cell: Cell, overrides: dict[str, Any], out: Path) -> dict[str, A
         "optimizer": cell.optimizer,
         "aggregator": cell.aggregator,
         "attack": cell.attack,
+        **({} if cell.seed is None else {"seed": cell.seed}),
         "results-dir": str(out),
         "run-name": cell.name,
     }
