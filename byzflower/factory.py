@@ -84,11 +84,10 @@ def preflight(cfg: RunConfig) -> None:
         raise ConfigError("device='cuda' but this machine shows no GPU; use device='auto' or 'cpu'")
     _check_writable(cfg)
     data = dataset_of(cfg)
-    if ":" in cfg["model"]:  # a user's model: importable and usable, checked before any work
-        try:
-            build_model(cfg["model"], int(cfg["seed"]), data.input_shape, data.spec.classes)
-        except ModelError as exc:
-            raise ConfigError(str(exc)) from None
+    try:  # importable (a user's) and usable on this data's samples, checked before any work
+        build_model(cfg["model"], int(cfg["seed"]), data.input_shape, data.spec.classes)
+    except ModelError as exc:
+        raise ConfigError(f"{exc} (dataset={cfg['dataset']!r})") from None
     samples = len(data.train_labels)
     if cfg["num-honest"] > samples:
         raise ConfigError(

@@ -116,6 +116,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: built-in models for (channels, height, width) images only
+IMAGE_MODELS = ("cnn", "resnet18", "resnet50")
+
+
 class ModelError(ValueError):
     """A model cannot be used (unknown, not importable, not a module, or its samples not independent)."""
 
@@ -124,10 +128,24 @@ def build_model(name: str, seed: int, input_shape: tuple[int, ...] = (1, 28, 28)
     """The model ``name`` (a key of MODELS, or 'package.module:factory') for (C, H, W) inputs and
     ``classes`` outputs, its weights initialised from ``seed`` alone, checked as usable."""
     factory = MODELS.get(name) or _import_factory(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "model-init"))
-        model = factory(input_shape=tuple(input_shape), num_classes=classes)
+    if name in IMAGE_MODELS and len(input_shape) != 3:
+        raise ModelError(
+            f"model={name!r} takes images (channels, height, width), not samples of shape {tuple(input_shape)}; "
+            f"choose one of: {', '.join(m for m in MODELS if m not in IMAGE_MODELS)}, or package.module:factory"
+        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "model-init"))
+            model = factory(input_shape=tuple(input_shape), num_classes=classes)
+    except Exception as exc:  # a factory that cannot make a model for these samples
+        raise ModelError(
+            f"model={name!r} cannot be built for samples of shape {tuple(input_shape)}: {_said(exc)}"
+        ) from None
     return _checked(name, model, tuple(input_shape), classes)
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _import_factory(name: str) -> Callable[..., nn.Module]:
@@ -160,8 +178,11 @@ def _checked(name: str, model: object, input_shape: tuple[int, ...], classes: in
     if not any(p.requires_grad for p in model.parameters()):
         raise ModelError(f"model={name!r} has no trainable parameters")
     dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        out = model.eval()(torch.zeros(2, *input_shape, dtype=dtype))
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape, dtype=dtype))
+    except Exception as exc:  # e.g. a conv net whose layers fit other image sizes
+        raise ModelError(f"model={name!r} cannot take samples of shape {input_shape}: {_said(exc)}") from None
     model.train()
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

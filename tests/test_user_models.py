@@ -6,6 +6,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 
 from byzflower.config import ConfigError, resolve
 from byzflower.engine import run_local
@@ -41,6 +42,14 @@ MODULE = textwrap.dedent(
 
     def not_a_module(input_shape, num_classes):
         return "a string"
+
+
+    def refuses(input_shape, num_classes):
+        raise ValueError("this net needs RGB pictures")
+
+
+    def wrong_input(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(100, num_classes))
 
 
     NOT_CALLABLE = 3
@@ -85,6 +94,8 @@ def test_a_user_conv_net_with_groupnorm_trains(user_models, mnist):
         ("my_models:batchnorm", "BatchNorm1d layers: batch statistics mix the samples.*use GroupNorm"),
         ("my_models:wrong_width", r"maps 2 samples of shape \(1, 28, 28\) to \(2, 11\); it must output \(n, 10\)"),
         ("my_models:not_a_module", "returned str, not a torch nn.Module"),
+        ("my_models:refuses", r"cannot be built for samples of shape \(1, 28, 28\): ValueError: this net needs RGB"),
+        ("my_models:wrong_input", r"cannot take samples of shape \(1, 28, 28\): RuntimeError: .* \(dataset='mnist'\)"),
         ("my_models:NOT_CALLABLE", "'my_models' has no callable 'NOT_CALLABLE'"),
         ("my_models:missing", "'my_models' has no callable 'missing'"),
         ("no_such_package.models:net", "cannot import 'no_such_package.models' .ModuleNotFoundError"),
@@ -100,3 +111,20 @@ def test_an_unusable_user_model_is_refused_before_any_folder_exists(user_models,
 def test_a_model_name_of_neither_form_names_both():
     with pytest.raises(ConfigError, match=r"choose one of: mlp, .*, resnet50, or package\.module:factory"):
         resolve({"model": "resnet"})
+
+
+def test_a_built_in_model_that_cannot_take_the_data_is_one_line_naming_the_others():
+    """model='cnn' or a ResNet on a LIBSVM set's feature vectors (or the small CNN on 32 x 32 pictures)
+    ended in a traceback from inside torch (conv2d's input check, or max() of an empty shape)."""
+    from byzflower.models import ModelError, build_model
+
+    for name in ("cnn", "resnet18", "resnet50"):
+        with pytest.raises(
+            ModelError,
+            match=rf"model='{name}' takes images .* not samples of shape \(22,\); "
+            r"choose one of: mlp, mlp-notebook, logreg, or package\.module:factory",
+        ):
+            build_model(name, 1, (22,), 2)
+    with pytest.raises(ModelError, match=r"model='cnn' cannot take samples of shape \(3, 32, 32\): RuntimeError"):
+        build_model("cnn", 1, (3, 32, 32), 10)
+    assert build_model("logreg", 1, (22,), 2)(torch.zeros(4, 22)).shape == (4, 2)
