@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +86,7 @@ def preflight(cfg: RunConfig) -> None:
     _check_writable(cfg)
     data = dataset_of(cfg)
     try:  # importable (a user's) and usable on this data's samples, checked before any work
-        build_model(cfg["model"], int(cfg["seed"]), data.input_shape, data.spec.classes)
+        _model_fits(cfg["model"], tuple(data.input_shape), data.spec.classes)
     except ModelError as exc:
         raise ConfigError(f"{exc} (dataset={cfg['dataset']!r})") from None
     samples = len(data.train_labels)
@@ -112,6 +113,13 @@ def preflight(cfg: RunConfig) -> None:
             f"under partitioner={cfg['partitioner']!r}; lower batch-size, or use fewer workers or a "
             "more even partitioner"
         )
+
+
+@functools.lru_cache(maxsize=16)
+def _model_fits(name: str, input_shape: tuple[int, ...], classes: int) -> None:
+    """Raises ModelError unless the model builds and maps samples of ``input_shape`` to ``classes``
+    outputs; cached per process (a sweep checks every cell; a failed check is not cached)."""
+    build_model(name, 0, input_shape, classes)
 
 
 def _check_writable(cfg: RunConfig) -> None:
