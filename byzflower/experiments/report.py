@@ -507,7 +507,9 @@ def mechanism(runs: list[Run], path: Path) -> str | None:
     for i, attack in enumerate(attacks):
         for j, column in enumerate(columns):
             ax = axes[i][j]
-            run = next((r for r in chosen if r.config["attack"] == attack and r.column == column), None)
+            # replicates: the first in path order, its seed in the title (the table below lists each)
+            here = [r for r in chosen if (r.config["attack"], r.column) == (attack, column)]
+            run = min(here, key=lambda r: str(r.path)) if here else None
             if run is None:
                 ax.set_axis_off()
                 continue
@@ -520,15 +522,17 @@ def mechanism(runs: list[Run], path: Path) -> str | None:
             ax.plot(its, [r["aggregate_distance"] for r in recs], label="aggregate's distance from the honest mean")
             ax.set_yscale("log")
             accuracy = run.final_accuracy
-            ax.set_title(f"{column}, {attack}" + (f": {accuracy:.3f}" if accuracy is not None else ""), fontsize=9)
+            ax.set_title(f"{run.label}, {attack}" + (f": {accuracy:.3f}" if accuracy is not None else ""), fontsize=9)
             if j == 0:
                 ax.set_ylabel("distance")
             if i == len(attacks) - 1:
                 ax.set_xlabel("iteration")
             ax.grid(alpha=0.3)
     handles, labels = next(a for row in axes for a in row if a.lines).get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    ncol = 4 if len(columns) > 2 else 2 if len(columns) == 2 else 1  # a narrow figure: the legend in rows
+    rows = math.ceil(len(labels) / ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, min(0.5, (0.1 + 0.22 * rows) / (3.0 * len(attacks))), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     lines = [
