@@ -1046,6 +1046,19 @@ class Bucketing(_SeededDraws, PreAggregator):
     def requirement(self) -> str:
         return f"ceil(n / s) buckets with s = {self.s}, and for the buckets {self.rule.requirement()}"
 
+    def tolerance_problem(self, n: int, byzantine: int) -> str | None:
+        """The rule's, for the buckets: a bucket holding one Byzantine message is one the attacker
+        steers, so up to min(f, ceil(n / s)) of the buckets are (s f of n in the paper's terms)."""
+        buckets = self.rows_out(n)
+        tainted = min(byzantine, buckets)
+        problem = self.rule.tolerance_problem(buckets, tainted)
+        if problem is None:
+            return None
+        return (
+            f"bucketing with s = {self.s} can put the {byzantine} Byzantine messages in {tainted} of its "
+            f"{buckets} buckets, and for the buckets: {problem}"
+        )
+
     def reset(self) -> None:
         _SeededDraws.reset(self)
         self.rule.reset()
