@@ -157,7 +157,7 @@ def _import_factory(name: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module failing while it loads
-        raise ModelError(f"model={name!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"model={name!r}: cannot import {module_name!r} ({_said(exc)})") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelError(f"model={name!r}: {module_name!r} has no callable {attribute!r}")

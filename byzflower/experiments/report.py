@@ -120,20 +120,23 @@ def by_cell(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     return cells
 
 
-def _one_per_seed(runs: list[Run]) -> tuple[list[Run], int]:
-    """(the finished runs, one per seed, the first in path order; how many finished runs repeated a
-    seed already counted: copies of one experiment, not replicates)."""
+def _first_per_seed(runs: list[Run]) -> tuple[list[Run], int]:
+    """(the runs, one per seed, the first in path order; how many repeated a seed already counted:
+    copies of one experiment, not replicates)."""
     seen: dict[object, Run] = {}
     copies = 0
     for run in sorted(runs, key=lambda r: str(r.path)):
-        if run.final_accuracy is None:
-            continue
         seed = run.config.get("seed", DEFAULTS["seed"])
         if seed in seen:
             copies += 1
         else:
             seen[seed] = run
     return list(seen.values()), copies
+
+
+def _one_per_seed(runs: list[Run]) -> tuple[list[Run], int]:
+    """``_first_per_seed`` of the finished runs (those with a final accuracy)."""
+    return _first_per_seed([r for r in runs if r.final_accuracy is not None])
 
 
 def mean_final(runs: list[Run]) -> float | None:
@@ -405,14 +408,10 @@ def curves(runs: list[Run], attack: str, key: str) -> list[Curve]:
     for (cell_attack, column), members in sorted(by_cell(runs).items(), key=lambda item: item[0][1]):
         if cell_attack != attack:
             continue
-        series, seeds = [], set()
-        finished = [r for r in members if r.status == "finished"]
-        for run in sorted(finished or members, key=lambda r: str(r.path)):
-            seed = run.config.get("seed", DEFAULTS["seed"])
-            points = {r["iteration"]: r[key] for r in run.records if r.get(key) is not None}
-            if points and seed not in seeds:
-                seeds.add(seed)
-                series.append(points)
+        finished = [r for r in members if r.final_accuracy is not None]
+        recorded = [r for r in finished or members if any(rec.get(key) is not None for rec in r.records)]
+        kept, _ = _first_per_seed(recorded)
+        series = [{r["iteration"]: r[key] for r in run.records if r.get(key) is not None} for run in kept]
         if not series:
             continue
         iterations = sorted(set(series[0]).intersection(*series[1:]))
