@@ -555,7 +555,9 @@ def test_a_sweep_runs_replicate_seeds_and_adds_seeds_later(tmp_path, mnist, caps
     assert json.loads((out / "sgd-mean-none-s3" / "summary.json").read_text())["status"] == "finished"
     assert _main([*argv[:-1], config + " seed=4", "--seed", "1", "--out", str(out)]) == 2
     assert "may not set 'seed' in a sweep (--seed sets it" in capsys.readouterr().err
-    for bad, said in (("1,x", "'x' not a seed"), ("2,2", "--seed repeats 2"), ("", "--seed is empty")):
+    refused = [("1,x", "'x' not a seed"), ("2,2", "--seed repeats 2"), ("", "--seed is empty")]
+    refused += [("-1", "'-1' not a seed"), ("1,99999999999999999999", "seed=99999999999999999999 is outside")]
+    for bad, said in refused:
         assert _main([*argv, "--seed", bad, "--out", str(out)]) == 2
         assert said in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if p.is_dir())[-1] == "sgd-mean-none-s3"  # nothing more made
