@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_session_files():
+    """The Ray that Flower's simulation starts for a run writes its session files (logs, sockets)
+    under ``$RAY_TMPDIR/ray``, by default the machine's ``/tmp/ray``, and leaves them there. The
+    suite's go to a short folder of its own, deleted at the end (Unix socket paths must stay under
+    108 characters, so not under pytest's deeper ``tmp_path``)."""
+    folder = tempfile.mkdtemp(prefix="bzf-ray-")
+    saved = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = folder
+    try:
+        yield folder
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
