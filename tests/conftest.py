@@ -12,6 +12,15 @@ import torch
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test that runs real Flower
+    processes goes to one lane: they share a module's SuperLink and Ray cluster, and two of them at
+    once would each wait on the other's start-up."""
+    for item in items:
+        if item.get_closest_marker("flower"):
+            item.add_marker(pytest.mark.xdist_group("flower"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def ray_session_files():
     """The Ray that Flower's simulation starts for a run writes its session files (logs, sockets)
