@@ -14,8 +14,8 @@ torch.set_num_threads(2)
 
 def pytest_collection_modifyitems(items):
     """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test that runs real Flower
-    processes goes to one lane: they share a module's SuperLink and Ray cluster, and two of them at
-    once would each wait on the other's start-up."""
+    processes goes to one lane: a module's SuperLink and Ray cluster are module fixtures, which a
+    second lane would start again, and two Flower start-ups at once slow each other down."""
     for item in items:
         if item.get_closest_marker("flower"):
             item.add_marker(pytest.mark.xdist_group("flower"))
