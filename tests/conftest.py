@@ -9,7 +9,9 @@ import tempfile
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two threads, or one per lane under pytest-xdist (``make test``), where two lanes of two threads on two
+# cores wait on each other's threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def pytest_collection_modifyitems(items):
