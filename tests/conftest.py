@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 import pytest
@@ -29,17 +28,9 @@ def ray_session_files():
     under ``$RAY_TMPDIR/ray``, by default the machine's ``/tmp/ray``, and leaves them there. The
     suite's go to a short folder of its own, deleted at the end (Unix socket paths must stay under
     108 characters, so not under pytest's deeper ``tmp_path``)."""
-    folder = tempfile.mkdtemp(prefix="bzf-ray-")
-    saved = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = folder
-    try:
+    with tempfile.TemporaryDirectory(prefix="bzf-ray-") as folder, pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", folder)
         yield folder
-    finally:
-        if saved is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = saved
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
