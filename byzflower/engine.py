@@ -21,7 +21,7 @@ from byzflower.config import RunConfig, rule_of
 from byzflower.core import role_blind_positions
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
 from byzflower.records.detection import shares_of
-from byzflower.records.experiment import fmt, name_selected
+from byzflower.records.experiment import ending_line, name_selected
 from byzflower.records.results import (
     RunDirectory,
     RunFolderError,
@@ -318,8 +318,7 @@ class LocalRun:
             raise
         finally:
             self.run_dir.unlock()
-        accuracy = fmt(summary["final"].get("test_accuracy"), ".4f")
-        self.log(f"finished: final test accuracy {accuracy}; results in {self.run_dir.path}")
+        self.log(ending_line("finished", summary, self.run_dir.path))
         return summary
 
     # -- checkpoints --------------------------------------------------------------------------------

@@ -123,8 +123,11 @@ def test_a_finished_named_run_started_again_is_left_exactly_as_it_was(tmp_path):
     its bytes (the records were emptied: the start-over of a run killed before its first checkpoint
     took the finished run, whose checkpoint is deleted at its end, for one)."""
     cfg = resolve({**RUN, "num-server-rounds": 4, "eval-every": 2, "results-dir": str(tmp_path), "run-name": "done"})
-    first = run_local(cfg, log=lambda _: None)
+    said = []
+    first = run_local(cfg, log=said.append)
     folder = tmp_path / "done"
+    accuracy = f"{first['final']['test_accuracy']:.4f}"  # four digits, as the progress lines give it
+    assert said[-1] == f"finished: final test accuracy {accuracy}; results in {folder}"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     lines = []
     again = run_local(cfg, log=lines.append)

@@ -18,7 +18,7 @@ from byzflower.engine import open_run
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
 from byzflower.flower.harness import Harness, HarnessError, poll
 from byzflower.records.detection import shares_of
-from byzflower.records.experiment import Recorder, fmt, name_selected
+from byzflower.records.experiment import Recorder, ending_line, name_selected
 from byzflower.records.results import RunDirectory, RunFolderError, status_of
 from strategies.strategy import RobustSGD
 
@@ -149,8 +149,7 @@ def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness
         summary = recorder.finish(status, error)
     finally:  # the nodes drop the run's worker state even where the summary could not be written
         _cleanup(grid)
-    accuracy = fmt(summary["final"].get("test_accuracy"), ".4f")
-    _say(f"{status}: final test accuracy {accuracy}; results in {recorder.run.path}")
+    _say(ending_line(status, summary, recorder.run.path))
 
 
 CHECKPOINT = "server-checkpoint.pt"

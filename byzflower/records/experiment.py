@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -341,19 +342,24 @@ def _plain(figures: dict[str, Any]) -> dict[str, Any]:
     return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in figures.items()}
 
 
-def fmt(value: float | None, spec: str) -> str:
+def _fmt(value: float | None, spec: str) -> str:
     """``value`` in ``spec``; '-' where there is none (None or NaN)."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def ending_line(status: str, summary: dict[str, Any], folder: Path) -> str:
+    """The line a run ends with, in either engine: its status, final test accuracy and folder."""
+    return f"{status}: final test accuracy {_fmt(summary['final'].get('test_accuracy'), '.4f')}; results in {folder}"
 
 
 def _line(r: dict[str, Any], total: int) -> str:
     dropped = sum(v for k, v in r.items() if k.startswith("dropped_") and isinstance(v, int | float))
     parts = [
         f"iter {r['iteration']:>{len(str(total))}}/{total}",
-        f"test acc {fmt(r['test_accuracy'], '.4f')} loss {fmt(r['test_loss'], '.4f')}",
-        f"train acc {fmt(r['train_accuracy'], '.4f')} loss {fmt(r['train_loss'], '.4f')}",
-        f"var {fmt(r['honest_variance'], '.3e')}",
-        f"{fmt(r['iters_per_s'], '.2f')} it/s",
+        f"test acc {_fmt(r['test_accuracy'], '.4f')} loss {_fmt(r['test_loss'], '.4f')}",
+        f"train acc {_fmt(r['train_accuracy'], '.4f')} loss {_fmt(r['train_loss'], '.4f')}",
+        f"var {_fmt(r['honest_variance'], '.3e')}",
+        f"{_fmt(r['iters_per_s'], '.2f')} it/s",
     ]
     if dropped:
         parts.append(f"dropped {int(dropped)}")
