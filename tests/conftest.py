@@ -28,9 +28,10 @@ def ray_session_files():
     under ``$RAY_TMPDIR/ray``, by default the machine's ``/tmp/ray``, and leaves them there. The
     suite's go to a short folder of its own, deleted at the end (Unix socket paths must stay under
     108 characters, so not under pytest's deeper ``tmp_path``)."""
-    with tempfile.TemporaryDirectory(prefix="bzf-ray-") as folder, pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", folder)
-        yield folder
+    folder = tempfile.TemporaryDirectory(prefix="bzf-ray-", ignore_cleanup_errors=True)
+    with folder, pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", folder.name)
+        yield folder.name
 
 
 @pytest.fixture(scope="session")
