@@ -170,36 +170,24 @@ class Estimator:
     def _chunk_grads(self, x: torch.Tensor, rows: torch.Tensor) -> SampleGrads:
         return self.grads.sample_grads(x, *self._samples(rows))
 
-    def _write(
-        self, out: torch.Tensor, ch: Chunk, grads: SampleGrads, weights: torch.Tensor, old: SampleGrads | None = None
-    ) -> torch.Tensor | None:
-        """Combine a chunk's per-sample gradients (minus ``old``'s, when given) into its
-        workers' rows of ``out`` (k, d).
-
-        Returns the chunk's (CHUNK, d) result when it had to be materialised (padded chunks).
-        """
-        if old is None:
-            combine = self.grads.combine
-        else:
-
-            def combine(g: SampleGrads, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-                return self.grads.combine_difference(g, old, w, out=out)
-
+    @staticmethod
+    def _write(out: torch.Tensor, ch: Chunk, fill: Callable[[torch.Tensor | None], torch.Tensor]) -> None:
+        """Write a chunk's (CHUNK, d) group sums into its workers' rows of ``out`` (k, d);
+        ``fill(view)`` computes them into ``view`` (None: a fresh block, for padded chunks)."""
         if ch.span is not None:
-            combine(grads, weights, out=out[ch.span[0] : ch.span[1]])
-            return None
-        block = combine(grads, weights)
-        out.index_copy_(0, ch.targets, block.index_select(0, ch.slots))
-        return block
+            fill(out[ch.span[0] : ch.span[1]])
+            return
+        out.index_copy_(0, ch.targets, fill(None).index_select(0, ch.slots))
 
     def _difference(self, x_new: torch.Tensor, x_old: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(k, d): per worker, mean over its sampled rows of grad f(x_new) - grad f(x_old)."""
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x_new.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x_new.device)
         for ch in self._chunks:
-            samples = self._samples(take(rows, ch.rows))  # gathered once for both points
-            new, old = self.grads.sample_grads(x_new, *samples), self.grads.sample_grads(x_old, *samples)
-            self._write(out, ch, new, w, old=old)
+            inputs, targets = self._samples(take(rows, ch.rows))  # gathered once for both points
+            self._write(
+                out, ch, lambda o, i=inputs, t=targets: self.grads.group_grad_differences(x_new, x_old, i, t, w, out=o)
+            )
         return out
 
     def _mean_grads(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -207,7 +195,8 @@ class Estimator:
         out = torch.empty(self.num_workers, self.grads.dim, dtype=self.grads.dtype, device=x.device)
         w = torch.full((CHUNK, self.batch_size), 1.0 / self.batch_size, dtype=self.grads.dtype, device=x.device)
         for ch in self._chunks:
-            self._write(out, ch, self._chunk_grads(x, take(rows, ch.rows)), w)
+            inputs, targets = self._samples(take(rows, ch.rows))
+            self._write(out, ch, lambda o, i=inputs, t=targets: self.grads.group_grads(x, i, t, w, out=o))
         return out
 
     def full_gradients(
@@ -224,10 +213,12 @@ class Estimator:
             acc = torch.zeros(self.grads.dim, dtype=self.grads.dtype, device=x.device)
             for s in range(start, end, SAMPLE_BLOCK):
                 rows = torch.arange(s, min(s + SAMPLE_BLOCK, end), device=x.device)
-                sg = self._chunk_grads(x, rows)
-                if store is not None:
-                    store(rows, sg)
                 weights = torch.full((rows.numel(),), 1.0 / (end - start), dtype=self.grads.dtype, device=x.device)
+                if store is None:  # sums only: no per-sample rows of dense parameters
+                    acc += self.grads.weighted_sum_at(x, *self._samples(rows), weights)
+                    continue
+                sg = self._chunk_grads(x, rows)
+                store(rows, sg)
                 acc += self.grads.weighted_sum(sg, weights)
             out[i] = acc
         return out
@@ -325,7 +316,8 @@ class SAGA(Estimator):
             r = take(rows, ch.rows)
             new = self._chunk_grads(x, r)
             old = self._table_rows(r.reshape(-1), new)
-            self._write(delta, ch, new, w, old=old)  # (1/b) sum_j (new_j - old_j)
+            # (1/b) sum_j (new_j - old_j)
+            self._write(delta, ch, lambda o, n=new, p=old: self.grads.combine_difference(n, p, w, out=o))
             # gbar += (1/J) sum over the distinct sampled j of (new_j - old_j), which is
             # (b/J) * delta unless a worker drew a sample twice: such workers get the exact sum.
             first = _first_occurrence(r) if b > 1 else None

@@ -138,3 +138,57 @@ def test_closed_form_only_where_the_model_is_one_linear_layer_with_cross_entropy
         return torch.nn.functional.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
 
     assert not ModelGradients(build_model("logreg", 1, (22,), 2), (22,), loss=other_loss)._closed_form
+
+
+def _all_dense_model() -> torch.nn.Module:
+    """A conv-only network (no nn.Linear: every parameter dense)."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 10, 28), torch.nn.Flatten())
+
+
+@pytest.mark.parametrize("name", ["cnn", "all-dense"])
+def test_group_gradients_equal_the_weighted_sums_of_per_sample_gradients(name):
+    """SGD-type estimators take the dense parameters' group sums from one gradient per group of the
+    group's weighted loss instead of per-sample rows: the same sums (float64, to rounding), the
+    factored layers' part the very same numbers."""
+    model = (build_model("cnn", seed=4) if name == "cnn" else _all_dense_model()).double()
+    G = ModelGradients(model, (1, 28, 28))
+    gen = torch.Generator().manual_seed(2)
+    x_old = G.initial_point()
+    x_new = x_old + 0.05 * torch.randn(x_old.shape, dtype=torch.float64, generator=gen)
+    inputs = torch.randn(12, 1, 28, 28, dtype=torch.float64, generator=gen)
+    targets = torch.randint(0, 10, (12,), generator=gen)
+    w = torch.tensor([[0.5, 0.25, 0.25], [1.0, 0.0, -2.0], [0.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    new, old = G.sample_grads(x_new, inputs, targets), G.sample_grads(x_old, inputs, targets)
+    assert new.dense is not None and G.sample_grads(x_new, inputs, targets, dense=False).dense is None
+
+    sums = G.dense_group_sums(x_new, inputs, targets, w)
+    assert sums.shape == (4, G.dense_dim) and sums.abs().max() > 1e-3
+    assert torch.allclose(sums, G.combine(new, w)[:, G.dense_index], atol=1e-12, rtol=1e-10)
+    assert torch.equal(sums[2], torch.zeros(G.dense_dim, dtype=torch.float64))  # weights 0: nothing
+
+    got, ref = G.group_grads(x_new, inputs, targets, w), G.combine(new, w)
+    factored = torch.ones(G.dim, dtype=torch.bool)
+    factored[G.dense_index] = False
+    assert torch.allclose(got, ref, atol=1e-12, rtol=1e-10)
+    assert torch.equal(got[:, factored], ref[:, factored])
+    got = G.group_grad_differences(x_new, x_old, inputs, targets, w)
+    assert torch.allclose(got, G.combine_difference(new, old, w), atol=1e-12, rtol=1e-10)
+    assert got.abs().max() > 1e-3  # the two points really differ
+    # a full local gradient over a count of samples that leaves its last block padded
+    many = torch.randn(45, 1, 28, 28, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 10, (45,), generator=gen)
+    each = torch.full((45,), 1 / 45, dtype=torch.float64)
+    summed = G.weighted_sum_at(x_new, many, labels, each)
+    assert torch.allclose(summed, G.weighted_sum(G.sample_grads(x_new, many, labels), each), atol=1e-12, rtol=1e-10)
+    assert torch.allclose(summed, G.mean_grad(x_new, many, labels), atol=1e-12, rtol=1e-10)
+
+
+def test_with_one_sample_per_worker_group_gradients_are_the_per_sample_rows_bit_for_bit():
+    """SGD with b = 1 (the paper's) keeps its numbers: a group of one sample is that sample."""
+    G = ModelGradients(build_model("cnn", seed=6), (1, 28, 28))
+    gen = torch.Generator().manual_seed(5)
+    inputs, targets = torch.randn(25, 1, 28, 28, generator=gen), torch.randint(0, 10, (25,), generator=gen)
+    w = torch.ones(25, 1)
+    x = G.initial_point()
+    assert torch.equal(G.group_grads(x, inputs, targets, w), G.combine(G.sample_grads(x, inputs, targets), w))
