@@ -259,8 +259,9 @@ class ModelGradients:
         """(c, d_dense): row i is sum_j weights[i, j] * the dense parameters' gradient of sample
         (i, j), as ``combine`` forms it from per-sample rows, but as one gradient of the group's
         weighted loss: convolutions then sum over the group's samples inside their own backward
-        (1.6-2.8x faster on 2 CPU cores, measured in ``benchmarks/group_gradients.py``) and nothing
-        of size (c * b, d_dense) is formed (ResNet-18, 25 workers x 50 samples: 55 GB of rows).
+        (on 2 CPU cores 1.2x faster for the small cnn, 3.8x for ResNet-18 with 5 samples per worker:
+        ``benchmarks/group_gradients.py``) and nothing of size (c * b, d_dense) is formed
+        (ResNet-18, 25 workers x 50 samples: 56 GB of rows).
         The groups are vmapped at a fixed shape (the estimators' chunks), on one thread, so a
         worker's numbers do not depend on its group or host.
 
