@@ -121,7 +121,8 @@ class Rule:
 
     def __call__(self, messages: torch.Tensor) -> Aggregate:
         self.check(messages)
-        return self.aggregate(messages)
+        with kernels.host_blas_one_thread():  # the host's products are small: threads only wait
+            return self.aggregate(messages)
 
     def aggregate(self, messages: torch.Tensor) -> Aggregate:
         raise NotImplementedError

@@ -388,3 +388,34 @@ def test_small_exhaustive_permutations(rule):
     base = rule(m).vector
     for perm in itertools.islice(itertools.permutations(range(len(m))), 0, 30, 7):
         assert torch.allclose(rule(m[list(perm)]).vector, base, atol=1e-9)
+
+
+def test_a_rule_runs_the_host_blas_on_one_thread_and_gives_it_back():
+    """Host products are small: a multi-threaded BLAS only waits for its helper thread (on a busy
+    machine, ms per call). The numbers do not depend on the thread count."""
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from strategies.aggregators import GeometricMedian
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    seen = []
+
+    class Probe(GeometricMedian):
+        def aggregate(self, messages):
+            seen.append(blas_threads())
+            return super().aggregate(messages)
+
+    messages = torch.randn(70, 108, generator=torch.Generator().manual_seed(0))
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        out = Probe()(messages)
+        assert blas_threads() == before == [2] * len(before) and len(before) >= 1
+        assert seen == [[1] * len(before)]
+        x = np.random.default_rng(0).normal(size=(70, 108))
+        two = x @ x.T
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert np.array_equal(x @ x.T, two)
+        assert torch.equal(GeometricMedian()(messages).vector, out.vector)

@@ -258,3 +258,27 @@ def test_optimised_alie_and_ipm_pick_the_grid_value_that_hurts_the_rule_most(hon
     assert cc.state_dict() == {}
     built = attack_of(resolve({"attack": "ipm-opt", "aggregator": "median", "num-byzantine": 20}))
     assert isinstance(built.rule, Median) and built.num_byzantine == 20
+
+
+@pytest.mark.parametrize("dim", [108, 4_000])
+def test_noise_goes_to_a_thread_only_when_large_and_is_the_same_either_way(dim, monkeypatch):
+    """Small draws (a logistic regression's) are made inline: a thread's hand-over costs more than
+    they do, and waits for the GIL on a busy machine. Large ones overlap with the honest step."""
+    ids = list(range(50, 70))
+    honest = torch.randn(50, dim, generator=torch.Generator().manual_seed(3))
+    stats = HonestStats.of(honest)
+
+    def crafted(threshold: int) -> torch.Tensor:
+        monkeypatch.setattr(attacks, "_THREADED_DRAWS", threshold)
+        attacks._PREFETCHED.clear()
+        atk = Gaussian(std=30.0, seed=5)
+        atk.prefetch(ids, 9, dim)
+        assert bool(attacks._PREFETCHED) == (threshold <= len(ids) * dim)
+        return atk.craft(ids, 9, stats, dim)
+
+    threaded, inline = crafted(0), crafted(10**12)
+    assert torch.equal(threaded, inline) and threaded.shape == (20, dim)
+    monkeypatch.undo()
+    attacks._PREFETCHED.clear()
+    Gaussian(std=30.0, seed=5).prefetch(ids, 9, dim)
+    assert bool(attacks._PREFETCHED) == (dim == 4_000)  # the default threshold: 2^16 draws
