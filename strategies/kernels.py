@@ -417,9 +417,10 @@ def host_blas_one_thread() -> Iterator[None]:
 
     The host's products here are small (n x n Gram matrices, narrow messages' Gram matrix of at most
     512 columns), and a multi-threaded BLAS waits for its helper thread, which a busy machine does
-    not schedule: beside a second run on 2 cores, the 70 x 108 Gram product of COVTYPE's logistic
+    not schedule: beside a two-job sweep on 2 cores, the 70 x 108 Gram product of COVTYPE's logistic
     regression took 10.7 ms per call instead of 0.2 ms. The numbers are the same on any number of
-    threads (the BLAS splits the rows, not the sums; checked for these shapes)."""
+    threads (the BLAS splits the rows, not the sums; checked for these shapes). Not thread-safe in
+    its bookkeeping: aggregations in concurrent threads may run their products on more threads."""
     global _HOST_BLAS_DEPTH
     if ThreadpoolController is None or _HOST_BLAS_DEPTH:
         yield
