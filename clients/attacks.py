@@ -471,12 +471,16 @@ class _Draws:
     (torch releases the GIL while it computes)."""
 
     def __init__(self, key: tuple) -> None:
-        seed, purpose, worker_ids, iteration, dim = key
-        streams = torch.tensor(worker_ids, dtype=torch.int64)
-        self._future = _pool().submit(standard_normals, seed, streams, f"{purpose}/{iteration}", dim)
+        self._future = _pool().submit(_draw, key)
 
     def result(self) -> torch.Tensor:
         return self._future.result()
+
+
+def _draw(key: tuple) -> torch.Tensor:
+    """The draws of ``_key``'s key, in the calling thread."""
+    seed, purpose, worker_ids, iteration, dim = key
+    return standard_normals(seed, torch.tensor(worker_ids, dtype=torch.int64), f"{purpose}/{iteration}", dim)
 
 
 def _key(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: int) -> tuple:
@@ -506,9 +510,7 @@ def _noise(seed: int, purpose: str, worker_ids: list[int], iteration: int, dim: 
     prefetched ones, or drawn now in this thread (the same numbers)."""
     key = _key(seed, purpose, worker_ids, iteration, dim)
     draws = _PREFETCHED.pop(key, None)
-    if draws is not None:
-        return draws.result()
-    return standard_normals(seed, torch.tensor(key[2], dtype=torch.int64), f"{purpose}/{iteration}", dim)
+    return draws.result() if draws is not None else _draw(key)
 
 
 ATTACKS: dict[str, type[Attack]] = {

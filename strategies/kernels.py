@@ -12,6 +12,7 @@ a sort on GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -407,8 +408,13 @@ try:  # the numpy BLAS's threads, limited during an aggregation (optional: a bar
     from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover - then the BLAS keeps its own threading
     ThreadpoolController = None
-_HOST_BLAS: list = []  # [the numpy BLAS libraries' controller], made on first use
 _HOST_BLAS_DEPTH = 0
+
+
+@functools.cache
+def _host_blas() -> ThreadpoolController:
+    """The numpy BLAS libraries' controller (found once: it scans the loaded libraries)."""
+    return ThreadpoolController().select(user_api="blas")
 
 
 @contextlib.contextmanager
@@ -425,11 +431,9 @@ def host_blas_one_thread() -> Iterator[None]:
     if ThreadpoolController is None or _HOST_BLAS_DEPTH:
         yield
         return
-    if not _HOST_BLAS:
-        _HOST_BLAS.append(ThreadpoolController().select(user_api="blas"))
     _HOST_BLAS_DEPTH += 1
     try:
-        with _HOST_BLAS[0].limit(limits=1):
+        with _host_blas().limit(limits=1):
             yield
     finally:
         _HOST_BLAS_DEPTH -= 1
