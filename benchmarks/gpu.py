@@ -1,6 +1,7 @@
 """The in-process engine's steady-state iteration on CPU and GPU, side by side.
 
-For the paper's MNIST setups (50 honest + 20 Byzantine workers, the 784-50-10 MLP, real MNIST) and each
+For the paper's MNIST setups (50 honest + 20 Byzantine workers, the 784-50-10 MLP, real MNIST; two with
+the small conv net ``cnn``) and each
 device given, it prints per iteration: wall time, device-busy time (sum of GPU kernel times; CPU: none),
 kernel launches, synchronisations (host waits on the device: ``.item()``/``bool()`` reads, data-dependent
 shapes, blocking copies), host-to-device copies, and tensors built from host data. The counts come from
@@ -53,6 +54,10 @@ SETUPS = {
     "sgd-mean": {"optimizer": "sgd", "aggregator": "mean", "attack": "none"},
     "batchsgd-median-signflip": {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
     "saga-krum-signflip": {"optimizer": "saga", "aggregator": "krum", "attack": "sign-flip"},
+    # The small conv net: its dense (conv) parameters take per-worker gradients in SGD-type estimators
+    # and per-sample rows in SAGA's table.
+    "batchsgd-cnn-gm-signflip": {"model": "cnn", "optimizer": "batch-sgd", "aggregator": "gm", "attack": "sign-flip"},
+    "saga-cnn-gm-zero": {"model": "cnn", "optimizer": "saga", "aggregator": "gm", "attack": "zero-gradient"},
 }
 BASE = {"num-honest": 50, "num-byzantine": 20, "seed": 1, "eval-every": 1_000_000, "checkpoint-every": 0}
 
@@ -134,8 +139,9 @@ def host_profile(run: LocalRun, first: int, count: int, top: int = 12) -> list[t
 
 
 def check(setup: dict, iterations: int) -> dict[str, float]:
-    """Largest differences between CPU and GPU after the same iterations from the same start."""
-    runs = {d: build(setup, d, iterations + 1) for d in ("cpu", "cuda")}
+    """Largest differences between CPU and GPU after the same iterations from the same start, and
+    between two GPU runs ("rerun": 0 when the GPU repeats its own numbers bit for bit)."""
+    runs = {d: build(setup, d.split("#")[0], iterations + 1) for d in ("cpu", "cuda", "cuda#2")}
     for t in range(1, iterations + 1):
         for r in runs.values():
             r.step(t)
@@ -144,6 +150,7 @@ def check(setup: dict, iterations: int) -> dict[str, float]:
     lc, lg = runs["cpu"].recorder.evaluate(iterations, xc), runs["cuda"].recorder.evaluate(iterations, runs["cuda"].x)
     keys = ("test_loss", "honest_variance", "aggregate_distance")
     out = {"model": float((xc - xg).abs().max()) / scale}
+    out["rerun"] = float((runs["cuda#2"].x.cpu() - xg).abs().max()) / scale
     for k in keys:
         if isinstance(lc.get(k), float):
             out[k] = abs(lc[k] - lg[k]) / max(abs(lc[k]), 1e-30)

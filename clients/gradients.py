@@ -108,8 +108,14 @@ class ModelGradients:
         self._probe()
         factored_names = {f.weight for f in self._factored} | {f.bias for f in self._factored if f.bias}
         self.dense_names = [n for n in self.names if n not in factored_names]
-        dense_cols = [torch.arange(offset_of[n], offset_of[n] + numels[self.names.index(n)]) for n in self.dense_names]
-        self.dense_index = torch.cat(dense_cols) if dense_cols else torch.zeros(0, dtype=torch.long)
+        # On the parameters' device: a host index into a device tensor is a copy at every call,
+        # which a CUDA graph's capture refuses (conv nets then ran eagerly on GPUs).
+        device = named[0][1].device
+        dense_cols = [
+            torch.arange(offset_of[n], offset_of[n] + numels[self.names.index(n)], device=device)
+            for n in self.dense_names
+        ]
+        self.dense_index = torch.cat(dense_cols) if dense_cols else torch.zeros(0, dtype=torch.long, device=device)
         self.dense_dim = int(self.dense_index.numel())
 
     # -- layout -------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from byzflower.config import resolve
 from byzflower.core import role_blind_order, role_blind_positions
 from byzflower.engine import LocalRun
+from byzflower.factory import device_of
+from byzflower.models import build_model
 from clients import attacks
+from clients.gradients import ModelGradients
 from clients.graphs import GraphedEstimator
 from strategies import kernels
 
@@ -55,8 +58,10 @@ def _run(tmp_path, name, **overrides) -> LocalRun:
         {"optimizer": "saga", "aggregator": "mean", "attack": "gaussian"},
         {"optimizer": "batch-sgd", "aggregator": "median", "attack": "sign-flip"},
         {"optimizer": "sgd", "aggregator": "meamed", "attack": "sign-flip"},
+        {"optimizer": "batch-sgd", "aggregator": "mean", "attack": "sign-flip", "model": "cnn"},
+        {"optimizer": "saga", "aggregator": "median", "attack": "none", "model": "cnn"},
     ],
-    ids=lambda s: f"{s['optimizer']}-{s['aggregator']}-{s['attack']}",
+    ids=lambda s: f"{s['optimizer']}-{s['aggregator']}-{s['attack']}" + (f"-{s['model']}" if "model" in s else ""),
 )
 def test_a_steady_state_iteration_reads_nothing_back(tmp_path, mnist, monkeypatch, setup):
     """With the device-side branches (what a GPU takes), an iteration is kernels only: no value read
@@ -174,6 +179,37 @@ def test_positions_come_in_blocks_with_each_iterations_order():
     for i in range(5):
         order = role_blind_order(3, 40 + i, 70)
         assert [order[p] for p in block[i].tolist()] == list(range(70))
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-notebook", "cnn"])
+def test_the_gradients_hold_their_tensors_on_the_models_device(name):
+    """A host tensor used in the estimators' step is a host-to-device copy at every call on a GPU,
+    which a CUDA graph's capture refuses: the conv nets' dense-column index once was one, and their
+    steps ran eagerly on GPUs (H200, 2026-11-27). The probe above cannot see it (on the CPU every
+    tensor is a host tensor); a model on the meta device shows where each held tensor lives."""
+    G = ModelGradients(build_model(name, 0, (1, 28, 28), 10).to("meta"), (1, 28, 28))
+    held = {k: str(v.device) for k, v in vars(G).items() if isinstance(v, torch.Tensor)}
+    assert "dense_index" in held
+    assert held == dict.fromkeys(held, "meta")
+
+
+def test_a_gpu_run_asks_cudnn_for_float32_repeatable_convolutions(monkeypatch):
+    """cuDNN's defaults (TF32 convolutions, algorithms free to sum in any order) put a conv net's GPU
+    model 1e-4 from the CPU's after one iteration and two GPU runs of one seed 5e-4 apart after 20
+    (H200, 2026-11-27); resolving a CUDA device turns both off, a CPU one leaves them as they are."""
+    flags = {"allow_tf32": True, "deterministic": False, "benchmark": True}
+    for name, value in flags.items():  # put back afterwards
+        monkeypatch.setattr(torch.backends.cudnn, name, value)
+    assert device_of(resolve({**RUN, "device": "cpu"})).type == "cpu"
+    assert {name: getattr(torch.backends.cudnn, name) for name in flags} == flags
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_of(resolve({**RUN, "device": "auto"})).type == "cuda"
+    assert {name: getattr(torch.backends.cudnn, name) for name in flags} == {
+        "allow_tf32": False,
+        "deterministic": True,
+        "benchmark": False,
+    }
+    assert torch.backends.cudnn.conv.fp32_precision != "tf32"
 
 
 def test_graph_wrapper_on_the_cpu_is_the_estimator(tmp_path, mnist):
