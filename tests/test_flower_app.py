@@ -7,17 +7,21 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from byzflower.flower.flower_runner import (
+    ENDING,
     LocalRayCluster,
     LocalSuperLink,
     RunOutcome,
     _alive,
     descendants,
+    missing_tail,
     toml_assignments,
 )
+from byzflower.records.experiment import ending_line
 
 pytestmark = pytest.mark.flower
 APP = os.path.join(os.path.dirname(__file__), "..")
@@ -122,12 +126,36 @@ def test_bad_config_fails_the_run_with_a_clear_message(superlink, tmp_path):
     assert not run_dir.exists()  # no work started
 
 
+def test_the_end_of_a_run_that_its_stream_lost_comes_from_the_stored_log(superlink, tmp_path):
+    """``flwr run --stream`` can end before a finished run's last lines (the SuperLink reads the log,
+    then sees the run finished; lines stored between the two never reach the stream: once a failed
+    run's stream ended before its error under the suite's load). ``run`` then takes them from the
+    run's stored log. The cut is made here by hand, before the error, as it happened."""
+    outcome, _ = _run(superlink, tmp_path, "cut", 2, optimizer="adamw")
+    assert outcome.status == "finished:failed"
+    lines = outcome.output.splitlines(keepends=True)
+    first_error = next(i for i, line in enumerate(lines) if "ERROR" in line)
+    missed = "".join(superlink.missed_lines(outcome.run_id, "".join(lines[:first_error])))
+    assert "optimizer='adamw' is not valid; choose one of: sgd, batch-sgd" in missed
+    assert missed.startswith(lines[first_error])  # from the first line the stream lacked, in order
+    assert superlink.missed_lines(outcome.run_id, outcome.output) == []  # a whole stream lacks nothing
+
+
+def test_the_missing_tail_is_matched_in_order_with_the_clis_lines_in_between():
+    stored = "Using SuperLink: x\nA\nB\nA\nC\nINFO : Printing logstream for run_id `5`\n"
+    streamed = "Using SuperLink: x\nstarted run 5\nINFO : Starting logstream for run_id `5`\nA\nB\n"
+    assert missing_tail(streamed, stored) == ["A\n", "C\n"]  # the repeated line too: matched in order
+    assert missing_tail(streamed + "A\nC\n", stored) == []
+    assert missing_tail("", "A\nB") == ["A\n", "B\n"]
+    # a run that completed but whose stream lacks its ending line is looked up too
+    assert ENDING in ending_line("finished", {"final": {"test_accuracy": 0.5}}, Path("results/r"))
+
+
 def test_flwr_run_gets_the_apps_own_fab_from_a_copy_without_its_ignored_folders(tmp_path):
     """``LocalSuperLink.run`` hands ``flwr run`` a copy of the app (``stage_app``): the FAB built from
     the copy must be the FAB of the app itself, byte for byte, for this repository (whose .venv and
     results/ are ignored) and for an app with ignored folders, a nested .gitignore'd file pattern, a
     symbolic link and a .git folder."""
-    from pathlib import Path
 
     from flwr.cli.build import build_fab_from_disk
 

@@ -91,6 +91,26 @@ class RunOutcome:
         return self.returncode == 0 and bool(self.status) and self.status.endswith("completed")
 
 
+#: in the last line of every byzflower run that ends (``ending_line``)
+ENDING = ": final test accuracy "
+
+
+def missing_tail(streamed: str, stored: str) -> list[str]:
+    """The lines of ``stored`` (a run's whole log) from the first one that ``streamed`` lacks, in
+    order, matching stored lines against streamed ones in order (the stream holds the log's lines
+    with the CLI's own in between, up to where it was cut). The CLI's own logstream lines aside."""
+    shown = [line for line in stored.splitlines(keepends=True) if "logstream for run_id" not in line]
+    seen = streamed.splitlines(keepends=True)
+    j = 0
+    for i, line in enumerate(shown):
+        while j < len(seen) and seen[j].rstrip("\n") != line.rstrip("\n"):
+            j += 1
+        if j == len(seen):
+            return [x if x.endswith("\n") else x + "\n" for x in shown[i:]]
+        j += 1
+    return []
+
+
 class LocalSuperLink:
     """A SuperLink on a free port, in simulation mode unless told otherwise; a context manager."""
 
@@ -269,7 +289,29 @@ class LocalSuperLink:
         output = "".join(lines)
         match = re.search(r"run\s+(\d+)", output, re.IGNORECASE)
         run_id = int(match.group(1)) if match else None
-        return RunOutcome(proc.returncode, run_id, self.status(run_id) if run_id else None, output)
+        status = self.status(run_id) if run_id else None
+        if status and status.startswith("finished") and not (status.endswith("completed") and ENDING in output):
+            missed = self.missed_lines(run_id, output)  # the stream's end may have lost the run's last words
+            if missed and echo:
+                sys.stdout.write("".join(missed))
+                sys.stdout.flush()
+            output += "".join(missed)
+        return RunOutcome(proc.returncode, run_id, status, output)
+
+    def missed_lines(self, run_id: int, streamed: str, tries: int = 2) -> list[str]:
+        """Lines of the finished run's stored log (``flwr log --show``) that ``streamed`` lacks.
+
+        ``flwr run --stream`` ends when the SuperLink sees the run finished, and the SuperLink
+        checks that after reading the log: lines stored between the two never reach the stream
+        (flwr 1.42; seen under load, where a failed run's stream ended before its error). The
+        stored log keeps them. Asked again once after a second when it shows nothing new."""
+        for attempt in range(tries):
+            proc = self.flwr("log", str(run_id), self.name, "--show", timeout=60)
+            missed = missing_tail(streamed, proc.stdout or "")
+            if missed or attempt + 1 == tries:
+                return missed
+            time.sleep(1.0)
+        return []
 
     def status(self, run_id: int) -> str | None:
         proc = self.flwr("ls", self.name, "--run-id", str(run_id), "--format", "json", timeout=60)
