@@ -419,3 +419,27 @@ def test_a_rule_runs_the_host_blas_on_one_thread_and_gives_it_back():
     with threadpool_limits(limits=1, user_api="blas"):
         assert np.array_equal(x @ x.T, two)
         assert torch.equal(GeometricMedian()(messages).vector, out.vector)
+
+
+def test_without_threadpoolctl_a_rule_leaves_the_blas_alone_with_the_same_numbers(monkeypatch):
+    """threadpoolctl is a dependency, but a rule must not need it: without it the products run on
+    whatever threads the BLAS has, and the numbers are the same."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from strategies import kernels
+    from strategies.aggregators import GeometricMedian
+
+    messages = torch.randn(70, 108, generator=torch.Generator().manual_seed(1))
+    limited = GeometricMedian()(messages).vector
+    monkeypatch.setattr(kernels, "ThreadpoolController", None)
+    seen = []
+
+    class Probe(GeometricMedian):
+        def aggregate(self, messages):
+            seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+            return super().aggregate(messages)
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        out = Probe()(messages).vector
+    assert seen and all(n == 2 for n in seen[0])
+    assert torch.equal(out, limited)
