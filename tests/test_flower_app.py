@@ -147,6 +147,7 @@ def test_the_missing_tail_is_matched_in_order_with_the_clis_lines_in_between():
     assert missing_tail(streamed, stored) == ["A\n", "C\n"]  # the repeated line too: matched in order
     assert missing_tail(streamed + "A\nC\n", stored) == []
     assert missing_tail("", "A\nB") == ["A\n", "B\n"]
+    assert missing_tail("A\n", "Using SuperLink: y\nA\n") == []  # the CLI's header is not the run's
     # a run that completed but whose stream lacks its ending line is looked up too
     assert ENDING in ending_line("finished", {"final": {"test_accuracy": 0.5}}, Path("results/r"))
 

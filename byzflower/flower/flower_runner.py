@@ -93,13 +93,15 @@ class RunOutcome:
 
 #: in the last line of every byzflower run that ends (``ending_line``)
 ENDING = ": final test accuracy "
+#: lines that ``flwr log`` / ``flwr run`` print themselves, not the run's log
+_CLI_LINES = ("logstream for run_id", "Using SuperLink")
 
 
 def missing_tail(streamed: str, stored: str) -> list[str]:
     """The lines of ``stored`` (a run's whole log) from the first one that ``streamed`` lacks, in
     order, matching stored lines against streamed ones in order (the stream holds the log's lines
-    with the CLI's own in between, up to where it was cut). The CLI's own logstream lines aside."""
-    shown = [line for line in stored.splitlines(keepends=True) if "logstream for run_id" not in line]
+    with the CLI's own in between, up to where it was cut). The CLI's own lines aside."""
+    shown = [line for line in stored.splitlines(keepends=True) if not any(m in line for m in _CLI_LINES)]
     seen = streamed.splitlines(keepends=True)
     j = 0
     for i, line in enumerate(shown):
@@ -307,7 +309,7 @@ class LocalSuperLink:
         stored log keeps them. Asked again once after a second when it shows nothing new."""
         for attempt in range(tries):
             proc = self.flwr("log", str(run_id), self.name, "--show", timeout=60)
-            missed = missing_tail(streamed, proc.stdout or "")
+            missed = missing_tail(streamed, proc.stdout or "") if proc.returncode == 0 else []
             if missed or attempt + 1 == tries:
                 return missed
             time.sleep(1.0)
