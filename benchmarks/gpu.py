@@ -17,6 +17,9 @@ branches a GPU takes (decisions by kernels, speculation, noise drawn inline) and
 the ops that read a value back, build a tensor from host data, or make a data-dependent shape, seen by
 a torch dispatch probe: what a GPU would wait for or copy. (Host-side work on host tensors after a read,
 such as Krum's selection on the Gram matrix, is counted too: on the CPU the probe cannot tell them apart.)
+``--cpu-spread N`` gives ``--check``'s yardsticks on the CPU alone: how far N iterations carry a start one
+float32 ulp away (the trajectory's own sensitivity), and how far the GPU's branches run on the CPU move
+the model (its logic, without its arithmetic); a GPU difference beyond both comes from GPU arithmetic.
 ``--host N`` profiles N steady-state iterations with cProfile and prints where the host's time goes
 (the functions with the most time of their own, in ms per iteration), since on a GPU the host is
 what the iteration waits for. ``--weiszfeld N`` weighs the geometric median's two ways on one
@@ -25,7 +28,7 @@ iterations until converged) against a fixed number of masked steps on the device
 and replayed from a CUDA graph, each the mean of N calls.
 
 Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profile 30] [--check 30] [--full 15000]
-       [--host 100] [--weiszfeld 50] [--device-branches 20]
+       [--host 100] [--weiszfeld 50] [--device-branches 20] [--cpu-spread 20]
 """
 
 from __future__ import annotations
@@ -271,17 +274,49 @@ def device_branches(setup: dict, count: int) -> dict[str, float]:
     return {k: v / count for k, v in sorted(seen.items())}
 
 
+def cpu_spreads(setup: dict, iterations: int, marks=(1, 2, 5, 10, 20)) -> dict[str, list[float]]:
+    """What a CPU/GPU difference should be measured against, on the CPU alone: the largest model
+    difference (relative to the largest entry) at each mark between the CPU run and (``ulp``) the
+    same run started one float32 ulp away (x0 * (1 + 2^-23)): how far the trajectory itself grows
+    rounding differences; (``branches``) the same run on the GPU's branches (decisions by kernels,
+    float64 Gram matrices, speculation, inline noise): how far the GPU's logic alone moves it."""
+    from clients import attacks
+    from strategies import kernels
+
+    host = kernels.reads_are_free, attacks.draws_inline
+    gpu_like = (lambda t: False), (lambda device: True)
+    base, ulp, branches = (build(setup, "cpu", iterations + 1) for _ in range(3))
+    ulp.x.mul_(1 + 2**-23)
+    branches.speculate = True
+    scale = float(base.x.abs().max())
+    out: dict[str, list[float]] = {"ulp": [], "branches": []}
+    try:
+        for t in range(1, iterations + 1):
+            base.step(t)
+            ulp.step(t)
+            kernels.reads_are_free, attacks.draws_inline = gpu_like
+            branches.step(t)
+            kernels.reads_are_free, attacks.draws_inline = host
+            if t in marks or t == iterations:
+                out["ulp"].append(float((ulp.x - base.x).abs().max()) / scale)
+                out["branches"].append(float((branches.x - base.x).abs().max()) / scale)
+    finally:
+        kernels.reads_are_free, attacks.draws_inline = host
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated names from: " + ", ".join(SETUPS))
-    p.add_argument("--iterations", type=int, default=300, help="timed steady-state iterations per setup")
+    p.add_argument("--iterations", type=int, default=300, help="timed steady-state iterations per setup (0: none)")
     p.add_argument("--profile", type=int, default=30, help="profiled iterations per setup")
     p.add_argument("--check", type=int, default=0, help="iterations of the CPU/GPU equality check (0: skip)")
     p.add_argument("--full", type=int, default=0, help="time a whole run of this many iterations per device")
     p.add_argument("--host", type=int, default=0, help="cProfile this many iterations per setup (0: skip)")
     p.add_argument("--device-branches", type=int, default=0, help="iterations of the GPU branches' count on the CPU")
     p.add_argument("--weiszfeld", type=int, default=0, help="calls per way of the Weiszfeld comparison (0: skip)")
+    p.add_argument("--cpu-spread", type=int, default=0, help="iterations of the CPU-alone yardsticks for --check")
     p.add_argument("--json", default="", help="also write the figures to this file")
     args = p.parse_args()
     devices = args.devices.split(",")
@@ -292,8 +327,9 @@ def main() -> None:
     rows = []
     print(f"torch {torch.__version__}; " + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"))
     header = f"{'setup':32} {'device':6} {'ms/it':>8} {'busy ms':>8} {'launch':>7} {'sync':>6} {'item':>6} {'h2d':>5}"
-    print(header)
-    for name in setups:
+    if args.iterations:
+        print(header)
+    for name in setups if args.iterations else []:  # --iterations 0: only the checks asked for
         for device in devices:
             warm = 5
             run = build(SETUPS[name], device, warm + args.iterations + args.profile + args.host + 1)
@@ -318,7 +354,7 @@ def main() -> None:
             )
             for fn, ms_own in row.get("host", []):
                 print(f"    host {ms_own:7.3f} ms/it  {fn}")
-    if len(devices) > 1:
+    if len(devices) > 1 and args.iterations:
         print("\nspeed-up of", devices[1], "over", devices[0])
         for name in setups:
             a, b = (next(r for r in rows if r["setup"] == name and r["device"] == d) for d in devices[:2])
@@ -351,6 +387,14 @@ def main() -> None:
             rows.append({"setup": name, "device_branches": counts})
             shown = ", ".join(f"{k} {v:g}" for k, v in counts.items()) or "none"
             print(f"  {name:32} {shown}", flush=True)
+    if args.cpu_spread:
+        marks = [t for t in (1, 2, 5, 10, 20) if t < args.cpu_spread] + [args.cpu_spread]
+        print(f"\nOn the CPU alone, model differences at iterations {marks}: started one ulp away; the GPU's branches")
+        for name in setups:
+            spread = cpu_spreads(SETUPS[name], args.cpu_spread)
+            rows.append({"setup": name, "cpu_spread": spread})
+            for k, v in spread.items():
+                print(f"  {name:32} {k:9}" + " ".join(f"{x:8.1e}" for x in v), flush=True)
     if args.weiszfeld:
         ways = weiszfeld_ways(args.weiszfeld)
         rows.append({"weiszfeld": ways})
