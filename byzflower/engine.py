@@ -123,7 +123,13 @@ class LocalRun:
         honest_ids = list(self.layout.honest_ids)
         self.byzantine_ids = list(self.layout.byzantine_ids)
         self.workers = HostedWorkers(
-            cfg, range(self.layout.num_workers), data, self.grads, self.device, graphs=bool(cfg["cuda-graphs"])
+            cfg,
+            range(self.layout.num_workers),
+            data,
+            self.grads,
+            self.device,
+            graphs=bool(cfg["cuda-graphs"]),
+            report=self._report,
         )
         self._honest_rows = torch.tensor(honest_ids, dtype=torch.long, device=self.device)
         self._byzantine_rows = torch.tensor(self.byzantine_ids, dtype=torch.long, device=self.device)
@@ -144,6 +150,12 @@ class LocalRun:
             self._restore()
         elif resume:  # killed before its first checkpoint: it starts over, its records too (as in Flower)
             run.truncate_records(after=-1)
+
+    def _report(self, message: str) -> None:
+        """Something the run goes on without (e.g. CUDA graphs): a line in the log, and in the
+        warnings of summary.json."""
+        self.log(f"warning: {message}")
+        self.recorder.warnings.append(message)
 
     # -- one iteration ---------------------------------------------------------------------------
     def messages(self, t: int) -> tuple[torch.Tensor, HonestStats, torch.Tensor]:

@@ -44,6 +44,7 @@ class HostedWorkers:
         device: torch.device,
         allocator_for: AllocatorFor = lambda label: None,
         graphs: bool = False,
+        report: Callable[[str], None] | None = None,
     ) -> None:
         self.grads = grads
         self.device = device
@@ -63,9 +64,9 @@ class HostedWorkers:
             self.poisoned = make_estimator(cfg, grads, flipped, allocator_for(label))
         if graphs and device.type == "cuda":  # one CUDA graph replay per steady-state step
             if self.estimator is not None:
-                self.estimator = GraphedEstimator(self.estimator)
+                self.estimator = GraphedEstimator(self.estimator, report=report)
             if self.poisoned is not None:
-                self.poisoned = GraphedEstimator(self.poisoned)
+                self.poisoned = GraphedEstimator(self.poisoned, report=report)
 
     @property
     def crafted(self) -> bool:

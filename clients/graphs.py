@@ -5,10 +5,13 @@ a fixed sequence of kernels; when it is, this wrapper captures ``compute`` once 
 (a few hundred kernel launches become one replay) and replays it at every later such iteration,
 with the point copied into the graph's input first. Anything else (SAGA's first step, an SVRG
 snapshot, a SARAH restart, a CPU device) runs eagerly, so the numbers are the eager path's.
-A capture that fails falls back to the eager path for good and says why (``fallback``).
+A capture that fails falls back to the eager path for good and says why (``fallback``, and to
+``report`` when given: a run then logs it and lists it in its summary's warnings).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -24,9 +27,10 @@ class GraphedEstimator:
         fallback: why graphs are not used (None while they are, or may be).
     """
 
-    def __init__(self, estimator: Estimator, warmup: int = 2) -> None:
+    def __init__(self, estimator: Estimator, warmup: int = 2, report: Callable[[str], None] | None = None) -> None:
         self.estimator = estimator
         self.warmup = int(warmup)
+        self.report = report
         self.replays = 0
         self.fallback: str | None = None if estimator.data.device.type == "cuda" else "not on a CUDA device"
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -73,5 +77,7 @@ class GraphedEstimator:
         except Exception as exc:
             self.fallback = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly"
             self._graph, self._out = None, None
+            if self.report is not None:  # slower, same numbers: said, not hidden
+                self.report(f"{est.name} steps without CUDA graphs: {self.fallback}")
         finally:
             est.load_state_dict(saved)
