@@ -142,17 +142,21 @@ def host_profile(run: LocalRun, first: int, count: int, top: int = 12) -> list[t
 
 
 def check(setup: dict, iterations: int) -> dict[str, float]:
-    """Largest differences between CPU and GPU after the same iterations from the same start, and
-    between two GPU runs ("rerun": 0 when the GPU repeats its own numbers bit for bit)."""
+    """Largest differences between CPU and GPU after the same iterations from the same start (the
+    model's also at iterations 1, 2, 5 and 10: "@t"), and between two GPU runs ("rerun": 0 when the GPU
+    repeats its own numbers bit for bit)."""
     runs = {d: build(setup, d.split("#")[0], iterations + 1) for d in ("cpu", "cuda", "cuda#2")}
+    scale = float(runs["cpu"].x.abs().max())
+    growth = {}  # the model's difference at a few iterations on the way: where a gap opens
     for t in range(1, iterations + 1):
         for r in runs.values():
             r.step(t)
+        if t in (1, 2, 5, 10) and t < iterations:
+            growth[f"@{t}"] = float((runs["cpu"].x - runs["cuda"].x.cpu()).abs().max()) / scale
     xc, xg = runs["cpu"].x, runs["cuda"].x.cpu()
-    scale = float(xc.abs().max())
     lc, lg = runs["cpu"].recorder.evaluate(iterations, xc), runs["cuda"].recorder.evaluate(iterations, runs["cuda"].x)
     keys = ("test_loss", "honest_variance", "aggregate_distance")
-    out = {"model": float((xc - xg).abs().max()) / scale}
+    out = {**growth, "model": float((xc - xg).abs().max()) / scale}
     out["rerun"] = float((runs["cuda#2"].x.cpu() - xg).abs().max()) / scale
     for k in keys:
         if isinstance(lc.get(k), float):
