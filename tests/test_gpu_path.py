@@ -226,8 +226,8 @@ def test_graph_wrapper_on_the_cpu_is_the_estimator(tmp_path, mnist):
 
 def test_a_capture_that_fails_is_said_in_the_log_and_the_summary_and_the_numbers_stay(tmp_path, mnist):
     """A failed capture leaves a run on plain kernels: slower, the same numbers. It once went
-    unsaid (conv nets on GPUs, for weeks), so a run now logs it and lists it in summary.json. Here the
-    capture is made to run on the CPU, where it fails as it would on a GPU that refuses it."""
+    unsaid (conv nets on GPUs ran eagerly unnoticed), so a run now logs it and lists it in summary.json. The
+    capture is made to run on the CPU here, where it fails as it would on a GPU that refuses it."""
     setup = {"optimizer": "saga", "aggregator": "mean", "attack": "none", "num-server-rounds": 6}
     plain = _run(tmp_path, "plain", **setup)
     plain.run()
