@@ -276,6 +276,18 @@ def test_local_engine_gives_the_flower_engines_numbers(superlink, tmp_path, over
     _close(_metrics(tmp_path / "flower"), _local_metrics(tmp_path, "local", **overrides))
 
 
+# `flwr stop RUN SUPERLINK` as soon as FILE exists, Flower's CLI imported beforehand (argv: RUN SUPERLINK FILE)
+STOP_AFTER_FILE = """
+import os, sys, time
+from flwr.cli.app import app
+run_id, superlink, path = sys.argv[1:4]
+while not os.path.exists(path):
+    time.sleep(0.01)
+sys.argv = ["flwr", "stop", run_id, superlink]
+sys.exit(app())
+"""
+
+
 def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
     """A named run stopped mid-way (``flwr stop``) and started again continues from its last
     checkpoint: the server's, and each node's workers' state (SAGA's tables) where it survived,
@@ -290,8 +302,8 @@ def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
         "attack": "minmax",
         "aggregator": "gm",
         "pre-aggregator": "nnm",
-        "num-server-rounds": 40,  # leaves `flwr stop` (a CLI start, seconds under load) time to land mid-run
-        "eval-every": 10,
+        "num-server-rounds": 60,  # the stop lands some rounds after it is sent (here: 15 after the checkpoint)
+        "eval-every": 20,
         "checkpoint-every": 5,
         "eval-train-samples": 2000,
     }
@@ -302,22 +314,34 @@ def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
     runner = threading.Thread(target=lambda: first.update(outcome=superlink.run(APP, config, federation, timeout=400)))
     runner.start()
     deadline = time.monotonic() + 300
-    while not (folder / "server-checkpoint.pt").exists():
+    while superlink.current_run is None:
         assert runner.is_alive() and time.monotonic() < deadline, first
         time.sleep(0.05)
-    assert superlink.current_run is not None
-    superlink.flwr("stop", str(superlink.current_run), superlink.name, timeout=60)
+    # `flwr stop` started before the first checkpoint exists, so that it lands right after it: a CLI
+    # started then needs seconds under load, and a lightly loaded CI once finished all of 40 rounds first
+    checkpoint = folder / "server-checkpoint.pt"
+    args = [str(superlink.current_run), superlink.name, str(checkpoint)]
+    stopper = subprocess.Popen([sys.executable, "-c", STOP_AFTER_FILE, *args], env=superlink.env)
+    try:
+        while stopper.poll() is None:
+            assert runner.is_alive() and time.monotonic() < deadline, first  # the run ended before it
+            time.sleep(0.05)
+        assert stopper.returncode == 0
+    finally:
+        if stopper.poll() is None:
+            stopper.kill()
+            stopper.wait()
     runner.join(timeout=300)
     records = _metrics(folder)
-    assert records[-1]["iteration"] < 40  # it was stopped before the end
+    assert records[-1]["iteration"] < 60  # it was stopped before the end
     outcome = superlink.run(APP, config, federation, timeout=400)  # the same command again
     assert outcome.ok, outcome.output[-3000:]
     resumed = _metrics(folder)
-    assert [r["iteration"] for r in resumed] == [0, 10, 20, 30, 40]  # each once
+    assert [r["iteration"] for r in resumed] == [0, 20, 40, 60]  # each once
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "finished"
     [at] = summary["resumed_at"]  # the log says it too, but Flower's log stream can end before its last lines
-    assert at % 5 == 1 and 5 < at < 40  # the iteration after a checkpoint (every 5)
+    assert at % 5 == 1 and 5 < at < 60  # the iteration after a checkpoint (every 5)
     assert not (folder / "server-checkpoint.pt").exists()
     _close(resumed, _local_metrics(tmp_path, "straight", **overrides))
 
