@@ -332,6 +332,7 @@ def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
     federation = {"num-supernodes": 4, "client-resources-num-cpus": 1}
     folder = tmp_path / "resumed"
     first: dict = {}
+    superlink.current_run = None  # the module's last run's id until this one starts: never stop that one
     runner = threading.Thread(target=lambda: first.update(outcome=superlink.run(APP, config, federation, timeout=400)))
     runner.start()
     deadline = time.monotonic() + 300
