@@ -259,6 +259,7 @@ class LocalSuperLink:
 
         The CLI runs on a fresh copy of the app's files (``stage_app``), not on ``app_dir`` itself:
         the FAB is the same, and the CLI does not stat every file of the ignored folders."""
+        self.current_run = None  # not the last run's id while this one is being staged
         staged = stage_app(app_dir, Path(tempfile.mkdtemp(prefix="app-", dir=self.home)))
         args = ["run", str(staged), self.name, "--stream"]
         if run_config:
@@ -268,7 +269,6 @@ class LocalSuperLink:
         proc = subprocess.Popen(
             [_bin("flwr"), *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        self.current_run = None
         lines = []
         try:
             assert proc.stdout is not None
