@@ -34,6 +34,7 @@ Usage: python benchmarks/gpu.py [--devices cpu,cuda] [--iterations 300] [--profi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import pstats
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ SETUPS = {
     "saga-cnn-gm-zero": {"model": "cnn", "optimizer": "saga", "aggregator": "gm", "attack": "zero-gradient"},
 }
 BASE = {"num-honest": 50, "num-byzantine": 20, "seed": 1, "eval-every": 1_000_000, "checkpoint-every": 0}
+MARKS = (1, 2, 5, 10, 20)  # iterations at which differences are shown on the way (the last one too)
 
 # Host-side events that mean the host waits for the device, or copies to it.
 SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
@@ -151,7 +154,7 @@ def check(setup: dict, iterations: int) -> dict[str, float]:
     for t in range(1, iterations + 1):
         for r in runs.values():
             r.step(t)
-        if t in (1, 2, 5, 10) and t < iterations:
+        if t in MARKS and t < iterations:
             growth[f"@{t}"] = float((runs["cpu"].x - runs["cuda"].x.cpu()).abs().max()) / scale
     xc, xg = runs["cpu"].x, runs["cuda"].x.cpu()
     lc, lg = runs["cpu"].recorder.evaluate(iterations, xc), runs["cuda"].recorder.evaluate(iterations, runs["cuda"].x)
@@ -242,14 +245,25 @@ def weiszfeld_ways(calls: int) -> dict[str, float]:
 ROUND_TRIPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "lift_fresh", "unique"}
 
 
+@contextlib.contextmanager
+def gpu_branches() -> Iterator[None]:
+    """Inside, a CPU run takes the branches a GPU takes (decisions by kernels, inline noise)."""
+    from clients import attacks
+    from strategies import kernels
+
+    saved = kernels.reads_are_free, attacks.draws_inline
+    kernels.reads_are_free, attacks.draws_inline = (lambda t: False), (lambda device: True)
+    try:
+        yield
+    finally:
+        kernels.reads_are_free, attacks.draws_inline = saved
+
+
 def device_branches(setup: dict, count: int) -> dict[str, float]:
     """Per iteration, the ops of ROUND_TRIPS (and boolean-mask indexing) on the GPU's branches, run on the CPU."""
     from collections import defaultdict
 
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from clients import attacks
-    from strategies import kernels
 
     seen: dict[str, int] = defaultdict(int)
 
@@ -263,9 +277,7 @@ def device_branches(setup: dict, count: int) -> dict[str, float]:
                 seen["boolean-mask" if masked else name] += 1
             return func(*args, **(kwargs or {}))
 
-    saved = kernels.reads_are_free, attacks.draws_inline
-    kernels.reads_are_free, attacks.draws_inline = (lambda t: False), (lambda device: True)
-    try:
+    with gpu_branches():
         run = build(setup, "cpu", count + 6)
         run.speculate = True
         for t in range(1, 6):  # SAGA fills its table
@@ -273,39 +285,33 @@ def device_branches(setup: dict, count: int) -> dict[str, float]:
         with Probe():
             for t in range(6, 6 + count):
                 run.step(t)
-    finally:
-        kernels.reads_are_free, attacks.draws_inline = saved
     return {k: v / count for k, v in sorted(seen.items())}
 
 
-def cpu_spreads(setup: dict, iterations: int, marks=(1, 2, 5, 10, 20)) -> dict[str, list[float]]:
+def marks_until(iterations: int) -> list[int]:
+    return [t for t in MARKS if t < iterations] + [iterations]
+
+
+def cpu_spreads(setup: dict, iterations: int) -> dict[str, list[float]]:
     """What a CPU/GPU difference should be measured against, on the CPU alone: the largest model
-    difference (relative to the largest entry) at each mark between the CPU run and (``ulp``) the
+    difference (relative to the largest entry) at ``marks_until(iterations)`` between the CPU run and (``ulp``) the
     same run started one float32 ulp away (x0 * (1 + 2^-23)): how far the trajectory itself grows
     rounding differences; (``branches``) the same run on the GPU's branches (decisions by kernels,
     float64 Gram matrices, speculation, inline noise): how far the GPU's logic alone moves it."""
-    from clients import attacks
-    from strategies import kernels
-
-    host = kernels.reads_are_free, attacks.draws_inline
-    gpu_like = (lambda t: False), (lambda device: True)
     base, ulp, branches = (build(setup, "cpu", iterations + 1) for _ in range(3))
     ulp.x.mul_(1 + 2**-23)
     branches.speculate = True
     scale = float(base.x.abs().max())
+    marks = marks_until(iterations)
     out: dict[str, list[float]] = {"ulp": [], "branches": []}
-    try:
-        for t in range(1, iterations + 1):
-            base.step(t)
-            ulp.step(t)
-            kernels.reads_are_free, attacks.draws_inline = gpu_like
+    for t in range(1, iterations + 1):
+        base.step(t)
+        ulp.step(t)
+        with gpu_branches():
             branches.step(t)
-            kernels.reads_are_free, attacks.draws_inline = host
-            if t in marks or t == iterations:
-                out["ulp"].append(float((ulp.x - base.x).abs().max()) / scale)
-                out["branches"].append(float((branches.x - base.x).abs().max()) / scale)
-    finally:
-        kernels.reads_are_free, attacks.draws_inline = host
+        if t in marks:
+            out["ulp"].append(float((ulp.x - base.x).abs().max()) / scale)
+            out["branches"].append(float((branches.x - base.x).abs().max()) / scale)
     return out
 
 
@@ -392,7 +398,7 @@ def main() -> None:
             shown = ", ".join(f"{k} {v:g}" for k, v in counts.items()) or "none"
             print(f"  {name:32} {shown}", flush=True)
     if args.cpu_spread:
-        marks = [t for t in (1, 2, 5, 10, 20) if t < args.cpu_spread] + [args.cpu_spread]
+        marks = marks_until(args.cpu_spread)
         print(f"\nOn the CPU alone, model differences at iterations {marks}: started one ulp away; the GPU's branches")
         for name in setups:
             spread = cpu_spreads(SETUPS[name], args.cpu_spread)
