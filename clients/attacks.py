@@ -478,7 +478,7 @@ class _Draws:
 
 
 def _draw(key: tuple) -> torch.Tensor:
-    """The draws of ``_key``'s key, in the calling thread."""
+    """The draws a ``_key(...)`` tuple names, made in the calling thread."""
     seed, purpose, worker_ids, iteration, dim = key
     return standard_normals(seed, torch.tensor(worker_ids, dtype=torch.int64), f"{purpose}/{iteration}", dim)
 

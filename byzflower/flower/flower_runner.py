@@ -308,11 +308,11 @@ class LocalSuperLink:
         (flwr 1.42; seen under load, where a failed run's stream ended before its error). The
         stored log keeps them. Asked again once after a second when it shows nothing new."""
         for attempt in range(tries):
+            if attempt:
+                time.sleep(1.0)
             proc = self.flwr("log", str(run_id), self.name, "--show", timeout=60)
-            missed = missing_tail(streamed, proc.stdout or "") if proc.returncode == 0 else []
-            if missed or attempt + 1 == tries:
+            if proc.returncode == 0 and (missed := missing_tail(streamed, proc.stdout or "")):
                 return missed
-            time.sleep(1.0)
         return []
 
     def status(self, run_id: int) -> str | None:
