@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from byzflower.config import ConfigError
@@ -12,6 +14,22 @@ from byzflower.config import ConfigError
 def recorded_cluster_file() -> Path:
     """Where ``ray start`` records the address that ``ray.init('auto')`` joins (Ray's rule on Linux)."""
     return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+
+
+# Ray's longest Unix socket path below its temporary folder T (RAY_TMPDIR), with a 7-digit PID
+_RAY_SOCKET_TAIL = len("/ray/session_2026-11-28_00-33-14_761891_4194304/sockets/plasma_store")
+_SOCKET_PATH_MAX = (104 if sys.platform == "darwin" else 108) - 1  # AF_UNIX paths, less the terminating NUL
+
+
+def private_ray_tmpdir(folder: str | Path, env: Mapping[str, str] = os.environ) -> str | None:
+    """``folder`` as the RAY_TMPDIR of a Ray that we start, so that its session files (logs,
+    sockets) go with ``folder`` instead of staying in the machine's /tmp/ray after the run; None
+    where Ray should keep its own place: ``env`` sets RAY_TMPDIR (the user's choice), or Ray's socket paths below
+    ``folder`` would be too long for a Unix socket (a deep $TMPDIR)."""
+    if env.get("RAY_TMPDIR"):
+        return None
+    text = str(folder)
+    return text if len(text.encode()) + _RAY_SOCKET_TAIL <= _SOCKET_PATH_MAX else None
 
 
 def check_ray_address(address: str) -> None:

@@ -24,9 +24,10 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session_files():
-    """The Ray that Flower's simulation starts for a run writes its session files (logs, sockets)
-    under ``$RAY_TMPDIR/ray``, by default the machine's ``/tmp/ray``, and leaves them there. The
-    suite's go to a short folder of its own, deleted at the end (Unix socket paths must stay under
+    """A Ray writes its session files (logs, sockets) under ``$RAY_TMPDIR/ray``, by default the
+    machine's ``/tmp/ray``, and leaves them there. byzflower's own Ray starts put them in the run's
+    folder where RAY_TMPDIR is unset (the tests of that unset it); every other Ray of the suite's
+    writes to a short folder of its own, deleted at the end (Unix socket paths must stay under
     108 characters, so not under pytest's deeper ``tmp_path``)."""
     folder = tempfile.TemporaryDirectory(prefix="bzf-ray-", ignore_cleanup_errors=True)
     with folder, pytest.MonkeyPatch.context() as env:

@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -79,19 +81,35 @@ def _metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    """The README's command: ``byzflower run`` (Flower's simulation, its own SuperLink and Ray)."""
+    """The README's command: ``byzflower run`` (Flower's simulation, its own SuperLink and Ray), as a
+    user runs it: no RAY_TMPDIR, and a temporary folder of its own (short: Ray's sockets go below it),
+    whose contents after the run are returned too."""
     tmp = tmp_path_factory.mktemp("runs")
     config = toml_assignments({**BASE, "results-dir": str(tmp), "run-name": "k3-a"})
     command = [sys.executable, "-m", "byzflower.cli", "run", "--supernodes", "3", "--run-config", config]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp)
+    scratch = Path(tempfile.mkdtemp(prefix="b", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"} | {"TMPDIR": str(scratch)}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp, env=env)
+        left = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     output = done.stdout + done.stderr
     found = re.search(r"^run (\d+): (\S+)$", done.stdout, re.MULTILINE)
     outcome = RunOutcome(done.returncode, *((int(found[1]), found[2]) if found else (None, None)), output)
-    return tmp, outcome, tmp / "k3-a"
+    return tmp, outcome, tmp / "k3-a", left
+
+
+def test_byzflower_run_leaves_nothing_in_the_temporary_folder(first_run):
+    """Its SuperLink's home, the worker state and the session files of the Ray it started (which Ray
+    would leave in $TMPDIR/ray) are all deleted when it stops."""
+    _, outcome, _, left = first_run
+    assert outcome.ok, outcome.output[-3000:]
+    assert left == []
 
 
 def test_run_finishes_learns_and_writes_its_results(first_run):
-    _, outcome, run_dir = first_run
+    _, outcome, run_dir, _ = first_run
     assert outcome.ok, outcome.output[-3000:]
     assert outcome.status == "finished:completed"
     for f in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "variance.png"):
@@ -111,7 +129,7 @@ def test_same_seed_gives_identical_metrics_with_one_worker_per_supernode(superli
     """A second run with the same seed, and 20 SuperNodes (one worker each) instead of 3, on a Ray
     cluster it joins instead of the Ray that Flower started for the first, gives the first run's
     metrics exactly: numbers depend on the seed alone, not on the run, the grouping or the cluster."""
-    tmp, _, run_dir = first_run
+    tmp, _, run_dir, _ = first_run
     outcome, per_worker = _run(superlink, tmp, "k20", 20)
     assert outcome.ok, outcome.output[-3000:]
     assert _metrics(per_worker) == _metrics(run_dir)

@@ -265,12 +265,20 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend, monkeypa
 @pytest.mark.parametrize("backend", ["processes", "ray"])
 def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, backend):
     """SIGTERM to the sweep (as `timeout` or a scheduler sends it): the running runs record that they
-    were interrupted, the queued one never starts, no worker survives and no traceback is printed.
+    were interrupted, the queued one never starts, no worker survives and no traceback is printed,
+    and nothing is left in the temporary folder (Ray would leave its session files in $TMPDIR/ray).
     (With Ray, ``ray.init`` took SIGTERM over and the sweep aborted 3 s later with no summaries.)"""
     config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=100000 eval-every=20"
     args = ["--backend", backend, "--attack", "none,sign-flip,zero-gradient", "--run-config", config]
     names = ("sgd-mean-none", "sgd-mean-sign-flip")
-    proc, out, err, _ = _sweep_stopped_by_sigterm(args, tmp_path, names)
+    scratch = Path(tempfile.mkdtemp(prefix="b", dir="/tmp"))  # short: Ray's sockets go below it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"} | {"TMPDIR": str(scratch)}
+    try:
+        proc, out, err, _ = _sweep_stopped_by_sigterm(args, tmp_path, names, env)
+        assert _survivors(proc.pid) == []
+        assert sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 130
     assert "interrupted: stopped by SIGTERM" in err and "Traceback" not in err
     for name in names:

@@ -180,6 +180,30 @@ def test_flowers_simulation_starts_its_own_ray_unless_given_a_cluster(monkeypatc
         assert LocalSuperLink().env["RAY_ADDRESS"] == address
 
 
+def test_the_ray_a_run_starts_keeps_its_session_files_in_the_runs_home(monkeypatch):
+    """Where Flower's simulation starts its own Ray, RAY_TMPDIR is the SuperLink's home (deleted with it;
+    the whole run is checked in test_flower_app); a cluster joined, the user's own RAY_TMPDIR, or a home
+    too deep for Ray's socket paths keep Ray's own place."""
+    from byzflower.flower.flower_runner import LocalSuperLink
+    from byzflower.ray_address import private_ray_tmpdir
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    link = LocalSuperLink()
+    assert link.env["RAY_TMPDIR"] == str(link.home)
+    with socket.socket() as head:  # something answering, as a cluster's GCS port would
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        assert "RAY_TMPDIR" not in LocalSuperLink(ray_address=f"127.0.0.1:{head.getsockname()[1]}").env
+    monkeypatch.setenv("RAY_TMPDIR", "/mine")
+    assert LocalSuperLink().env["RAY_TMPDIR"] == "/mine"
+    assert private_ray_tmpdir("/tmp/short", {}) == "/tmp/short"
+    assert private_ray_tmpdir("/tmp/short", {"RAY_TMPDIR": "/mine"}) is None
+    longest = 35 if sys.platform == "darwin" else 39  # Ray's plasma socket below it: 103 / 107 bytes at most
+    assert private_ray_tmpdir("/" + "d" * (longest - 1), {}) == "/" + "d" * (longest - 1)
+    assert private_ray_tmpdir("/" + "d" * longest, {}) is None
+
+
 def test_a_dead_ray_address_in_the_environment_is_refused_like_the_option(tmp_path, mnist, monkeypatch, capsys):
     port = _free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")

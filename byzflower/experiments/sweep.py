@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
+from byzflower.ray_address import private_ray_tmpdir
 from byzflower.records.results import RunDirectory, RunFolderError, config_difference
 
 AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
@@ -238,6 +240,11 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
 
     threads = max(1, (os.cpu_count() or 1) // jobs) if ray_address is None else None
     owns = not ray.is_initialized()
+    # the Ray this sweep starts keeps its session files (logs, sockets) in a folder of its own,
+    # deleted when it stops, instead of leaving them in the machine's /tmp/ray
+    starts = owns and not ray_address
+    files = tempfile.TemporaryDirectory(prefix="bzf-ray-", ignore_cleanup_errors=True) if starts else None
+    private = private_ray_tmpdir(files.name) if files is not None else None
     if owns:
         with _signal_handlers_kept():
             ray.init(  # "local": a new Ray for this sweep, never a cluster some `ray start` left recorded
@@ -247,6 +254,7 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
                 log_to_driver=False,
                 ignore_reinit_error=True,
                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+                **({"_temp_dir": str(Path(private) / "ray")} if private else {}),
             )
     # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
     remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0)(run_cell)
@@ -282,6 +290,8 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     finally:
         if owns:
             ray.shutdown()
+        if files is not None:
+            files.cleanup()
 
 
 _CANCEL_GRACE_S = 15.0  # how long a cancelled Ray run has before it gets SIGINT from the sweep

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.flower.credentials import Credentials, make_credentials
-from byzflower.ray_address import check_ray_address
+from byzflower.ray_address import check_ray_address, private_ray_tmpdir
 
 
 def toml_value(value: Any) -> str:
@@ -147,6 +147,8 @@ class LocalSuperLink:
         # `ray start` left its address recorded (/tmp/ray/ray_current_cluster), which ray.init() would
         # otherwise join, dead or alive.
         self.env["RAY_ADDRESS"] = ray_address or self.env.get("RAY_ADDRESS") or "local"
+        if self.env["RAY_ADDRESS"] == "local" and (ray_tmp := private_ray_tmpdir(self.home, self.env)):
+            self.env["RAY_TMPDIR"] = ray_tmp  # the Ray the run starts keeps its session files here, deleted with it
         # worker state lives in this home, so it goes with it (and with a stale home, see reap_stale)
         self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
         self.process: subprocess.Popen | None = None
