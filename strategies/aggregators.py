@@ -42,6 +42,14 @@ class Aggregate:
     weights: np.ndarray | None = None
 
 
+def distrust_of(shares: np.ndarray) -> np.ndarray:
+    """(n,) each aggregated row's distrust from its share of the aggregate (``Aggregate.weights``):
+    1 - share x n, floored at 0; 0 when the rule trusted the row at least as much as an average one,
+    1 when it left the row out."""
+    w = np.asarray(shares, dtype=np.float64)
+    return np.maximum(0.0, 1.0 - len(w) * w)
+
+
 def _shares(weights: np.ndarray | torch.Tensor) -> np.ndarray:
     """Non-negative weights scaled to sum 1 (float64 numpy)."""
     w = np.clip(np.asarray(weights.cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64), 0, None)

@@ -12,6 +12,10 @@ claims a huge one would carry any weighted rule with it.
 Rules that commute with a shift (mean, median, trimmed mean, GM, Krum, Multi-Krum, Bulyan, MDA, Meamed)
 give the same model from updates as from weights; those that measure norms (CGE, clipping, ARC,
 centred clipping) see the updates, as they should.
+Detection, as the gradient-round engines score it: each reply's distrust (1 - its share of the
+aggregate x the replies aggregated, floored at 0; 1 for a dropped reply), by the node that sent it,
+averaged over the rounds that node replied in (``suspicion()``); rules without per-reply shares
+(the coordinate-wise ones) score nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregators import GeometricMedian, Mean, Rule, make_rule
+from strategies.aggregators import GeometricMedian, Mean, Rule, distrust_of, make_rule
 from strategies.messages import array, arrays_to_flat, read_flat
 
 
@@ -61,6 +65,20 @@ class RobustFedAvg(FedAvg):
         self.weighted = bool(weighted)
         self._global: tuple[np.ndarray, list[str], list[tuple[int, ...]], list[np.dtype]] | None = None
         self.last_info: dict[str, float] = {}
+        self.last_shares: dict[int, float] = {}  # node id -> its reply's share of the last aggregate
+        self._distrust: dict[int, tuple[float, int]] = {}  # node id -> (summed distrust, rounds scored)
+
+    def suspicion(self) -> dict[int, float]:
+        """{node id: mean distrust over the rounds it was scored in}, most suspected first: 0 for a
+        node the rule always trusted at least as much as an average reply, 1 for one always left
+        out or dropped. A client's node id is Flower's (``Message.metadata.src_node_id``)."""
+        scores = {node: total / rounds for node, (total, rounds) in self._distrust.items()}
+        return dict(sorted(scores.items(), key=lambda item: (-item[1], item[0])))
+
+    def _score(self, distrust: dict[int, float]) -> None:
+        for node, value in distrust.items():
+            total, rounds = self._distrust.get(node, (0.0, 0))
+            self._distrust[node] = (total + value, rounds + 1)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -78,22 +96,26 @@ class RobustFedAvg(FedAvg):
         replies = list(replies)
         buffer = np.empty((len(replies), start.size), dtype=np.float32)  # the updates, one row per valid reply
         origin = start.astype(np.float32)
-        samples, kept = [], []
+        samples, kept, dropped = [], [], []
         counts = {"dropped-error": 0, "dropped-malformed": 0, "dropped-nonfinite": 0}
         for reply in replies:
             if reply.has_error():
                 counts["dropped-error"] += 1
+                dropped.append(reply.metadata.src_node_id)
                 continue
             record = reply.content.array_records.get(self.arrayrecord_key)
             flat, reason = read_flat(record, keys, shapes, buffer[len(kept)])
             weight = _weight(reply, self.weighted_by_key) if self.weighted else 1.0
             if flat is None or weight is None:
                 counts[f"dropped-{reason if flat is None else 'malformed'}"] += 1
+                dropped.append(reply.metadata.src_node_id)
                 continue
             np.subtract(flat, origin, out=flat)
             samples.append(weight)
             kept.append(reply)
         updates = buffer[: len(kept)]
+        self._score(dict.fromkeys(dropped, 1.0))
+        self.last_shares = {}
         if len(updates) < self.rule.min_messages():
             log(
                 ERROR,
@@ -117,6 +139,13 @@ class RobustFedAvg(FedAvg):
             )
             return None, MetricRecord({**counts, "aggregated": len(updates), "failed": 1})
         self.last_info = dict(out.info)
+        distrusted = len(dropped)
+        if out.weights is not None:
+            nodes = [reply.metadata.src_node_id for reply in kept]
+            self.last_shares = dict(zip(nodes, np.asarray(out.weights, dtype=np.float64).tolist(), strict=True))
+            distrust = distrust_of(out.weights)
+            self._score(dict(zip(nodes, distrust.tolist(), strict=True)))
+            distrusted += int(np.count_nonzero(distrust >= 0.5))
         new, arrays, offset = start + step, ArrayRecord(), 0
         for key, shape, dtype in zip(keys, shapes, dtypes, strict=True):  # the model's dtypes, as FedAvg keeps them
             size = int(np.prod(shape, dtype=np.int64))
@@ -128,7 +157,7 @@ class RobustFedAvg(FedAvg):
             log(ERROR, "round %s: the clients' metrics could not be averaged (%s)", server_round, exc)
             metrics = None
         record = MetricRecord(dict(metrics or {}))
-        for name, value in {**counts, "aggregated": len(updates), "failed": 0}.items():
+        for name, value in {**counts, "aggregated": len(updates), "failed": 0, "distrusted": distrusted}.items():
             record[name] = value
         for name, value in out.info.items():
             record[f"rule-{name}"] = float(value)

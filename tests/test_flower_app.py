@@ -400,6 +400,11 @@ def test_the_quickstart_example_runs_robust_fedavg_in_flowers_simulation(superli
     assert outcome.ok, outcome.output[-3000:]
     result = json.loads(out.read_text())
     assert result["rule"] == "gm" and result["accuracy_by_round"]["2"]["accuracy"] > 0.85, result
+    # detection through Flower: the one attacker's node (noise far from the honest models) is all but
+    # left out by the median in both rounds, the 5 honest nodes are trusted
+    scores = sorted(result["suspicion"].values(), reverse=True)
+    assert len(scores) == 6 and scores[0] > 0.9 and max(scores[1:]) < 0.5, result["suspicion"]
+    assert "suspicion by node (mean distrust over rounds)" in outcome.output
 
 
 BYZANTINE_CLIENTS = """

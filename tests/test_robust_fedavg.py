@@ -150,3 +150,56 @@ def test_sample_counts_that_are_not_positive_finite_numbers_drop_the_reply(task_
     assert metrics["aggregated"] == 5 and metrics["dropped-malformed"] == 4
     flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
     assert np.isfinite(flat).all()
+
+
+def _replies(strategy, clients, server_round=1):
+    """configure_train, then replies from the nodes the instructions went to: ``clients`` a list of
+    models (one per instruction, in order) or {node id: model} (a node missing there does not reply);
+    a model None is a reply without one (malformed). Returns (replies, the replying nodes' ids)."""
+    instructions = list(strategy.configure_train(server_round, _arrays(np.zeros(16)), ConfigRecord({}), _Grid(11)))
+    if isinstance(clients, list):
+        clients = {i.metadata.dst_node_id: flat for i, flat in zip(instructions, clients, strict=False)}
+    replies, nodes = [], []
+    for instruction in instructions:
+        node = instruction.metadata.dst_node_id
+        if node not in clients:
+            continue
+        content = RecordDict({"metrics": MetricRecord({"num-examples": 10})})
+        if clients[node] is not None:
+            content["arrays"] = _arrays(clients[node])
+        replies.append(Message(content, reply_to=instruction))
+        nodes.append(node)
+    return replies, nodes
+
+
+def test_suspicion_names_the_nodes_the_rule_left_out_and_the_dropped_ones(task_identity):
+    """Detection as the engines score it, keyed by Flower's node ids: GM all but ignores the two far
+    replies (distrust ~1, the honest ones ~0); a dropped reply counts 1 for its round; a node that did
+    not reply in a round keeps its score; Krum keeps one reply (all others distrusted); the median has
+    no per-reply shares (only drops are scored)."""
+    clients = _clients(n=11, bad=2)
+    gm = RobustFedAvg("gm")
+    replies, nodes = _replies(gm, clients)
+    _, metrics = gm.aggregate_train(1, replies)
+    first = gm.suspicion()
+    far, honest = set(nodes[9:]), nodes[:9]
+    assert set(list(first)[:2]) == far and all(first[n] > 0.9 for n in far)
+    assert max(first[n] for n in honest) < 0.3 and metrics["distrusted"] == 2
+    assert sum(gm.last_shares.values()) == pytest.approx(1.0) and set(gm.last_shares) == set(nodes)
+    # round 2: the first honest node sends no model, the last far node does not reply at all
+    second = {node: flat for node, flat in zip(nodes[:10], [None, *clients[1:10]], strict=True)}
+    replies, _ = _replies(gm, second, server_round=2)
+    _, metrics = gm.aggregate_train(2, replies)
+    scores = gm.suspicion()
+    assert metrics["dropped-malformed"] == 1 and metrics["distrusted"] == 2
+    assert scores[nodes[0]] == pytest.approx((first[nodes[0]] + 1.0) / 2)
+    assert scores[nodes[10]] == first[nodes[10]]  # not scored in a round it missed
+    assert nodes[0] not in gm.last_shares
+    krum = RobustFedAvg("krum", f=2)
+    replies, nodes = _replies(krum, clients)
+    _, metrics = krum.aggregate_train(1, replies)
+    assert metrics["distrusted"] == 10 and sorted(krum.suspicion().values()) == [0.0] + [1.0] * 10
+    median = RobustFedAvg("median")
+    replies, nodes = _replies(median, [None, *clients[1:]])
+    _, metrics = median.aggregate_train(1, replies)
+    assert median.suspicion() == {nodes[0]: 1.0} and median.last_shares == {} and metrics["distrusted"] == 1

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from strategies.aggregators import distrust_of
+
 
 def shares_of(weights: np.ndarray | None, valid_positions: list[int] | None, order: list[int]) -> dict[int, float]:
     """{worker: its share} from a rule's per-row ``weights``: row r is the valid_positions[r]-th
@@ -44,7 +46,7 @@ class Suspicion:
         distrust = np.ones_like(self.total)
         workers = np.fromiter(shares.keys(), dtype=np.int64, count=len(shares))
         values = np.fromiter(shares.values(), dtype=np.float64, count=len(shares))
-        distrust[workers] = np.maximum(0.0, 1.0 - len(shares) * values)
+        distrust[workers] = distrust_of(values)
         self.total += distrust
         self.rounds += 1
 

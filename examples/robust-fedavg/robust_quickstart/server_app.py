@@ -1,9 +1,11 @@
 """ServerApp: Flower's FedAvg loop, with RobustFedAvg in FedAvg's place (one line)."""
 
 import json
+from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from robust_quickstart.task import Net, accuracy, test_set
@@ -33,6 +35,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=evaluate,
     )
     final = {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()}
+    # which clients the rule distrusted (by node id, most suspected first; the rule never knew the roles)
+    suspicion = strategy.suspicion()
+    log(INFO, "suspicion by node (mean distrust over rounds): %s", {n: round(s, 3) for n, s in suspicion.items()})
     if cfg["result-file"]:
         with open(str(cfg["result-file"]), "w") as fh:
-            json.dump({"rule": cfg["rule"], "accuracy_by_round": final}, fh)
+            json.dump({"rule": cfg["rule"], "accuracy_by_round": final, "suspicion": suspicion}, fh)
