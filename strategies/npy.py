@@ -33,16 +33,37 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return npy_header(a.dtype.str, tuple(a.shape)) + a.tobytes()
 
 
+_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def decode(array: Any) -> np.ndarray:
-    """A Flower ``Array`` as numpy: fast when its header is the canonical one, np.load otherwise."""
+    """A Flower ``Array`` as numpy, viewed in place: fast when its header is the canonical one.
+
+    Any other header (another writer's padding, a version 2.0 header, Fortran order) is read
+    alone and must describe the Array's declared dtype and shape with exactly the bytes that
+    follow; else ValueError. Nothing is allocated from what a header claims (``np.load``, which
+    Flower's ``Array.numpy`` calls, allocates the claimed size before it finds the data short:
+    800 MB for a 48-byte reply claiming 2e8 floats)."""
+    if array.stype != NUMPY_STYPE:
+        raise ValueError(f"an Array serialised as {array.stype!r}, not {NUMPY_STYPE!r}")
     data = array.data
-    try:
-        dtype = np.dtype(array.dtype)
-        shape = tuple(int(s) for s in array.shape)
-        header = npy_header(dtype.str, shape)
-    except (TypeError, ValueError):
-        return array.numpy()
+    dtype = np.dtype(array.dtype)
+    shape = tuple(int(s) for s in array.shape)
+    if dtype.hasobject or any(s < 0 for s in shape):
+        raise ValueError(f"an Array of dtype {dtype} and shape {shape} cannot be read from bytes")
+    header = npy_header(dtype.str, shape)
     nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if array.stype == NUMPY_STYPE and len(data) == len(header) + nbytes and data.startswith(header):
+    if len(data) == len(header) + nbytes and data.startswith(header):
         return np.frombuffer(data, dtype=dtype, offset=len(header)).reshape(shape)
-    return array.numpy()
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in _READERS:
+        raise ValueError(f"an .npy header of version {version} (1.0 and 2.0 are read)")
+    claimed, fortran, claimed_dtype = _READERS[version](stream)
+    if claimed != shape or claimed_dtype != dtype or len(data) - stream.tell() != nbytes:
+        raise ValueError(
+            f"the data's header says {claimed_dtype} {claimed} in {len(data) - stream.tell()} bytes, "
+            f"the Array {dtype} {shape} in {nbytes}"
+        )
+    flat = np.frombuffer(data, dtype=dtype, offset=stream.tell())
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)

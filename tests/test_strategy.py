@@ -88,6 +88,39 @@ def test_malformed_nan_inf_and_error_replies_are_dropped_and_counted(round_one):
     np.testing.assert_allclose(flat, 1.0 - 0.5 * good)
 
 
+def test_a_gradients_inner_header_is_checked_before_anything_is_allocated(round_one):
+    """A reply whose Array declares the model's dtype and shape but whose .npy header claims 2e8 floats
+    (48 bytes follow) is dropped as malformed without the 800 MB that np.load (Flower's Array.numpy)
+    allocates from the claim; so is one whose header describes other bytes. Headers of other writers
+    (Fortran order, version 2.0) that describe the declared array are read, in place."""
+    import io
+    import tracemalloc
+
+    from strategies.npy import NUMPY_STYPE, decode, npy_header
+
+    strategy, (m, _) = round_one
+    evil = _gradient(np.ones(8))
+    evil["w"] = Array(
+        dtype="float32", shape=(2, 3), stype=NUMPY_STYPE, data=npy_header("<f4", (200_000_000,)) + bytes(48)
+    )
+    other = _gradient(np.ones(8))
+    other["b"] = Array(dtype="float32", shape=(2,), stype=NUMPY_STYPE, data=npy_header("<f8", (1,)) + bytes(8))
+    tracemalloc.start()
+    try:
+        _, metrics = strategy.aggregate_train(1, [_reply(m, _gradient(np.ones(8))), _reply(m, evil), _reply(m, other)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert metrics["aggregated"] == 1 and metrics["dropped-malformed"] == 2
+    assert peak < 10_000_000, peak
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert np.array_equal(decode(Array(fortran)), fortran)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, fortran, version=(2, 0))
+    v2 = Array(dtype="float32", shape=(2, 3), stype=NUMPY_STYPE, data=buffer.getvalue())
+    assert np.array_equal(decode(v2), fortran) and not decode(v2).flags.owndata
+
+
 def test_a_round_without_valid_messages_fails_and_keeps_the_model(round_one):
     strategy, (m, _) = round_one
     bad = np.full(8, np.nan, dtype=np.float32)
