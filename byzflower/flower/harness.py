@@ -431,7 +431,10 @@ def node_rows(reply: Message, asked: list[int], dim: int) -> tuple[dict[int, np.
     of shape (len(asked), dim), checked from its header before any data is read; the data is
     then viewed in place, not copied."""
     try:
-        ids = [int(w) for w in reply.content[WORKERS][IDS]]
+        claimed = reply.content[WORKERS][IDS]
+        if len(claimed) != len(asked):  # before reading them: a node may send any number
+            return None, "foreign-ids"
+        ids = [int(w) for w in claimed]
         record = reply.content[ROWS][ROWS]
         dtype, shape, data = np.dtype(record.dtype), tuple(int(s) for s in record.shape), record.data
     except Exception:
