@@ -185,6 +185,26 @@ def test_a_stray_node_is_refused_and_the_run_goes_on(task_identity, stray, reaso
     assert all(m.metadata.dst_node_id != 12 for m in harness.grid.sent if m.metadata.message_type == "train")
 
 
+def test_a_node_alone_claiming_an_impossible_federation_does_not_set_its_size(task_identity):
+    """The federation's size is a vote among the nodes' claims; a node that connects first, alone,
+    claiming 10**6 partitions (or none) used to fix it (every later node then refused, and the
+    run's error listed a million missing partitions). Such claims are refused and kept out of the
+    vote; the discovery's error, when it comes, names them in a few lines."""
+    for claimed in (10**6, 0, -3):
+        harness = Harness(ScriptedGrid({9: (0, claimed)}), LAYOUT, seed=1, timeout=1.0)
+        with pytest.raises(HarnessError, match="no SuperNode connected") as caught:
+            harness.discover(wait=0.2)
+        reason = f"claims num-partitions={claimed}, outside 1..100000"
+        assert harness.refused == [{"node": 9, "reason": reason, "partition-id": 0, "num-partitions": claimed}]
+        assert harness.num_partitions is None and len(str(caught.value)) < 300
+    harness, replies = _round(ScriptedGrid({9: (0, 10**6), **TWO_NODES}))
+    assert set(harness.nodes) == {10, 11} and _workers_seen(replies) == {float(w): 1 for w in range(6)}
+    harness = Harness(ScriptedGrid({**TWO_NODES, 12: (0, 40)}), LAYOUT, seed=1, timeout=1.0)
+    harness.num_partitions = 40  # a federation of 40 that few joined: the missing ones, shortened
+    with pytest.raises(HarnessError, match=r"missing \[1, 2, 3, 4, 5, 6, 7, 8, 9, 10\] and 29 more"):
+        harness.discover(wait=0.2)
+
+
 def test_a_silent_node_leaves_its_workers_missing_and_min_workers_stops_the_run(task_identity):
     silent = {11: lambda grid, msg, honest: None}
     harness, replies = _round(ScriptedGrid(TWO_NODES, behave=silent), min_workers=3)

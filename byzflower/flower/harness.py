@@ -20,6 +20,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from byzflower.config import MAX_WORKERS
 from byzflower.core import role_blind_order
 from byzflower.layout import Layout
 from clients.attacks import HonestStats
@@ -220,6 +221,9 @@ class Harness(Grid):
             except Exception:
                 self._refuse(nid, None, "sent no readable partition claim")
                 continue
+            if not 1 <= claim[1] <= MAX_WORKERS:  # kept out of the vote on the federation's size
+                self._refuse(nid, claim, f"claims num-partitions={claim[1]}, outside 1..{MAX_WORKERS}")
+                continue
             self._claims[nid] = claim
         if errors and len(errors) == len(new) and not self._claims:
             raise HarnessError(f"{len(errors)} node(s) failed to start: {errors[0]}")
@@ -261,7 +265,8 @@ class Harness(Grid):
             self._refuse(nid, (pid, claimed_k), reason)
         missing = sorted(set(range(k)) - held)
         if missing:
-            return f"nodes must have partition-id 0..{k - 1} once each; missing {missing}"
+            shown = f"{missing}" if len(missing) <= 10 else f"{missing[:10]} and {len(missing) - 10} more"
+            return f"nodes must have partition-id 0..{k - 1} once each; missing {shown}"
         return None
 
     def _replace_lost_nodes(self) -> None:
