@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import pickle
 import threading
+import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 # What ``np.load`` of a damaged .npz cache raises (a copy cut short, a disk fault): a cut zip is
 # BadZipFile, which is neither OSError nor ValueError; a missing member KeyError; a cut member EOFError.
@@ -25,3 +27,22 @@ def tmp_beside(path: Path, suffix: str = ".tmp") -> Path:
     name), to be renamed onto ``path`` once written. With one shared name, two runs building the same
     cache at once (a sweep's first runs) had the second rename fail: the first had moved the file."""
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{suffix}")
+
+
+def cache_npz(path: Path, **arrays: Any) -> bool:
+    """``np.savez`` of a cache file through a temporary file beside it, renamed when whole. A cache
+    is an economy: when it cannot be written (a full disk, a file-size limit) the temporary file is
+    removed, a warning says so and the caller goes on with what it computed (False)."""
+    import numpy as np
+
+    tmp = tmp_beside(path, ".tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return True
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(
+            f"{path} could not be written ({exc.strerror or exc}); it is computed again next time", stacklevel=2
+        )
+        return False

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -140,8 +141,13 @@ class HonestObjective:
         closure()
         value = float(self.value(x.detach()))
         tmp = tmp_beside(self.cache)
-        torch.save(
-            {"x": x.detach(), "value": torch.tensor(value, dtype=torch.float64), "grad_norm": float(x.grad.norm())}, tmp
-        )
-        tmp.replace(self.cache)
+        solved = {"x": x.detach(), "value": torch.tensor(value, dtype=torch.float64), "grad_norm": float(x.grad.norm())}
+        try:
+            torch.save(solved, tmp)
+            tmp.replace(self.cache)
+        except OSError as exc:  # a cache: the run goes on with the solution it has
+            tmp.unlink(missing_ok=True)
+            warnings.warn(
+                f"{self.cache} could not be written ({exc.strerror or exc}); solved again next time", stacklevel=2
+            )
         return value

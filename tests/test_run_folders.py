@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from byzflower.config import resolve
+from byzflower.data import dataset_folder
 from byzflower.engine import LocalRun, RunExists, open_run, run_local
 from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
 from byzflower.records.results import RunDirectory, RunFolderError
@@ -233,13 +234,20 @@ def test_a_run_whose_files_cannot_grow_ends_failed_in_one_line_and_says_so_in_it
     """The disk fills mid-run (here: the process may write no file past 16 KB, so metrics.jsonl stops
     growing after ~20 evaluations and the figures cannot be saved): the run ends 'failed' with the OS's
     error in summary.json, the log says which record could not be written, the command prints one error
-    line (it printed two chained tracebacks before) and no temporary file is left."""
+    line (it printed two chained tracebacks before) and no temporary file is left. The split's cache
+    (480 kB) cannot be written either: a cache, so the run goes on without it, says so, and leaves no
+    temporary file in the cache folder (it failed the run when no earlier test had cached that split)."""
     config = _config(
-        num_server_rounds=200, eval_every=1, eval_train_samples=200, results_dir=str(tmp_path), run_name="r"
+        num_server_rounds=200, eval_every=1, eval_train_samples=200, results_dir=str(tmp_path), run_name="r", seed=9173
     )
+    # a seed of this test's own: its split is never cached (here its cache cannot be written)
+    partitions = dataset_folder("mnist", os.environ.get("BYZFLOWER_DATA_DIR", "")) / "partitions"
+    before = sorted(p.name for p in partitions.iterdir())
     command = [sys.executable, "-m", "byzflower.cli", "run", "--engine", "local", "--run-config", config]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(16384))
     assert done.returncode == 1 and "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert "could not be written (File too large); it is computed again next time" in done.stderr
+    assert sorted(p.name for p in partitions.iterdir()) == before  # no cache, no temporary file
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
         "error: [Errno 27] File too large"
     ]

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byzflower.atomic import DAMAGED_NPZ, tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, cache_npz
 from byzflower.data.libsvm import LIBSVM_SETS, LibsvmError, load_libsvm
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -406,10 +406,8 @@ def partition(
         )
     parts = partition_labels(labels, num_partitions, partitioner, seed, dirichlet_alpha, pathological_classes)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_beside(cache, ".tmp.npz")
     offsets = np.cumsum([0, *(len(p) for p in parts)])
-    np.savez(tmp, indices=np.concatenate(parts), offsets=offsets, version=np.array(version))
-    tmp.replace(cache)
+    cache_npz(cache, indices=np.concatenate(parts), offsets=offsets, version=np.array(version))
     return parts
 
 

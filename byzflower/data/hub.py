@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from byzflower.atomic import DAMAGED_NPZ, tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, cache_npz
 from byzflower.data import DataError, DatasetSpec, ImageData, default_data_dir
 
 IMAGE_NAMES = ("image", "img")
@@ -156,9 +156,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = tmp_beside(cache, ".tmp.npz")
-    np.savez(tmp, **arrays, sha256=np.array(_digest(arrays)))
-    tmp.replace(cache)
+    cache_npz(cache, **arrays, sha256=np.array(_digest(arrays)))
 
 
 def _read_cache(cache: Path) -> dict[str, np.ndarray]:

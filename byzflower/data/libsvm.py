@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from byzflower.atomic import DAMAGED_NPZ, tmp_beside
+from byzflower.atomic import DAMAGED_NPZ, cache_npz
 
 _F32_MAX = float(np.finfo(np.float32).max)
 BASE_URL = "https://www.csie.ntu.edu.tw/~cjlin/libsvmtools/datasets/binary/"
@@ -198,7 +198,5 @@ def load_libsvm(spec: LibsvmSpec, folder: Path, log: Log = lambda _: None) -> di
         test, train = np.sort(order[:cut]), np.sort(order[cut:])
         train_x, train_y, test_x, test_y = train_x[train], train_y[train], train_x[test], train_y[test]
     out = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-    tmp = tmp_beside(cache, ".tmp.npz")
-    np.savez(tmp, key=np.array(key), **out)
-    tmp.replace(cache)
+    cache_npz(cache, key=np.array(key), **out)
     return out
