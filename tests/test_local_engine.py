@@ -384,6 +384,57 @@ def _sweep_stopped_by_sigterm(args: list[str], out_dir, names, env=None):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_a_run_whose_process_is_killed_fails_alone_and_resumes_in_the_next_sweep(tmp_path, backend):
+    """SIGKILL (what the out-of-memory killer sends) to one run's process: that run is recorded as
+    failed, saying how its process ended and how far its records got; the other runs go on and
+    finish; no traceback. (With a process pool, the pool broke: every running run was killed,
+    recorded as 'no record' at iteration 0, and the sweep ended in a BrokenProcessPool traceback;
+    Ray reran the run unsaid.) The next sweep resumes the killed run from its checkpoint."""
+    config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=1200 eval-every=100 checkpoint-every=200"
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", backend]
+    command += ["--optimizer", "sgd"]
+    command += ["--aggregator", "mean", "--attack", "none,sign-flip,zero-gradient", "--run-config", config]
+    command += ["--out", str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    victim = tmp_path / "sgd-mean-sign-flip"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(RunDirectory(victim).records()) < 4:
+            time.sleep(0.1)
+        pid = RunDirectory(victim).holder()
+        assert pid is not None and pid != proc.pid
+        os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    why = {
+        "processes": "its process was killed by SIGKILL (what the system's out-of-memory killer sends) before the "
+        "run finished",
+        "ray": "its Ray worker was lost (",
+    }[backend]
+    assert f"sgd-mean-sign-flip: failed ({why}" in out, out[-3000:]
+    reached = RunDirectory(victim).records()[-1]["iteration"]
+    assert 300 <= reached < 1200
+    summary = json.loads((victim / "summary.json").read_text())
+    assert (summary["status"], summary["iterations"]) == ("failed", reached) and summary["error"].startswith(why)
+    recorded = {o["name"]: o["status"] for o in json.loads((tmp_path / "sweep.json").read_text())}
+    assert recorded == {
+        "sgd-mean-none": "finished",
+        "sgd-mean-sign-flip": "failed",
+        "sgd-mean-zero-gradient": "finished",
+    }
+    assert _survivors(proc.pid) == []
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 already finished" not in again.stdout and "2 already finished" in again.stdout
+    assert "resum" in again.stdout.lower(), again.stdout[-2000:]
+    records = RunDirectory(victim).records()
+    assert [r["iteration"] for r in records] == list(range(0, 1201, 100))
+    assert json.loads((victim / "summary.json").read_text())["status"] == "finished"
+
+
 def _survivors(sid: int) -> list[str]:
     """The processes left in session ``sid`` after up to 10 s (multiprocessing's resource tracker
     leaves once its pipe closes)."""

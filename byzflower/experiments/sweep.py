@@ -12,11 +12,11 @@ idle, so several runs fill it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -257,18 +257,27 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
                 **({"_temp_dir": str(Path(private) / "ray")} if private else {}),
             )
     # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
-    remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0)(run_cell)
+    # No retries: a run whose worker dies is reported as failed (Ray would rerun it unsaid).
+    remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0, max_retries=0)(run_cell)
     handles: list = []
     folders: dict[Any, Path] = {}
+    configs: dict[Any, dict[str, Any]] = {}
 
     def submit(config: dict[str, Any]) -> Any:
         handles.append(remote.remote(config, threads, True, True))
         folders[handles[-1]] = Path(config["results-dir"]) / config["run-name"]
+        configs[handles[-1]] = config
         return handles[-1]
 
     def wait(pending: list) -> tuple[Any, dict[str, Any]] | None:
         ready, _ = ray.wait(pending, num_returns=1, timeout=30.0)
-        return (ready[0], ray.get(ready[0])) if ready else None
+        if not ready:
+            return None
+        try:
+            return ready[0], ray.get(ready[0])
+        except ray.exceptions.RayError as exc:  # its worker died (out of memory, a crash); run_cell never raises
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return ready[0], lost_run(configs[ready[0]], f"its Ray worker was lost ({type(exc).__name__}: {cause})")
 
     try:
         yield submit, wait
@@ -319,9 +328,12 @@ def stop_record(folder: Path) -> dict[str, Any]:
         return {"name": run.path.name, "status": "not started"}
     summary = summary or {}
     status = summary.get("status", "running")
-    if status == "running" and run.holder() is None:
-        status = "no record"
-    return {"name": run.path.name, "status": status, "iterations": summary.get("iterations")}
+    iterations = summary.get("iterations")
+    if status == "running":  # the summary's figure is from the run's start: the records say how far it got
+        iterations = last_iteration(run)
+        if run.holder() is None:
+            status = "no record"
+    return {"name": run.path.name, "status": status, "iterations": iterations}
 
 
 @contextlib.contextmanager
@@ -343,51 +355,144 @@ def _signal_handlers_kept():
                 signal.signal(sig, handler)
 
 
+@dataclass(eq=False)
+class _Job:
+    """One run of a process sweep: its config, then (once started) its process and the pipe its
+    outcome comes back through."""
+
+    config: dict[str, Any]
+    process: Any = None
+    outcome: Any = None  # the parent's end of the pipe
+
+
+def _job_main(outcome: Any, config: dict[str, Any], threads: int, stop: Any) -> None:
+    """A sweep's run in a process of its own: the outcome goes back through the pipe."""
+    _pooled_worker(stop)
+    outcome.send(run_cell(config, threads, True))
+    outcome.close()
+
+
+def _ended_without_outcome(job: _Job) -> dict[str, Any]:
+    """The outcome of a run whose process ended without sending one (killed by a signal, e.g. the
+    system's out-of-memory killer's SIGKILL, or exited from native code)."""
+    job.process.join(5.0)
+    code = job.process.exitcode
+    if code is not None and code < 0:
+        try:
+            signame = signal.Signals(-code).name
+        except ValueError:
+            signame = f"signal {-code}"
+        oom = " (what the system's out-of-memory killer sends)" if -code == signal.SIGKILL else ""
+        cause = f"its process was killed by {signame}{oom}"
+    else:
+        cause = f"its process exited with code {code}"
+    return lost_run(job.config, f"{cause} before the run finished")
+
+
+def lost_run(config: dict[str, Any], error: str) -> dict[str, Any]:
+    """A run whose process was lost before it returned: recorded as failed in its summary (with
+    the last evaluated iteration from its records, which stay: a later sweep resumes it from its
+    checkpoint), unless it had already recorded that it finished."""
+    name = config["run-name"]
+    folder = RunDirectory(Path(config["results-dir"]) / name)
+    iterations = None
+    try:
+        if folder.path.exists() and not folder.held():
+            earlier = folder.summary() or {}
+            if earlier.get("status") == "finished":  # it ended after its last word: nothing lost
+                return {
+                    "name": name,
+                    "status": "finished",
+                    "test_accuracy": earlier.get("final", {}).get("test_accuracy"),
+                }
+            iterations = last_iteration(folder)
+            folder.write_json(
+                "summary.json", {**earlier, "status": "failed", "error": error, "iterations": iterations or 0}
+            )
+    except (OSError, RunFolderError):  # a full disk, a damaged folder: the sweep's record still says it
+        pass
+    return {"name": name, "status": "failed", "error": error, "iterations": iterations}
+
+
+def last_iteration(folder: RunDirectory) -> int | None:
+    """The iteration of the run's last evaluation record (None: none, or unreadable records)."""
+    try:
+        records = folder.records()
+    except RunFolderError:
+        return None
+    return records[-1]["iteration"] if records else None
+
+
 @contextlib.contextmanager
 def _process_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
-    """The same through ``jobs`` local processes (spawned: each has its own CUDA context)."""
+    """The same through local processes, one per run and ``jobs`` at a time (spawned: each has
+    its own CUDA context). A run's process that dies (a SIGKILL from the out-of-memory killer)
+    fails that run alone: its outcome and summary say how it ended, and the others go on."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_pooled_worker, initargs=(stop,)
-    )
+    queued: list[_Job] = []
+    running: list[_Job] = []
+
+    def submit(config: dict[str, Any]) -> _Job:
+        queued.append(_Job(config))
+        return queued[-1]
+
+    def start_queued() -> None:
+        while queued and len(running) < jobs:
+            job = queued.pop(0)
+            job.outcome, sender = context.Pipe(duplex=False)
+            job.process = context.Process(target=_job_main, args=(sender, job.config, threads, stop))
+            # Ctrl-C in the terminal reaches the whole group: the new process starts with it
+            # ignored (as the sweep's own handler then stops the runs), not mid-import
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
+                job.process.start()
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, previous)
+            sender.close()
+            running.append(job)
 
     def wait(handles: list) -> tuple[Any, dict[str, Any]] | None:
-        ready, _ = concurrent.futures.wait(handles, timeout=30.0, return_when=concurrent.futures.FIRST_COMPLETED)
+        start_queued()
+        ready = multiprocessing.connection.wait([job.outcome for job in running], timeout=30.0)
         if not ready:
             return None
-        handle = next(iter(ready))
-        return handle, handle.result()
-
-    futures: list = []
-
-    def submit(config: dict[str, Any]) -> Any:
-        futures.append(pool.submit(run_cell, config, threads, True))
-        return futures[-1]
+        job = next(job for job in running if job.outcome in ready)
+        running.remove(job)
+        try:
+            outcome = job.outcome.recv()
+        except EOFError:  # the process ended without sending it
+            outcome = _ended_without_outcome(job)
+        job.outcome.close()
+        job.process.join()
+        return job, outcome
 
     try:
         yield submit, wait
     except BaseException:
-        # Stopped (Ctrl-C, SIGTERM, an error): runs already handed to a worker must not start, and
-        # running ones are interrupted (they record it; a later sweep resumes them).
+        # Stopped (Ctrl-C, SIGTERM, an error): queued runs never start and running ones are
+        # interrupted (they record it; a later sweep resumes them).
         stop.set()
-        for future in futures:
-            future.cancel()  # the queued ones
-        processes = list(getattr(pool, "_processes", {}).values())
-        for process in processes:
+        queued.clear()
+        for job in running:
             with contextlib.suppress(OSError):
-                os.kill(process.pid, signal.SIGINT)
-        # A run that does not end within the grace (its code ignores SIGINT, or hangs) is killed with
-        # its worker, so the sweep always ends; its stop report then says it left no record.
-        _, going = concurrent.futures.wait(futures, timeout=grace)
-        if going:
-            for process in processes:
-                with contextlib.suppress(OSError):
-                    process.kill()
+                os.kill(job.process.pid, signal.SIGINT)
+        # A run that does not end within the grace (its code ignores SIGINT, or hangs) is killed,
+        # so the sweep always ends; its stop report then says it left no record.
+        deadline = time.monotonic() + grace
+        for job in running:
+            job.process.join(max(0.0, deadline - time.monotonic()))
+        for job in running:
+            if job.process.is_alive():
+                job.process.kill()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        for job in running:
+            job.process.join()
+            job.outcome.close()
 
 
 def _bar(done: int, total: int, started: float, width: int = 30) -> str:
@@ -475,7 +580,8 @@ def run_sweep(
                     cell = pending.pop(handle)
                     outcomes[cell.name] = outcome
                     done += 1
-                    say(_bar(done, len(todo), started) + f" | {cell.name}: {outcomes[cell.name]['status']}")
+                    why = f" ({outcome['error'][:300]})" if outcome.get("error") else ""
+                    say(_bar(done, len(todo), started) + f" | {cell.name}: {outcome['status']}{why}")
     except BaseException:
         # Stopped: by now the runs have been interrupted and waited for. Say what each unfinished
         # one left, in the log and in sweep.json, so a run that ended without a record is seen.
