@@ -165,9 +165,13 @@ class RobustFedAvg(FedAvg):
 
 
 def _weight(reply: Message, key: str) -> float | None:
-    """The reply's sample count (``key`` in its metric records), None when absent or not positive."""
-    for metrics in reply.content.metric_records.values():
-        if key in metrics:
-            value = float(metrics[key])
-            return value if np.isfinite(value) and value > 0 else None
+    """The reply's sample count (``key`` in its metric records), None when absent, not a number (a
+    list: MetricRecords hold those too) or not positive."""
+    try:
+        for metrics in reply.content.metric_records.values():
+            if key in metrics:
+                value = float(metrics[key])
+                return value if np.isfinite(value) and value > 0 else None
+    except (TypeError, ValueError):  # a client's claim: a bad one drops its reply, never the round
+        return None
     return None

@@ -134,12 +134,12 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on(task_identity
 
 
 def test_sample_counts_that_are_not_positive_finite_numbers_drop_the_reply(task_identity):
-    """With weighted=True a reply's claimed num-examples weighs it: nan, inf, 0 or negative claims are
-    malformed replies, dropped and counted, never a weight."""
+    """With weighted=True a reply's claimed num-examples weighs it: a list, nan, inf, 0 or negative
+    claims are malformed replies, dropped and counted, never a weight."""
     clients = _clients(n=9, bad=0)
     strategy = RobustFedAvg("gm", weighted=True)
     instructions = list(strategy.configure_train(1, _arrays(np.zeros(16)), ConfigRecord({}), _Grid(9)))
-    claims = [10, 10, 10, 10, 10, float("nan"), float("inf"), 0, -5]
+    claims = [10, 10, 10, 10, [1.0, 2.0], float("nan"), float("inf"), 0, -5]  # a list crashed the round
     replies = [
         Message(
             RecordDict({"arrays": _arrays(c), "metrics": MetricRecord({"num-examples": k})}), reply_to=instructions[i]
@@ -147,7 +147,7 @@ def test_sample_counts_that_are_not_positive_finite_numbers_drop_the_reply(task_
         for i, (c, k) in enumerate(zip(clients, claims, strict=True))
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    assert metrics["aggregated"] == 5 and metrics["dropped-malformed"] == 4
+    assert metrics["aggregated"] == 4 and metrics["dropped-malformed"] == 5
     flat = np.concatenate([arrays["w"].numpy().ravel(), arrays["b"].numpy()])
     assert np.isfinite(flat).all()
 
