@@ -1,5 +1,6 @@
 """The in-process engine: resume after a kill, sweeps (skip, continue past failures), reports."""
 
+import contextlib
 import json
 import os
 import re
@@ -433,6 +434,30 @@ def test_a_run_whose_process_is_killed_fails_alone_and_resumes_in_the_next_sweep
     records = RunDirectory(victim).records()
     assert [r["iteration"] for r in records] == list(range(0, 1201, 100))
     assert json.loads((victim / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_sweep_killed_hard_leaves_no_run_going(tmp_path):
+    """SIGKILL to the sweep itself (no handler runs): its runs' processes get SIGINT from the kernel
+    (PR_SET_PDEATHSIG), record that they were interrupted and end, instead of computing on with no
+    one to wait for them (a process pool's workers finished their runs first)."""
+    config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=100000 eval-every=20"
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--optimizer", "sgd", "--aggregator"]
+    command += ["mean", "--attack", "none,sign-flip", "--run-config", config, "--out", str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    names = ("sgd-mean-none", "sgd-mean-sign-flip")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(len(RunDirectory(tmp_path / n).records()) >= 3 for n in names):
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _survivors(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for name in names:
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and 40 <= summary["iterations"] < 100000, summary
 
 
 def _survivors(sid: int) -> list[str]:

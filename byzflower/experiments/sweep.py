@@ -368,8 +368,29 @@ class _Job:
 def _job_main(outcome: Any, config: dict[str, Any], threads: int, stop: Any) -> None:
     """A sweep's run in a process of its own: the outcome goes back through the pipe."""
     _pooled_worker(stop)
-    outcome.send(run_cell(config, threads, True))
-    outcome.close()
+    if not _interrupt_when_orphaned():  # the sweep is gone already: the run does not start
+        return
+    result = run_cell(config, threads, True)
+    with contextlib.suppress(OSError):  # the sweep is gone: the run's own records say how it ended
+        outcome.send(result)
+        outcome.close()
+
+
+def _interrupt_when_orphaned() -> bool:
+    """SIGINT to this process when the sweep that started it dies, however it dies (SIGKILL too):
+    the run then records that it was interrupted and ends, instead of going on with no one to wait
+    for it (Linux's PR_SET_PDEATHSIG; elsewhere nothing is done). False: the sweep is gone already."""
+    if not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGINT), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return True
+    parent = multiprocessing.parent_process()
+    return parent is None or os.getppid() == parent.pid
 
 
 def _ended_without_outcome(job: _Job) -> dict[str, Any]:
@@ -467,7 +488,10 @@ def _process_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
         except EOFError:  # the process ended without sending it
             outcome = _ended_without_outcome(job)
         job.outcome.close()
-        job.process.join()
+        job.process.join(60.0)
+        if job.process.is_alive():  # sent its outcome but does not exit: not left behind
+            job.process.kill()
+            job.process.join()
         return job, outcome
 
     try:
