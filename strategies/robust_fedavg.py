@@ -110,7 +110,12 @@ class RobustFedAvg(FedAvg):
                 counts[f"dropped-{reason if flat is None else 'malformed'}"] += 1
                 dropped.append(reply.metadata.src_node_id)
                 continue
-            np.subtract(flat, origin, out=flat)
+            with np.errstate(over="ignore"):
+                np.subtract(flat, origin, out=flat)
+            if not np.isfinite(flat).all():  # finite values whose update overflows float32: unusable
+                counts["dropped-nonfinite"] += 1
+                dropped.append(reply.metadata.src_node_id)
+                continue
             samples.append(weight)
             kept.append(reply)
         updates = buffer[: len(kept)]
@@ -133,9 +138,15 @@ class RobustFedAvg(FedAvg):
         else:
             out = self.rule(messages)
         step = out.vector.numpy().astype(np.float64)
-        if not np.isfinite(step).all():
+        new = start + step
+        with np.errstate(over="ignore"):
+            moved = [new[a:b].astype(dtype) for (a, b), dtype in zip(_bounds(shapes), dtypes, strict=True)]
+        if not np.isfinite(step).all() or not all(np.isfinite(m).all() for m in moved):
             log(
-                ERROR, "round %s: %s returned a non-finite update; the model is unchanged", server_round, self.rule.name
+                ERROR,
+                "round %s: %s returned an update that is not finite or overflows the model; the model is unchanged",
+                server_round,
+                self.rule.name,
             )
             return None, MetricRecord({**counts, "aggregated": len(updates), "failed": 1})
         self.last_info = dict(out.info)
@@ -146,11 +157,9 @@ class RobustFedAvg(FedAvg):
             distrust = distrust_of(out.weights)
             self._score(dict(zip(nodes, distrust.tolist(), strict=True)))
             distrusted += int(np.count_nonzero(distrust >= 0.5))
-        new, arrays, offset = start + step, ArrayRecord(), 0
-        for key, shape, dtype in zip(keys, shapes, dtypes, strict=True):  # the model's dtypes, as FedAvg keeps them
-            size = int(np.prod(shape, dtype=np.int64))
-            arrays[key] = array(new[offset : offset + size].reshape(shape).astype(dtype))
-            offset += size
+        arrays = ArrayRecord()
+        for key, shape, part in zip(keys, shapes, moved, strict=True):  # the model's dtypes, as FedAvg keeps them
+            arrays[key] = array(part.reshape(shape))
         try:  # the clients' own metrics, averaged as FedAvg does (needs each reply's weight key)
             metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
         except Exception as exc:  # a client's metrics are not ours to trust: the round goes on
@@ -162,6 +171,12 @@ class RobustFedAvg(FedAvg):
         for name, value in out.info.items():
             record[f"rule-{name}"] = float(value)
         return arrays, record
+
+
+def _bounds(shapes: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """(start, end) of each array in the flat vector."""
+    ends = np.cumsum([int(np.prod(shape, dtype=np.int64)) for shape in shapes], dtype=np.int64).tolist()
+    return list(zip([0, *ends][: len(ends)], ends, strict=True))
 
 
 def _weight(reply: Message, key: str) -> float | None:

@@ -203,3 +203,24 @@ def test_suspicion_names_the_nodes_the_rule_left_out_and_the_dropped_ones(task_i
     replies, nodes = _replies(median, [None, *clients[1:]])
     _, metrics = median.aggregate_train(1, replies)
     assert median.suspicion() == {nodes[0]: 1.0} and median.last_shares == {} and metrics["distrusted"] == 1
+
+
+def test_updates_and_models_beyond_float32_are_never_applied(task_identity):
+    """Near float32's limit: a reply whose update (reply - model) overflows float32 is dropped as
+    non-finite (it reached the rule as an infinite row); a step that would take the model past
+    float32 (here a user's rule that extrapolates) fails the round and keeps the model."""
+    from strategies.aggregators import Aggregate, Mean
+
+    big = np.float32(3.0e38)
+    clients = [np.full(16, big) for _ in range(8)] + [np.full(16, -3.4e38, dtype=np.float32)]
+    flat, metrics = _round(RobustFedAvg("gm"), clients, np.full(16, big))
+    assert metrics["failed"] == 0 and metrics["aggregated"] == 8 and metrics["dropped-nonfinite"] == 1
+    assert np.isfinite(flat).all() and np.allclose(flat, big)
+
+    class Extrapolate(Mean):
+        def __call__(self, messages):
+            return Aggregate(5.0 * messages.mean(dim=0))
+
+    ahead = [np.full(16, 3.4e38, dtype=np.float32) for _ in range(3)]  # updates 4e37: x5 passes 3.4e38
+    flat, metrics = _round(RobustFedAvg(Extrapolate()), ahead, np.full(16, big))
+    assert flat is None and metrics["failed"] == 1
