@@ -287,8 +287,7 @@ def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, bac
         assert re.search(rf"stopped: {name} interrupted \(last evaluated iteration \d+\)", out)
     assert not (tmp_path / "sgd-mean-zero-gradient" / "metrics.jsonl").exists()
     assert "stopped: sgd-mean-zero-gradient not started" in out
-    recorded = {o["name"]: o["status"] for o in json.loads((tmp_path / "sweep.json").read_text())}
-    assert recorded == {
+    assert _sweep_statuses(tmp_path) == {
         "sgd-mean-none": "interrupted",
         "sgd-mean-sign-flip": "interrupted",
         "sgd-mean-zero-gradient": "not started",
@@ -326,8 +325,7 @@ def test_a_run_that_ignores_the_stop_is_killed_after_the_grace_and_reported(tmp_
     for name in names:
         assert json.loads((out_dir / name / "summary.json").read_text())["status"] == "running"
         assert f"stopped: {name} no record" in out and "it ended without writing one" in out
-    recorded = {o["name"]: o["status"] for o in json.loads((out_dir / "sweep.json").read_text())}
-    assert recorded == dict.fromkeys(names, "no record")
+    assert _sweep_statuses(out_dir) == dict.fromkeys(names, "no record")
     assert _survivors(proc.pid) == []
 
 
@@ -421,8 +419,7 @@ def test_a_run_whose_process_is_killed_fails_alone_and_resumes_in_the_next_sweep
     assert 300 <= reached < 1200
     summary = json.loads((victim / "summary.json").read_text())
     assert (summary["status"], summary["iterations"]) == ("failed", reached) and summary["error"].startswith(why)
-    recorded = {o["name"]: o["status"] for o in json.loads((tmp_path / "sweep.json").read_text())}
-    assert recorded == {
+    assert _sweep_statuses(tmp_path) == {
         "sgd-mean-none": "finished",
         "sgd-mean-sign-flip": "failed",
         "sgd-mean-zero-gradient": "finished",
@@ -458,6 +455,11 @@ def test_a_sweep_killed_hard_leaves_no_run_going(tmp_path):
     for name in names:
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["status"] == "interrupted" and 40 <= summary["iterations"] < 100000, summary
+
+
+def _sweep_statuses(folder: Path) -> dict[str, str]:
+    """{run name: status} from a sweep's sweep.json."""
+    return {o["name"]: o["status"] for o in json.loads((folder / "sweep.json").read_text())}
 
 
 def _survivors(sid: int) -> list[str]:
