@@ -26,12 +26,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/byzflower run --run-config "$(RUN_CONFIG)"
 
-# Two lanes on the two cores (the real-Flower tests in one of them), then the deployment tests alone:
+# Two lanes on the two cores, one test file at a time each (the real-Flower tests are one file, so they
+# share its SuperLink and Ray cluster in one lane), then the deployment tests alone:
 # their SuperNode-loss test waits on a 25 s round timeout that a busy second lane could trip.
 test: setup
 	$(BIN)/byzflower data fetch mnist
 	$(BIN)/python tests/flower_template.py fetch
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --ignore tests/test_deployment.py
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --ignore tests/test_deployment.py
 	$(BIN)/python -m pytest -q tests/test_deployment.py
 
 # Resumable: run it again after an interruption and it skips or resumes every run.

@@ -13,15 +13,6 @@ import torch
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) every test that runs real Flower
-    processes goes to one lane: a module's SuperLink and Ray cluster are module fixtures, which a
-    second lane would start again, and two Flower start-ups at once slow each other down."""
-    for item in items:
-        if item.get_closest_marker("flower"):
-            item.add_marker(pytest.mark.xdist_group("flower"))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def ray_session_files():
     """A Ray writes its session files (logs, sockets) under ``$RAY_TMPDIR/ray``, by default the
