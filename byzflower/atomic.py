@@ -8,6 +8,7 @@ import pickle
 import threading
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +30,25 @@ def tmp_beside(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
-def cache_npz(path: Path, **arrays: Any) -> bool:
-    """``np.savez`` of a cache file through a temporary file beside it, renamed when whole. A cache
-    is an economy: when it cannot be written (a full disk, a file-size limit) the temporary file is
-    removed, a warning says so and the caller goes on with what it computed (False)."""
-    import numpy as np
-
-    tmp = tmp_beside(path, ".tmp.npz")
+def cache_file(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> bool:
+    """Write a cache file through a temporary file beside it (``write(tmp)``), renamed when whole.
+    A cache is an economy: when it cannot be written (a full disk, a file-size limit) the temporary
+    file is removed, a warning says so and the caller goes on with what it computed (False)."""
+    tmp = tmp_beside(path, suffix)
     try:
-        np.savez(tmp, **arrays)
+        write(tmp)
         tmp.replace(path)
         return True
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         warnings.warn(
-            f"{path} could not be written ({exc.strerror or exc}); it is computed again next time", stacklevel=2
+            f"{path} could not be written ({exc.strerror or exc}); it is computed again next time", stacklevel=3
         )
         return False
+
+
+def cache_npz(path: Path, **arrays: Any) -> bool:
+    """``cache_file`` of ``np.savez(arrays)`` (whose name must end in .npz, or np.savez adds it)."""
+    import numpy as np
+
+    return cache_file(path, lambda tmp: np.savez(tmp, **arrays), ".tmp.npz")

@@ -14,13 +14,12 @@ import fcntl
 import hashlib
 import math
 import os
-import warnings
 
 import numpy as np
 import torch
 from torch.func import functional_call
 
-from byzflower.atomic import DAMAGED_TORCH, tmp_beside
+from byzflower.atomic import DAMAGED_TORCH, cache_file
 from byzflower.config import RunConfig
 from byzflower.data import ImageData, dataset_folder
 from byzflower.models import build_model
@@ -140,14 +139,6 @@ class HonestObjective:
         opt.step(closure)
         closure()
         value = float(self.value(x.detach()))
-        tmp = tmp_beside(self.cache)
         solved = {"x": x.detach(), "value": torch.tensor(value, dtype=torch.float64), "grad_norm": float(x.grad.norm())}
-        try:
-            torch.save(solved, tmp)
-            tmp.replace(self.cache)
-        except OSError as exc:  # a cache: the run goes on with the solution it has
-            tmp.unlink(missing_ok=True)
-            warnings.warn(
-                f"{self.cache} could not be written ({exc.strerror or exc}); solved again next time", stacklevel=2
-            )
+        cache_file(self.cache, lambda tmp: torch.save(solved, tmp))  # unwritten: the run goes on with x*
         return value
