@@ -133,17 +133,7 @@ def status_of(out: Path, cell: Cell) -> str | None:
     return None if summary is None else summary.get("status")
 
 
-_STOP: Any = None  # in a sweep's worker process: the parent's "stop" event
-
-
-def _pooled_worker(stop: Any) -> None:
-    """A sweep's worker process ignores Ctrl-C while it waits for a run (the terminal sends it to
-    the whole process group, and the parent stops the sweep); during a run the first SIGINT
-    interrupts the run, which records itself as interrupted, and later ones are ignored so that
-    record is written whole."""
-    global _STOP
-    _STOP = stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_STOP: Any = None  # in a sweep's run process: the parent's "stop" event
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -167,7 +157,7 @@ def run_cell(
             signal.signal(signal.SIGINT, previous)
     if _STOP is None:
         return _run_cell(config, threads, quiet)
-    if _STOP.is_set():  # queued before the sweep was stopped
+    if _STOP.is_set():  # started just before the sweep was stopped
         return {"name": config["run-name"], "status": "not started"}
     signal.signal(signal.SIGINT, _interrupt)
     try:
@@ -260,12 +250,10 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     # No retries: a run whose worker dies is reported as failed (Ray would rerun it unsaid).
     remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0, max_retries=0)(run_cell)
     handles: list = []
-    folders: dict[Any, Path] = {}
     configs: dict[Any, dict[str, Any]] = {}
 
     def submit(config: dict[str, Any]) -> Any:
         handles.append(remote.remote(config, threads, True, True))
-        folders[handles[-1]] = Path(config["results-dir"]) / config["run-name"]
         configs[handles[-1]] = config
         return handles[-1]
 
@@ -293,7 +281,7 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
                 # A cancel is Ray's interrupt_main() in the task's worker, which does nothing where
                 # SIGINT is ignored (run_cell sets its handler; code it runs may change it). The
                 # run's own lock names its process here, and SIGINT reaches it as Ctrl-C would.
-                interrupt_runs([folders[h] for h in running])
+                interrupt_runs([Path(configs[h]["results-dir"]) / configs[h]["run-name"] for h in running])
             ray.wait(running, num_returns=len(running), timeout=grace)  # then Ray's shutdown ends them
         raise
     finally:
@@ -366,8 +354,14 @@ class _Job:
 
 
 def _job_main(outcome: Any, config: dict[str, Any], threads: int, stop: Any) -> None:
-    """A sweep's run in a process of its own: the outcome goes back through the pipe."""
-    _pooled_worker(stop)
+    """A sweep's run in a process of its own: the outcome goes back through the pipe.
+
+    Ctrl-C is ignored outside the run (the terminal sends it to the whole process group, and the
+    parent stops the sweep); during the run the first SIGINT interrupts it, which records itself
+    as interrupted, and later ones are ignored so that record is written whole (``run_cell``)."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not _interrupt_when_orphaned():  # the sweep is gone already: the run does not start
         return
     result = run_cell(config, threads, True)
