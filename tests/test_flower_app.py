@@ -306,23 +306,14 @@ sys.exit(app())
 """
 
 
-def _lock_released(folder, timeout: float) -> float:
-    """Seconds until no process holds the run folder's lock (a run takes it for its life)."""
-    import fcntl
-
+def _lock_released(folder, timeout: float) -> None:
+    """Wait until no process holds the run folder's lock (a run takes it for its life)."""
     from byzflower.records.results import RunDirectory
 
-    start = time.monotonic()
-    with open(folder / RunDirectory.LOCK, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                assert time.monotonic() - start < timeout, "the stopped run still holds its folder"
-                time.sleep(0.1)
-                continue
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return time.monotonic() - start
+    deadline = time.monotonic() + timeout
+    while RunDirectory(folder).held():
+        assert time.monotonic() < deadline, "the stopped run still holds its folder"
+        time.sleep(0.1)
 
 
 def test_a_stopped_flower_run_resumes_from_its_checkpoint(superlink, tmp_path):
