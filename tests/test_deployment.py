@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -132,19 +133,21 @@ def _wait_for(condition, runner, timeout: float = 400.0) -> None:
 @pytest.mark.flower
 def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
     """A ``byzflower run`` killed with SIGKILL cannot stop its SuperLink (a new session, so it
-    survives under PID 1): the next start finds the home whose owner is gone, stops what it
-    recorded by PID, and deletes the folder with the worker state in it."""
+    survives under PID 1); its watchdog does (test_processes.py). Where the watchdog was killed too
+    (a whole process group or container killed at once), the next start finds the home whose owner
+    is gone, stops what it recorded by PID, and deletes the folder with the worker state in it."""
     code = (
         "import sys, time\n"
         "from byzflower.flower.flower_runner import LocalSuperLink\n"
         f"link = LocalSuperLink(home={str(tmp_path / 'byzflower-flwr-killed')!r})\n"
         "link.start()\n"
-        "print(link.process.pid, flush=True)\n"
+        "print(link.process.pid, link.watchdog.process.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    superlink = int(owner.stdout.readline())
+    superlink, watchdog = (int(p) for p in owner.stdout.readline().split())
     (tmp_path / "byzflower-flwr-killed" / "node-state" / "run-1").mkdir(parents=True)
+    os.kill(watchdog, signal.SIGKILL)
     owner.kill()
     owner.wait(timeout=30)
     assert _alive(superlink)  # orphaned, still running
@@ -159,20 +162,22 @@ def test_processes_of_a_run_killed_hard_are_stopped_at_the_next_start(tmp_path):
 
 @pytest.mark.flower
 def test_a_ray_cluster_left_by_a_process_killed_hard_is_stopped_at_the_next_start():
-    """``LocalRayCluster`` records its ``ray start`` like a SuperLink: when its owner dies with SIGKILL,
-    the next start finds the home, stops the cluster's processes by PID and deletes the folder."""
+    """``LocalRayCluster`` records its ``ray start`` like a SuperLink: when its owner dies with SIGKILL
+    and its watchdog with it, the next start finds the home, stops the cluster's processes by PID
+    and deletes the folder."""
     root = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live below it
     code = (
         "import sys, time\n"
         "from byzflower.flower.flower_runner import LocalRayCluster, _tree\n"
         f"cluster = LocalRayCluster(num_cpus=1, root={root!r})\n"
         "cluster.start()\n"
-        "print(cluster.process.pid, *_tree(cluster.process.pid), flush=True)\n"
+        "print(cluster.watchdog.process.pid, cluster.process.pid, *_tree(cluster.process.pid), flush=True)\n"
         "time.sleep(600)\n"
     )
     try:
         owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        leader, *cluster = [int(p) for p in owner.stdout.readline().split()]
+        watchdog, leader, *cluster = [int(p) for p in owner.stdout.readline().split()]
+        os.kill(watchdog, signal.SIGKILL)
         owner.kill()
         owner.wait(timeout=30)
         assert len(cluster) >= 3 and _alive(leader)  # ray start, its GCS, raylet, ...: orphaned, running

@@ -461,3 +461,47 @@ def test_robust_fedavg_drops_into_flowers_own_app_unmodified_but_for_the_strateg
     assert "'aggregated': 10" in outcome.output and "'failed': 0" in outcome.output
     (model,) = np.load(saved).values()
     assert model.shape == (1, 1) and 1.0 <= float(model[0, 0]) < 4.0, model
+
+
+# A process that runs APP on a SuperLink of its own joined to a Ray cluster (argv: ADDRESS CONFIG-JSON)
+RUN_AND_WAIT = """
+import json, sys
+from byzflower.flower.flower_runner import LocalSuperLink
+link = LocalSuperLink(ray_address=sys.argv[1])
+link.start()
+print(link.process.pid, link.home, link.watchdog.process.pid, flush=True)
+link.run(sys.argv[3], json.loads(sys.argv[2]), {"num-supernodes": 2}, timeout=400)
+"""
+
+
+def test_a_run_whose_owner_is_killed_hard_is_stopped_and_says_it_was_interrupted(ray_cluster, tmp_path):
+    """SIGKILL to the process that started the SuperLink (the out-of-memory killer's way): its
+    watchdog stops the SuperLink and the simulation at once, the simulation first, so that the
+    ServerApp, in a thread of Flower's simulation process, unwinds and records the run as
+    interrupted (it said ``running`` forever before, and the processes ran on until the next
+    ``byzflower run``); the SuperLink's home is deleted."""
+    config = {**BASE, "num-server-rounds": 5000, "num-honest": 6, "results-dir": str(tmp_path), "run-name": "k"}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", RUN_AND_WAIT, ray_cluster.address, json.dumps(config), APP],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid, home, watchdog = owner.stdout.readline().split()
+    superlink, home, watchdog = int(pid), Path(home), int(watchdog)
+    metrics = tmp_path / "k" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # iteration 10 recorded
+        assert owner.poll() is None and time.monotonic() < deadline, owner.stderr.read()[-3000:]
+        time.sleep(0.2)
+    processes = [superlink, *descendants(superlink)]
+    owner.kill()
+    owner.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in [*processes, watchdog]):
+        assert time.monotonic() < deadline, [p for p in processes if _alive(p)]
+        time.sleep(0.2)
+    summary = json.loads((tmp_path / "k" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "simulation process is exiting" in summary["error"]
+    assert summary["iterations"] >= 10
+    assert not home.exists()

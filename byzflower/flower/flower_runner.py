@@ -3,7 +3,8 @@
 ``flwr run .`` would start a detached local SuperLink that outlives the command; here the
 SuperLink (simulation mode) gets free ports and a private FLWR_HOME, runs with runtime
 dependency installation off (so no per-run ``uv sync`` pulls another torch), and is stopped,
-with everything it spawned, when the block ends.
+with everything it spawned, when the block ends; by its watchdog (``processes.Watchdog``) if
+this process dies first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,19 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.flower.credentials import Credentials, make_credentials
+from byzflower.flower.processes import (  # noqa: F401 - reap_stale, descendants, _alive: this module's API too
+    HOME_PREFIX,
+    OWNER_FILE,
+    Watchdog,
+    _alive,
+    _runs_serverapp,
+    _signal,
+    _terminate,
+    _terminate_tree,
+    _tree,
+    descendants,
+    reap_stale,
+)
 from byzflower.ray_address import check_ray_address, private_ray_tmpdir
 
 
@@ -46,32 +60,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _processes() -> list[tuple[int, list[str]]]:
-    """(pid, fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) of every process."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                out.append((int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()))
-            except OSError:
-                continue
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    return [p for p, fields in _processes() if int(fields[1]) == pid]
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (Linux /proc)."""
-    found, todo = [], [pid]
-    while todo:
-        kids = _children(todo.pop())
-        found.extend(kids)
-        todo.extend(kids)
-    return found
 
 
 def _bin(name: str) -> str:
@@ -152,6 +140,7 @@ class LocalSuperLink:
         # worker state lives in this home, so it goes with it (and with a stale home, see reap_stale)
         self.env.setdefault("BYZFLOWER_STATE_DIR", str(self.home / "node-state"))
         self.process: subprocess.Popen | None = None
+        self.watchdog: Watchdog | None = None
         self.pids: set[int] = set()
         self.current_run: int | None = None  # the id of the run ``run`` streams, as soon as it is known
         self.credentials: Credentials | None = None  # TLS files, when the SuperLink uses TLS
@@ -186,6 +175,15 @@ class LocalSuperLink:
         for line in reap_stale():
             print(f"[byzflower] {line}", file=sys.stderr)
         self.home.mkdir(parents=True, exist_ok=True)
+        # if this process dies before stop() (SIGKILL, a crash), the watchdog stops what it recorded
+        self.watchdog = Watchdog(self.home, remove=self._tmp is not None)
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         flags, connection = self._security_args()
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\n'
@@ -226,17 +224,18 @@ class LocalSuperLink:
             except OSError:
                 pass
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"flower-superlink did not become ready in {timeout:.0f} s")
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the SuperLink and everything it started; SIGKILL what is left after ``grace``."""
-        if self.process is None:
-            return
-        self.pids.update(_terminate_tree(self.process, grace))
-        self.process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        if self.process is not None:
+            self.pids.update(_terminate_tree(self.process, grace))
+            self.process = None
+        if self.watchdog is not None:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+            self.watchdog.release()
+            self.watchdog = None
 
     def flwr(self, *args: str, timeout: float | None = None, stream_to=None) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -444,6 +443,9 @@ class LocalDeployment(LocalSuperLink):
         self.nodes[i] = None
 
     def stop(self, grace: float = 15.0) -> None:
+        if self.process is not None:  # a running ServerApp first: it ends its round and records while its nodes stand
+            leader = self.process.pid
+            self.pids.update(_terminate(lambda: [p for p in _tree(leader) if _runs_serverapp(p)], grace))
         for node in self.nodes:
             if node is not None:
                 self.pids.update(_terminate_tree(node, grace))
@@ -493,10 +495,6 @@ def stage_app(app_dir: str | Path, into: Path) -> Path:
     return into
 
 
-OWNER_FILE = "owner.json"
-HOME_PREFIX = "byzflower-flwr-"
-
-
 class LocalRayCluster:
     """A Ray head on this machine (``ray start --head --block``) on a free port, stopped by PID; a
     context manager whose ``address`` a ``LocalSuperLink(ray_address=...)`` hands to Flower's
@@ -510,6 +508,7 @@ class LocalRayCluster:
         self.root = root  # where its home goes (None: the system's temporary folder, where reap_stale looks)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.process: subprocess.Popen | None = None
+        self.watchdog: Watchdog | None = None
         self.address = ""
         self.pids: set[int] = set()
 
@@ -525,6 +524,7 @@ class LocalRayCluster:
             print(f"[byzflower] {line}", file=sys.stderr)
         self._tmp = tempfile.TemporaryDirectory(prefix=HOME_PREFIX, dir=self.root)
         home = Path(self._tmp.name)
+        self.watchdog = Watchdog(home)  # stops the cluster if this process dies before stop()
         port = _free_port()
         command = [_bin("ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
         command += ["--include-dashboard=false", "--disable-usage-stats", "--temp-dir", str(home / "ray")]
@@ -556,99 +556,6 @@ class LocalRayCluster:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def reap_stale(root: str | Path | None = None) -> list[str]:
-    """Stop what a ``byzflower run`` killed hard left behind, and delete its folder.
-
-    Every SuperLink home we create records its owner's PID and the PIDs it started. A home whose
-    owner is gone has its processes (and their descendants) stopped by PID, if they are still
-    Flower's, and is deleted with the worker state inside. Returns what was done, in words."""
-    done = []
-    for home in sorted(Path(root or tempfile.gettempdir()).glob(f"{HOME_PREFIX}*")):
-        try:
-            owner = json.loads((home / OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if _alive(int(owner.get("owner", 0))):
-            continue
-        stopped = []
-        for pid in [int(p) for p in owner.get("pids", [])]:
-            leader = [pid, *descendants(pid)] if _alive(pid) and _is_flower(pid) else []  # not a recycled PID
-            group = [p for p in _group(pid) if _is_flower(p)]  # the leader may be gone, its group not
-            if leader or group:
-                for child in sorted({*leader, *group}):
-                    try:
-                        os.kill(child, signal.SIGKILL)
-                        stopped.append(child)
-                    except ProcessLookupError:
-                        pass
-        shutil.rmtree(home, ignore_errors=True)
-        done.append(f"removed {home} of a run whose process {owner.get('owner')} is gone; stopped {stopped}")
-    return done
-
-
-def _is_flower(pid: int) -> bool:
-    """Whether ``pid`` still runs one of Flower's programs, or a program of a ``LocalRayCluster`` (whose
-    command lines name its home, ``byzflower-flwr-...``): a recycled PID is left alone."""
-    try:
-        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return "flower-" in cmdline or "flwr" in cmdline
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid`` (Linux /proc): what a session leader we started
-    left behind, even after it died and its children were reparented to PID 1."""
-    return [p for p, fields in _processes() if int(fields[2]) == pgid and fields[0] != "Z"]
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid``, its descendants and the rest of its process group (see ``_group``)."""
-    return sorted({pid, *descendants(pid), *_group(pid)})
-
-
-def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
-    """SIGTERM ``process``, its descendants and its process group, SIGKILL whatever is left after
-    ``grace`` s. Every process we start leads its own session, so its group also holds the
-    children of a node that already died (reparented to PID 1, no longer its descendants).
-
-    Returns every pid it signalled."""
-
-    pids = _tree(process.pid)
-    _signal(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        process.poll()
-        time.sleep(0.1)
-    pids = sorted(set(pids) | set(_tree(process.pid)))
-    _signal([p for p in pids if _alive(p)], signal.SIGKILL)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    return pids
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    """Send ``sig`` to each of ``pids`` (by PID; one already gone is skipped)."""
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return False
+        if self.watchdog is not None:
+            self.watchdog.release()
+            self.watchdog = None

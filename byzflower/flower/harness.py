@@ -8,6 +8,7 @@ Strategy itself stays a plain Flower Strategy driving ``grid.send_and_receive``.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,30 @@ class RoundRecord:
     rebuilt: list[int] = field(default_factory=list)  # workers resumed without their checkpoint's state
 
 
+class StopRequest:
+    """A request, from another thread, that the run stop: ``check()`` then raises ``KeyboardInterrupt``.
+
+    Flower's simulation runs the ServerApp in a thread of ``flwr-simulation``, whose main thread
+    alone can receive signals; there Flower's own handler exits the process. The ServerApp asks
+    Flower to call it first (an exit handler) and sets this; the harness checks it while it waits
+    for replies, the round loop at every round, so the run unwinds and records how it ended."""
+
+    def __init__(self) -> None:
+        self._set = threading.Event()
+        self.reason = "stopped"
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        self._set.set()
+
+    def is_set(self) -> bool:
+        return self._set.is_set()
+
+    def check(self) -> None:
+        if self._set.is_set():
+            raise KeyboardInterrupt(self.reason)
+
+
 def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
     """Push ``messages``; message id -> the node it went to."""
     ids = list(grid.push_messages(messages))
@@ -125,8 +150,10 @@ class Harness(Grid):
         share_messages: bool = False,
         min_workers: int = 1,
         log: Log | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.grid = grid
+        self.stop = stop or StopRequest()
         self.layout = layout
         self.seed = int(seed)
         self.omniscient = bool(omniscient)
@@ -166,6 +193,7 @@ class Harness(Grid):
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self.stop.check()  # every wait for replies goes through here
         return self.grid.pull_messages(message_ids)
 
     # -- which node hosts which workers ----------------------------------------------------------
@@ -189,6 +217,7 @@ class Harness(Grid):
                     f"{problem} (waited {wait:.0f} s for SuperNodes to connect)"
                     + (f"; refused: {refused}" if refused else "")
                 )
+            self.stop.check()
             time.sleep(0.5)
         for r in self.refused:
             self.log(f"refused SuperNode {r['node']}: {r['reason']}")
@@ -202,8 +231,8 @@ class Harness(Grid):
             Message(RecordDict({CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=f"{MessageType.QUERY}.discover")
             for n in new
         ]
-        sent = _push(self.grid, query)
-        replies = _pull(self.grid, set(sent), timeout)
+        sent = _push(self, query)
+        replies = _pull(self, set(sent), timeout)
         errors = []
         order = {nid: i for i, nid in enumerate(new)}  # earlier-connected nodes keep a contested partition
         replies.sort(key=lambda r: order.get(sent.get(r.metadata.reply_to_message_id), len(order)))
@@ -303,7 +332,7 @@ class Harness(Grid):
         if self.timeout is not None:  # round-timeout bounds Flower's own (an hour by default)
             timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         if not messages or any(m.metadata.message_type != MessageType.TRAIN for m in messages):
-            return poll(self.grid, messages, timeout)
+            return poll(self, messages, timeout)
         self._replace_lost_nodes()
         anchor = messages[0]  # the strategy's instruction the built replies answer
         config = anchor.content[CONFIG]
@@ -397,9 +426,9 @@ class Harness(Grid):
         given ``rebuilt``, the workers of the replies that say their state was rebuilt)."""
         if not messages:
             return
-        sent = _push(self.grid, messages)
+        sent = _push(self, messages)
         answered: set[str] = set()
-        for reply in _pull(self.grid, set(sent), timeout):
+        for reply in _pull(self, set(sent), timeout):
             nid = sent.get(reply.metadata.reply_to_message_id)
             reason = None
             if nid is None or (not reply.has_error() and reply.metadata.src_node_id != nid):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import threading
 from logging import ERROR, INFO, WARNING
 
 import torch
@@ -16,7 +18,7 @@ from byzflower.config import ConfigError, RunConfig, attack_of, min_workers_of, 
 from byzflower.data import DataError
 from byzflower.engine import open_run
 from byzflower.factory import dataset_of, device_of, gradients_of, layout_of, preflight, recorder_of
-from byzflower.flower.harness import Harness, HarnessError, poll
+from byzflower.flower.harness import Harness, HarnessError, StopRequest, poll
 from byzflower.records.detection import shares_of
 from byzflower.records.experiment import Recorder, ending_line, name_selected
 from byzflower.records.results import RunDirectory, RunFolderError, status_of
@@ -42,12 +44,59 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
+#: how long Flower's exit waits for a stopped run to record how it ended (the watchdog and
+#: ``LocalSuperLink.stop`` give the processes 15 s before SIGKILL)
+_RECORD_WAIT = 10.0
+
+
+def _stop_request() -> tuple[StopRequest, threading.Event]:
+    """(the run's stop request, an event set once the run has recorded how it ended or returned).
+
+    A SuperLink stopped (or a run stopped) by SIGTERM must unwind the run, so that summary.json
+    says so. In ``flwr-serverapp`` (deployment) the ServerApp has the main thread: a handler
+    raises there. In ``flwr-simulation`` it runs in a thread, and the main thread ends the
+    process: by Flower's exit (its signal handler, or the simulation's end), which calls exit
+    handlers first, or by ``SystemExit`` (Ray's SIGTERM handler, which replaces Flower's once
+    Ray starts), after which Python waits for the ServerApp's thread. Either way the stop is
+    requested first, the harness sees it at its next poll, and the run records its end
+    (without this, a stopped simulation left ``status: running`` behind).
+    """
+    stop, ended = StopRequest(), threading.Event()
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+        return stop, ended
+    except ValueError:  # not the main thread
+        pass
+    reason = "stopped: Flower's simulation process is exiting (a signal, or its runtime ended)"
+
+    def before_exit() -> None:  # Flower's: its forced exit starts after these handlers
+        if not ended.is_set():
+            stop.set(reason)
+            if not ended.wait(_RECORD_WAIT):
+                log(ERROR, "[byzflower] the run did not record its end within %.0f s of the exit", _RECORD_WAIT)
+
+    def before_join() -> None:  # Python's, before it waits for the ServerApp's thread
+        if not ended.is_set():
+            stop.set(reason)
+
+    from flwr.supercore.exit import add_exit_handler
+
+    add_exit_handler(before_exit, run_before_force_exit=True)
+    with contextlib.suppress(RuntimeError):  # (already shutting down)
+        threading._register_atexit(before_join)  # concurrent.futures' hook too; Python >= 3.9
+    return stop, ended
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    try:  # a SuperLink stopped (or a run stopped) by SIGTERM: unwind, so summary.json says so
-        signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread (an in-process simulation): leave signals alone
-        pass
+    stop, ended = _stop_request()
+    try:
+        _main(grid, context, stop, ended)
+    finally:
+        ended.set()
+
+
+def _main(grid: Grid, context: Context, stop: StopRequest, ended: threading.Event) -> None:
     try:
         cfg = resolve(context.run_config)
         data = dataset_of(cfg)
@@ -72,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
         _say(f"results: {recorder.run.path}")
         if cfg["attack"] == "none" and cfg["num-byzantine"]:
             _say(f"attack='none': the {cfg['num-byzantine']} Byzantine workers are left out (W = {layout.num_workers})")
-        harness = _harness(grid, cfg)
+        harness = _harness(grid, cfg, stop)
         for warning in recorder.warnings:
             log(WARNING, "[byzflower] %s (running anyway: breakdown studies need it)", warning)
         strategy = RobustSGD(rule_of(cfg), lr=cfg.lr, device=device)
@@ -99,7 +148,7 @@ def main(grid: Grid, context: Context) -> None:
         status = "finished"
     except (HarnessError, RunFolderError) as exc:  # our own message alone (a checkpoint it cannot put back)
         error = str(exc) if isinstance(exc, HarnessError) else status_of(exc)[1]
-        _finish(recorder, status, error, harness, grid)
+        _finish(recorder, status, error, harness, grid, stop, ended, bool(cfg["run-name"]))
         _abort(exc)
     except BaseException as exc:
         status, error = status_of(exc)
@@ -107,7 +156,7 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         flwr_logger.removeFilter(quiet)
         if not recorder.finished:
-            _finish(recorder, status, error, harness, grid)
+            _finish(recorder, status, error, harness, grid, stop, ended, bool(cfg["run-name"]))
 
 
 def _finished(run: RunDirectory) -> bool:
@@ -124,7 +173,7 @@ def _named_run(cfg: RunConfig) -> tuple[RunDirectory | None, bool]:
     return open_run(cfg)
 
 
-def _harness(grid: Grid, cfg: RunConfig) -> Harness:
+def _harness(grid: Grid, cfg: RunConfig, stop: StopRequest) -> Harness:
     """The message exchange of the run: the server assigns workers to nodes and checks replies."""
     attack = attack_of(cfg)
     return Harness(
@@ -136,10 +185,24 @@ def _harness(grid: Grid, cfg: RunConfig) -> Harness:
         timeout=float(cfg["round-timeout"]),
         min_workers=min_workers_of(cfg),
         log=lambda line: log(WARNING, "[byzflower] %s", line),
+        stop=stop,
     )
 
 
-def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness | None, grid: Grid) -> None:
+def _finish(
+    recorder: Recorder,
+    status: str,
+    error: str | None,
+    harness: Harness | None,
+    grid: Grid,
+    stop: StopRequest,
+    ended: threading.Event,
+    named: bool,
+) -> None:
+    """Record how the run ended; then the nodes drop its worker state, unless it was interrupted:
+    a named run resumes from that state (each node keeps its last checkpoints'), so it stays; an
+    unnamed one is asked to drop it for a short while (a node stopped with the run cannot answer);
+    in a simulation that is exiting, the state goes with the SuperLink's home."""
     if harness is not None:  # refusals seen later (a stray node during the run) are reported too
         seen = set(recorder.warnings)
         recorder.warnings += [
@@ -147,8 +210,15 @@ def _finish(recorder: Recorder, status: str, error: str | None, harness: Harness
         ]
     try:
         summary = recorder.finish(status, error)
-    finally:  # the nodes drop the run's worker state even where the summary could not be written
-        _cleanup(grid)
+    finally:  # (even where the summary could not be written)
+        if stop.is_set():
+            ended.set()
+        elif status != "interrupted":
+            _cleanup(grid, 60.0)
+        elif named:
+            _say("interrupted: the nodes keep the workers' state for the run's resumption")
+        else:
+            _cleanup(grid, 5.0)
     _say(ending_line(status, summary, recorder.run.path))
 
 
@@ -240,13 +310,13 @@ def _abort(exc: Exception) -> None:
     raise exc.with_traceback(None) from None
 
 
-def _cleanup(grid: Grid) -> None:
-    """Ask every node to delete this run's worker state (best effort)."""
+def _cleanup(grid: Grid, timeout: float) -> None:
+    """Ask every node to delete this run's worker state (best effort, for up to ``timeout`` s)."""
     try:
         msgs = [
             Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.cleanup")
             for n in grid.get_node_ids()
         ]
-        poll(grid, msgs, 60.0)
+        poll(grid, msgs, timeout)
     except Exception as exc:  # the run's outcome is already recorded; cleanup must not mask it
         log(ERROR, "[byzflower] cleanup failed: %s", exc)

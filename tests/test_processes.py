@@ -1,0 +1,147 @@
+"""The processes byzflower starts are stopped by PID, even when the process that started them dies
+without stopping them (``byzflower.flower.processes``). Stand-in programs named like Flower's
+(scripts called ``flower-superlink`` and ``flwr-simulation``) make these checks quick; the real
+SuperLink and simulation go through the same code in test_flower_app.py / test_deployment.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from byzflower.flower.processes import OWNER_FILE, Watchdog, _alive, _terminate, _tree
+
+# A stand-in: on SIGTERM it logs "<name> term <time>", waits ``linger`` s (a ServerApp writing its
+# summary), logs "<name> exit <time>" and exits. ``child`` names a stand-in it starts first.
+PROGRAM = """
+import os, signal, subprocess, sys, time
+log, linger, child = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+name = os.path.basename(sys.argv[0])
+def say(what):
+    with open(log, "a") as f:
+        f.write(f"{name} {what} {time.monotonic()}\\n")
+def stop(signum, frame):
+    say("term")
+    time.sleep(linger)
+    say("exit")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+if child:
+    subprocess.Popen([sys.executable, *child])
+say("up")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _programs(folder: Path) -> dict[str, Path]:
+    paths = {}
+    for name in ("flower-superlink", "flwr-simulation"):
+        paths[name] = folder / name
+        paths[name].write_text(PROGRAM)
+    return paths
+
+
+def _superlink_command(folder: Path, log: Path) -> list[str]:
+    """A stand-in SuperLink that starts a stand-in simulation (which takes 1 s to end on SIGTERM)."""
+    p = _programs(folder)
+    return [sys.executable, str(p["flower-superlink"]), str(log), "0", str(p["flwr-simulation"]), str(log), "1.0"]
+
+
+def _events(log: Path) -> list[tuple[str, str, float]]:
+    return [(n, w, float(t)) for n, w, t in (line.split() for line in log.read_text().splitlines())]
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _up(log: Path, count: int) -> None:
+    _wait(lambda: log.exists() and sum(w == "up" for _, w, _ in _events(log)) == count)
+
+
+def test_the_process_running_the_serverapp_is_stopped_before_the_rest(tmp_path):
+    """SIGTERM goes to the simulation alone first, and the SuperLink is signalled only once it has
+    ended: sent to both at once, Flower's simulation hung in Ray and never recorded its run's end."""
+    log = tmp_path / "events"
+    link = subprocess.Popen(_superlink_command(tmp_path, log), start_new_session=True)
+    try:
+        _up(log, 2)
+        stopped = _terminate(lambda: _tree(link.pid), grace=15.0, poll=link.poll)
+        link.wait(timeout=10)
+    finally:
+        if link.poll() is None:
+            os.killpg(link.pid, signal.SIGKILL)
+    events = {(n, w): t for n, w, t in _events(log)}
+    assert events[("flwr-simulation", "exit")] - events[("flwr-simulation", "term")] >= 1.0  # it had its time
+    assert events[("flower-superlink", "term")] >= events[("flwr-simulation", "exit")]
+    assert link.pid in stopped and not any(_alive(p) for p in stopped)
+
+
+OWNER = """
+import json, os, subprocess, sys, time
+from pathlib import Path
+from byzflower.flower.processes import OWNER_FILE, Watchdog
+home, command = Path(sys.argv[1]), sys.argv[2:]
+link = subprocess.Popen(command, start_new_session=True)
+(home / "{owner_file}").write_text(json.dumps({{"owner": os.getpid(), "pids": [link.pid]}}))
+watchdog = Watchdog(home, grace=15.0)
+print(link.pid, watchdog.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_what_a_process_killed_hard_started_is_stopped_at_once_by_its_watchdog(tmp_path):
+    """SIGKILL to the owner (no handler of its own runs): its watchdog stops what the home records,
+    the ServerApp first, with SIGTERM (a run records itself interrupted), removes the home, says so
+    on the owner's standard error and ends."""
+    home, log = tmp_path / "byzflower-flwr-home", tmp_path / "events"
+    home.mkdir()
+    code = OWNER.format(owner_file=OWNER_FILE)
+    command = [sys.executable, "-c", code, str(home), *_superlink_command(tmp_path, log)]
+    owner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    link, watchdog = (int(p) for p in owner.stdout.readline().split())
+    try:
+        _up(log, 2)
+        owner.kill()
+        _, err = owner.communicate(timeout=30)  # ends when the watchdog, its last holder of stderr, ends
+        _wait(lambda: not _alive(watchdog) and not _alive(link))
+    finally:
+        for pid in (link, watchdog):
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+    events = [(n, w) for n, w, _ in _events(log)]
+    assert events[-4:] == [
+        ("flwr-simulation", "term"),
+        ("flwr-simulation", "exit"),
+        ("flower-superlink", "term"),
+        ("flower-superlink", "exit"),
+    ]
+    assert not home.exists()
+    assert f"process {owner.pid} ended without stopping what it started in {home}" in err
+    assert str(link) in err and "removed the folder" in err
+
+
+def test_a_released_watchdog_ends_and_touches_nothing(tmp_path):
+    """``release()`` (the owner stopped everything itself): the watchdog ends at once, and neither the
+    processes the home records nor the home are touched."""
+    home, log = tmp_path / "byzflower-flwr-home", tmp_path / "events"
+    home.mkdir()
+    link = subprocess.Popen(_superlink_command(tmp_path, log), start_new_session=True)
+    try:
+        _up(log, 2)
+        (home / OWNER_FILE).write_text(json.dumps({"owner": os.getpid(), "pids": [link.pid]}))
+        watchdog = Watchdog(home)
+        begin = time.monotonic()
+        watchdog.release()
+        assert watchdog.process.returncode == 0 and time.monotonic() - begin < 5
+        assert _alive(link.pid) and home.exists()
+        assert [w for _, w, _ in _events(log)] == ["up", "up"]  # no SIGTERM anywhere
+    finally:
+        os.killpg(link.pid, signal.SIGKILL)
+        link.wait(timeout=10)
