@@ -81,9 +81,9 @@ class StopRequest:
     """A request, from another thread, that the run stop: ``check()`` then raises ``KeyboardInterrupt``.
 
     Flower's simulation runs the ServerApp in a thread of ``flwr-simulation``, whose main thread
-    alone can receive signals; there Flower's own handler exits the process. The ServerApp asks
-    Flower to call it first (an exit handler) and sets this; the harness checks it while it waits
-    for replies, the round loop at every round, so the run unwinds and records how it ended."""
+    alone receives signals and then ends the process; the ServerApp has itself called first and
+    sets this (``server_app._stop_request``). The harness checks it whenever it waits for replies
+    (every round), so the run unwinds and records how it ended."""
 
     def __init__(self) -> None:
         self._set = threading.Event()
