@@ -3,6 +3,7 @@ without stopping them (``byzflower.flower.processes``). Stand-in programs named 
 (scripts called ``flower-superlink`` and ``flwr-simulation``) make these checks quick; the real
 SuperLink and simulation go through the same code in test_flower_app.py / test_deployment.py."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from byzflower.flower.processes import OWNER_FILE, Watchdog, _alive, _terminate, _tree
 
@@ -87,34 +90,41 @@ OWNER = """
 import json, os, subprocess, sys, time
 from pathlib import Path
 from byzflower.flower.processes import OWNER_FILE, Watchdog
-home, command = Path(sys.argv[1]), sys.argv[2:]
+home, command = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--fork"]
 link = subprocess.Popen(command, start_new_session=True)
 (home / "{owner_file}").write_text(json.dumps({{"owner": os.getpid(), "pids": [link.pid]}}))
 watchdog = Watchdog(home, grace=15.0)
+if "--fork" in sys.argv and os.fork() == 0:  # a child forked without exec lives on: it must not hide the death
+    time.sleep(600)
 print(link.pid, watchdog.process.pid, flush=True)
 time.sleep(600)
 """
 
 
-def test_what_a_process_killed_hard_started_is_stopped_at_once_by_its_watchdog(tmp_path):
+@pytest.mark.parametrize("fork", [False, True], ids=["alone", "with-a-forked-child"])
+def test_what_a_process_killed_hard_started_is_stopped_at_once_by_its_watchdog(tmp_path, fork):
     """SIGKILL to the owner (no handler of its own runs): its watchdog stops what the home records,
     the ServerApp first, with SIGTERM (a run records itself interrupted), removes the home, says so
-    on the owner's standard error and ends."""
+    on the owner's standard error and ends. A child the owner forked without exec (which inherits
+    every open file) does not keep the watchdog waiting."""
     home, log = tmp_path / "byzflower-flwr-home", tmp_path / "events"
     home.mkdir()
     code = OWNER.format(owner_file=OWNER_FILE)
-    command = [sys.executable, "-c", code, str(home), *_superlink_command(tmp_path, log)]
-    owner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", code, str(home), *_superlink_command(tmp_path, log), *(["--fork"] if fork else [])]
+    owner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     link, watchdog = (int(p) for p in owner.stdout.readline().split())
     try:
         _up(log, 2)
         owner.kill()
-        _, err = owner.communicate(timeout=30)  # ends when the watchdog, its last holder of stderr, ends
+        owner.wait(timeout=30)
         _wait(lambda: not _alive(watchdog) and not _alive(link))
     finally:
         for pid in (link, watchdog):
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(owner.pid, signal.SIGKILL)  # the forked child (in the owner's group)
+    err = owner.stderr.read()
     events = [(n, w) for n, w, _ in _events(log)]
     assert events[-4:] == [
         ("flwr-simulation", "term"),

@@ -190,6 +190,20 @@ def reap_stale(root: str | Path | None = None) -> list[str]:
     return done
 
 
+#: the write ends of this process's watchdogs' pipes: a child forked without exec (multiprocessing's
+#: "fork", os.fork) would hold them open too, and its parent's death would go unseen while it lives
+_WRITE_ENDS: set[int] = set()
+
+
+def _close_write_ends() -> None:
+    for fd in _WRITE_ENDS:
+        os.close(fd)
+    _WRITE_ENDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_write_ends)
+
+
 class Watchdog:
     """A process that stops what ``home`` records (``owner.json``) when this process ends before
     ``release()``: SIGTERM, then SIGKILL after ``grace`` s, as ``stop()`` would (so a ServerApp
@@ -216,11 +230,14 @@ class Watchdog:
             raise
         finally:
             os.close(read)
+        _WRITE_ENDS.add(self._write)
+        self._owner = os.getpid()
 
     def release(self) -> None:
         """Tell the watchdog that everything was stopped, and wait for it to end."""
-        if self._write is None:
+        if self._write is None or os.getpid() != self._owner:  # (a forked child's copy: its end is closed)
             return
+        _WRITE_ENDS.discard(self._write)
         try:
             os.write(self._write, _RELEASE)
         except OSError:  # it died: nothing listens
