@@ -595,3 +595,54 @@ def test_a_sweep_runs_replicate_seeds_and_adds_seeds_later(tmp_path, mnist, caps
     assert sorted(p.name for p in out.iterdir() if p.is_dir())[-1] == "sgd-mean-none-s3"  # nothing more made
     assert _main([*argv, "--out", str(tmp_path / "one"), "--no-report"]) == 0  # no --seed: the config's, no suffix
     assert [p.name for p in (tmp_path / "one").iterdir() if p.is_dir()] == ["sgd-mean-none"]
+
+
+def _killed_run(root) -> RunDirectory:
+    """A run folder as a ServerApp killed outright after iteration 10 leaves it: the summary of its
+    start ('running'), two evaluation records, no process holding it."""
+    run = RunDirectory.create(root, "killed", {"optimizer": "sgd"})
+    run.begin({"iterations": 0, "starts_at": 1, "config": {"optimizer": "sgd"}})
+    for t in (0, 10):
+        run.append({"iteration": t, "test_accuracy": 0.5})
+    run.unlock()
+    return run
+
+
+def test_a_flower_run_whose_serverapp_was_killed_is_recorded_failed_when_flower_says_it_ended(tmp_path):
+    """Flower says the run ended (``finished:failed``, 30-60 s after its ServerApp's process died:
+    its heartbeat) but the folder still says 'running' and no process holds it: ``LocalSuperLink.run``
+    records it as failed after its last evaluated iteration, and says so in the log. (Measured:
+    ``kill -9`` of ``flwr-simulation`` at iteration 50; ``byzflower run`` ended 56 s later printing
+    'finished:failed', and summary.json said 'running' at iteration 0.)"""
+    from byzflower.flower.flower_runner import unended_lines
+
+    run = _killed_run(tmp_path)
+    output = f"\x1b[92mINFO \x1b[0m:      [byzflower] results: {run.path}\nmore lines\n"
+    lines = unended_lines(output, "finished:failed")
+    summary = run.summary()
+    assert summary["status"] == "failed" and summary["iterations"] == 10
+    assert summary["error"].startswith("the ServerApp's process ended without recording how the run ended")
+    assert "(Flower: finished:failed)" in summary["error"]
+    assert summary["config"] == {"optimizer": "sgd"} and summary["starts_at"] == 1  # the rest kept
+    assert len(run.records()) == 2  # the records stay (a named run resumes from its checkpoint)
+    assert len(lines) == 1 and "Recorded as failed after iteration 10" in lines[0] and str(run.path) in lines[0]
+    assert unended_lines(output, "finished:failed") == []  # recorded: nothing more to say
+
+
+def test_a_run_that_recorded_its_end_or_is_held_is_left_as_it_is(tmp_path):
+    from byzflower.flower.flower_runner import unended_lines
+
+    run = _killed_run(tmp_path)
+    output = f"[byzflower] results: {run.path}\n"
+    before = (run.path / "summary.json").read_text()
+    holder = RunDirectory(run.path)
+    holder.lock()  # its ServerApp still writing its end
+    try:
+        assert unended_lines(output, "finished:failed") == []
+    finally:
+        holder.unlock()
+    run.write_json("summary.json", {**run.summary(), "status": "interrupted", "error": "stopped by SIGTERM"})
+    recorded = (run.path / "summary.json").read_text()
+    assert unended_lines(output, "finished:stopped") == []
+    assert (run.path / "summary.json").read_text() == recorded != before
+    assert unended_lines("no results line: the run never reached its folder\n", "finished:failed") == []

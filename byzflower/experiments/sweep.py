@@ -31,7 +31,7 @@ from typing import Any
 
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
 from byzflower.ray_address import private_ray_tmpdir
-from byzflower.records.results import RunDirectory, RunFolderError, config_difference
+from byzflower.records.results import RunDirectory, RunFolderError, config_difference, last_iteration
 
 AXES = {"optimizer": OPTIMIZERS, "aggregator": AGGREGATORS, "attack": ATTACKS}
 BACKENDS = ("auto", "ray", "processes")
@@ -427,15 +427,6 @@ def lost_run(config: dict[str, Any], error: str) -> dict[str, Any]:
     except (OSError, RunFolderError):  # a full disk, a damaged folder: the sweep's record still says it
         pass
     return {"name": name, "status": "failed", "error": error, "iterations": iterations}
-
-
-def last_iteration(folder: RunDirectory) -> int | None:
-    """The iteration of the run's last evaluation record (None: none, or unreadable records)."""
-    try:
-        records = folder.records()
-    except RunFolderError:
-        return None
-    return records[-1]["iteration"] if records else None
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from byzflower.flower.processes import (  # noqa: F401 - reap_stale, descendants
     reap_stale,
 )
 from byzflower.ray_address import check_ray_address, private_ray_tmpdir
+from byzflower.records.results import RunDirectory, record_unended
 
 
 def toml_value(value: Any) -> str:
@@ -99,6 +100,26 @@ def missing_tail(streamed: str, stored: str) -> list[str]:
             return [x if x.endswith("\n") else x + "\n" for x in shown[i:]]
         j += 1
     return []
+
+
+_RESULTS = re.compile(r"\[byzflower\] results: (.+?)\s*$", re.MULTILINE)  # the ServerApp's first line
+
+
+def unended_lines(output: str, status: str) -> list[str]:
+    """A run that Flower says ended (``status``, not completed) but whose folder still says 'running',
+    held by no process: its ServerApp's process was killed (by the out-of-memory killer, say) and
+    could not record it. It is recorded as failed (``record_unended``); returns the log line that
+    says so ([] where the run recorded its end itself, or never reached its folder)."""
+    found = _RESULTS.search(output)
+    if not found:
+        return []
+    folder = RunDirectory(Path(found[1]))
+    error = f"the ServerApp's process ended without recording how the run ended (Flower: {status}); was it killed?"
+    summary = record_unended(folder, error)
+    if summary is None:
+        return []
+    where = folder.path / "summary.json"
+    return [f"[byzflower] {error} Recorded as failed after iteration {summary['iterations']} in {where}\n"]
 
 
 class LocalSuperLink:
@@ -295,6 +316,8 @@ class LocalSuperLink:
         status = self.status(run_id) if run_id else None
         if status and status.startswith("finished") and not (status.endswith("completed") and ENDING in output):
             missed = self.missed_lines(run_id, output)  # the stream's end may have lost the run's last words
+            if not status.endswith("completed"):  # a ServerApp killed outright left its summary 'running'
+                missed += unended_lines(output + "".join(missed), status)
             if missed and echo:
                 sys.stdout.write("".join(missed))
                 sys.stdout.flush()

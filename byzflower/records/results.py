@@ -72,6 +72,34 @@ def record_failure(run: RunDirectory, config: dict[str, Any], exc: BaseException
     run.write_json("summary.json", {"iterations": 0, **earlier, "status": status, "error": error, "config": config})
 
 
+def last_iteration(folder: RunDirectory) -> int | None:
+    """The iteration of the run's last evaluation record (None: none, or unreadable records)."""
+    try:
+        records = folder.records()
+    except RunFolderError:
+        return None
+    return records[-1]["iteration"] if records else None
+
+
+def record_unended(folder: RunDirectory, error: str) -> dict[str, Any] | None:
+    """Record as failed a run that ended without saying so: its summary still says 'running' and
+    no process holds its folder (its process was killed). The summary keeps what it held, with
+    the last evaluated iteration from the records (which stay: a named run resumes from its
+    checkpoint). Returns the summary written, or None where the run recorded its end itself, is
+    still held, or cannot be read or written."""
+    try:
+        if not folder.path.is_dir() or folder.held():
+            return None
+        summary = folder.summary()
+        if summary is None or summary.get("status") != "running":
+            return None
+        summary = {**summary, "status": "failed", "error": error, "iterations": last_iteration(folder) or 0}
+        folder.write_json("summary.json", summary)
+    except (OSError, RunFolderError):
+        return None
+    return summary
+
+
 class RunFolderError(RuntimeError):
     """A run folder cannot be used: another process holds it, or it holds another run."""
 
