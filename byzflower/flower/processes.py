@@ -121,7 +121,7 @@ def _terminate(tree: Callable[[], list[int]], grace: float, poll: Callable[[], o
     _signal(apps, signal.SIGTERM)
     wait(apps)
     pids = sorted(set(apps) | set(tree()))
-    _signal(pids, signal.SIGTERM)
+    _signal([p for p in pids if _alive(p)], signal.SIGTERM)
     wait(pids)
     pids = sorted(set(pids) | set(tree()))
     _signal([p for p in pids if _alive(p)], signal.SIGKILL)
