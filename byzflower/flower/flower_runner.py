@@ -31,9 +31,7 @@ from byzflower.flower.processes import (  # noqa: F401 - reap_stale, descendants
     OWNER_FILE,
     Watchdog,
     _alive,
-    _runs_serverapp,
     _signal,
-    _terminate,
     _terminate_tree,
     _tree,
     descendants,
@@ -247,10 +245,15 @@ class LocalSuperLink:
             time.sleep(0.3)
         raise RuntimeError(f"flower-superlink did not become ready in {timeout:.0f} s")
 
+    def _started(self) -> list[subprocess.Popen]:
+        """The processes ``stop`` ends, together."""
+        return [self.process] if self.process is not None else []
+
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the SuperLink and everything it started; SIGKILL what is left after ``grace``."""
-        if self.process is not None:
-            self.pids.update(_terminate_tree(self.process, grace))
+        """SIGTERM the SuperLink and everything it started, a running ServerApp first (it records
+        its run's end while the rest stands); SIGKILL what is left after ``grace``."""
+        if started := self._started():
+            self.pids.update(_terminate_tree(*started, grace=grace))
             self.process = None
         if self.watchdog is not None:
             if self._tmp is not None:
@@ -465,15 +468,12 @@ class LocalDeployment(LocalSuperLink):
         node.wait(timeout=30)
         self.nodes[i] = None
 
+    def _started(self) -> list[subprocess.Popen]:
+        return [*super()._started(), *(node for node in self.nodes if node is not None)]
+
     def stop(self, grace: float = 15.0) -> None:
-        if self.process is not None:  # a running ServerApp first: it ends its round and records while its nodes stand
-            leader = self.process.pid
-            self.pids.update(_terminate(lambda: [p for p in _tree(leader) if _runs_serverapp(p)], grace))
-        for node in self.nodes:
-            if node is not None:
-                self.pids.update(_terminate_tree(node, grace))
+        super().stop(grace)  # the SuperNodes with the SuperLink, after the ServerApp
         self.nodes = []
-        super().stop(grace)
 
 
 def stage_app(app_dir: str | Path, into: Path) -> Path:
@@ -574,7 +574,7 @@ class LocalRayCluster:
         """SIGTERM ``ray start`` and every process of the cluster (its descendants); SIGKILL what is
         left after ``grace``; then delete the session files."""
         if self.process is not None:
-            self.pids.update(_terminate_tree(self.process, grace))
+            self.pids.update(_terminate_tree(self.process, grace=grace))
             self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -128,17 +128,27 @@ def _terminate(tree: Callable[[], list[int]], grace: float, poll: Callable[[], o
     return pids
 
 
-def _terminate_tree(process: subprocess.Popen, grace: float) -> list[int]:
-    """SIGTERM ``process``, its descendants and its process group, SIGKILL whatever is left after
-    ``grace`` s. Every process we start leads its own session, so its group also holds the
-    children of a node that already died (reparented to PID 1, no longer its descendants).
+def _terminate_tree(*processes: subprocess.Popen, grace: float) -> list[int]:
+    """SIGTERM ``processes``, their descendants and their process groups together (ServerApps
+    first: ``_terminate``), SIGKILL whatever is left after ``grace`` s. Every process we start
+    leads its own session, so its group also holds the children of a node that already died
+    (reparented to PID 1, no longer its descendants).
 
     Returns every pid it signalled."""
-    pids = _terminate(lambda: _tree(process.pid), grace, process.poll)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+
+    def tree() -> list[int]:
+        return sorted({p for process in processes for p in _tree(process.pid)})
+
+    def poll() -> None:
+        for process in processes:
+            process.poll()
+
+    pids = _terminate(tree, grace, poll)
+    for process in processes:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
     return pids
 
 

@@ -91,12 +91,12 @@ def _stop_request() -> tuple[StopRequest, threading.Event]:
 def main(grid: Grid, context: Context) -> None:
     stop, ended = _stop_request()
     try:
-        _main(grid, context, stop, ended)
+        _main(grid, context, stop)
     finally:
         ended.set()
 
 
-def _main(grid: Grid, context: Context, stop: StopRequest, ended: threading.Event) -> None:
+def _main(grid: Grid, context: Context, stop: StopRequest) -> None:
     try:
         cfg = resolve(context.run_config)
         data = dataset_of(cfg)
@@ -148,7 +148,7 @@ def _main(grid: Grid, context: Context, stop: StopRequest, ended: threading.Even
         status = "finished"
     except (HarnessError, RunFolderError) as exc:  # our own message alone (a checkpoint it cannot put back)
         error = str(exc) if isinstance(exc, HarnessError) else status_of(exc)[1]
-        _finish(recorder, status, error, harness, grid, stop, ended, bool(cfg["run-name"]))
+        _finish(recorder, status, error, harness, grid, stop, bool(cfg["run-name"]))
         _abort(exc)
     except BaseException as exc:
         status, error = status_of(exc)
@@ -156,7 +156,7 @@ def _main(grid: Grid, context: Context, stop: StopRequest, ended: threading.Even
     finally:
         flwr_logger.removeFilter(quiet)
         if not recorder.finished:
-            _finish(recorder, status, error, harness, grid, stop, ended, bool(cfg["run-name"]))
+            _finish(recorder, status, error, harness, grid, stop, bool(cfg["run-name"]))
 
 
 def _finished(run: RunDirectory) -> bool:
@@ -196,7 +196,6 @@ def _finish(
     harness: Harness | None,
     grid: Grid,
     stop: StopRequest,
-    ended: threading.Event,
     named: bool,
 ) -> None:
     """Record how the run ended; then the nodes drop its worker state, unless it was interrupted:
@@ -211,8 +210,8 @@ def _finish(
     try:
         summary = recorder.finish(status, error)
     finally:  # (even where the summary could not be written)
-        if stop.is_set():
-            ended.set()
+        if stop.is_set():  # the simulation is exiting: its nodes' state goes with the SuperLink's home
+            pass
         elif status != "interrupted":
             _cleanup(grid, 60.0)
         elif named:
