@@ -646,3 +646,20 @@ def test_a_run_that_recorded_its_end_or_is_held_is_left_as_it_is(tmp_path):
     assert unended_lines(output, "finished:stopped") == []
     assert (run.path / "summary.json").read_text() == recorded != before
     assert unended_lines("no results line: the run never reached its folder\n", "finished:failed") == []
+
+
+def test_a_results_line_naming_no_readable_run_changes_nothing_and_raises_nothing(tmp_path):
+    """The folder named in the log is not trusted to be a run: missing, a file, without a summary or
+    with a damaged one, it is left as it is (no traceback from the run's end)."""
+    from byzflower.flower.flower_runner import unended_lines
+
+    damaged = _killed_run(tmp_path)
+    (damaged.path / "summary.json").write_text('{"status": "running", "iterat')
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for path in (tmp_path / "missing", a_file, bare, damaged.path):
+        assert unended_lines(f"[byzflower] results: {path}\n", "finished:failed") == []
+    assert (damaged.path / "summary.json").read_text() == '{"status": "running", "iterat'
+    assert sorted(p.name for p in bare.iterdir()) == []
