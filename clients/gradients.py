@@ -240,7 +240,11 @@ class ModelGradients:
                 records = [self._records[f.module][0] for f in self._factored]
                 self._recording = False
                 outputs = [o for _, o in records]
-                deltas = list(torch.autograd.grad(losses, outputs)) if outputs else []
+                # Some CPU kernels sum in an order set by the thread count (softmax's backward, which
+                # mlp-notebook's double softmax runs): the backward to the layers' outputs is small
+                # work, so it runs on one thread; the forward's products keep the threads.
+                with _one_thread():
+                    deltas = list(torch.autograd.grad(losses, outputs)) if outputs else []
         finally:
             self._recording = False
             self._records = {}

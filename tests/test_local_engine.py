@@ -263,6 +263,32 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, backend, monkeypa
     )
 
 
+def test_a_sweep_runs_where_only_torch_is_installed_and_gives_this_machines_numbers(tmp_path):
+    """A lent GPU machine has torch but no Flower, no Ray and no flwr-datasets (benchmarks/gpu_paper.sh):
+    `python -m byzflower.cli sweep --backend processes` must run there from the split cached here, in
+    the sweep's process and in its spawned runs alike, and give the numbers of a sweep run in-process."""
+    stubs = tmp_path / "stubs"
+    for name in ("flwr", "ray", "flwr_datasets"):
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
+    overrides = {**_sweep_overrides(), "model": "mlp-notebook"}
+    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+    cells = grid(["sgd", "saga"], ["gm"], ["sign-flip"])
+    run_sweep(cells, overrides, tmp_path / "here", say=lambda _: None)  # also caches the split
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), str(Path(__file__).resolve().parent.parent)])}
+    args = ["--optimizer", "sgd,saga", "--aggregator", "gm", "--attack", "sign-flip", "--run-config", config]
+    args += ["--jobs", "2", "--backend", "processes", "--no-report", "--out", str(tmp_path / "there")]
+    done = subprocess.run(
+        [sys.executable, "-m", "byzflower.cli", "sweep", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is not installed on this machine" not in done.stdout + done.stderr
+    assert _sweep_statuses(tmp_path / "there") == {"sgd-gm-sign-flip": "finished", "saga-gm-sign-flip": "finished"}
+    for name in ("sgd-gm-sign-flip", "saga-gm-sign-flip"):
+        here, there = (_records(tmp_path / d / name / "metrics.jsonl") for d in ("here", "there"))
+        assert len(here) == 3 and here == there
+
+
 @pytest.mark.parametrize("backend", ["processes", "ray"])
 def test_a_stopped_sweep_interrupts_its_runs_and_leaves_no_process(tmp_path, backend):
     """SIGTERM to the sweep (as `timeout` or a scheduler sends it): the running runs record that they
