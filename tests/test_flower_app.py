@@ -23,6 +23,7 @@ from byzflower.flower.flower_runner import (
     missing_tail,
     toml_assignments,
 )
+from byzflower.flower.node_state import run_state_dir, state_key
 from byzflower.records.experiment import ending_line
 
 pytestmark = pytest.mark.flower
@@ -479,10 +480,22 @@ def test_a_run_whose_owner_is_killed_hard_is_stopped_and_says_it_was_interrupted
     watchdog stops the SuperLink and the simulation at once, the simulation first, so that the
     ServerApp, in a thread of Flower's simulation process, unwinds and records the run as
     interrupted (it said ``running`` forever before, and the processes ran on until the next
-    ``byzflower run``); the SuperLink's home is deleted."""
+    ``byzflower run``); the SuperLink's home is deleted. Being named, the run leaves its workers'
+    state on the nodes for its resumption: in the cluster's home (``state_dir``), where the
+    ClientApps run, deleted with the cluster."""
     config = {**BASE, "num-server-rounds": 5000, "num-honest": 6, "results-dir": str(tmp_path), "run-name": "k"}
+    assert ray_cluster.state_dir is not None and not run_state_dir(state_key(config, 0)).exists()
+    kept = ray_cluster.state_dir / state_key(config, 0)
+    try:
+        _kill_the_owner_and_check(config, tmp_path, ray_cluster.address)
+        assert sorted(p.name for p in kept.iterdir()) == ["workers-0-2", "workers-3-5"]
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+def _kill_the_owner_and_check(config: dict, tmp_path: Path, ray_address: str) -> None:
     owner = subprocess.Popen(
-        [sys.executable, "-c", RUN_AND_WAIT, ray_cluster.address, json.dumps(config), APP],
+        [sys.executable, "-c", RUN_AND_WAIT, ray_address, json.dumps(config), APP],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -533,6 +533,7 @@ class LocalRayCluster:
         self.process: subprocess.Popen | None = None
         self.watchdog: Watchdog | None = None
         self.address = ""
+        self.state_dir: Path | None = None  # where the ClientApps it runs keep their workers' state
         self.pids: set[int] = set()
 
     def __enter__(self) -> LocalRayCluster:
@@ -554,7 +555,11 @@ class LocalRayCluster:
         if self.num_cpus is not None:
             command += ["--num-cpus", str(self.num_cpus)]
         log = open(home / "ray.log", "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The ClientApps of the runs that join it run in its workers, which keep their worker state
+        # in $BYZFLOWER_STATE_DIR: in this home, so it goes with the cluster (else <tmp>/byzflower-state-<user>).
+        self.state_dir = Path(os.environ.get("BYZFLOWER_STATE_DIR") or home / "node-state")
+        env = {**os.environ, "BYZFLOWER_STATE_DIR": str(self.state_dir)}
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
         (home / OWNER_FILE).write_text(json.dumps({"owner": os.getpid(), "pids": [self.process.pid]}))
         self.address = f"127.0.0.1:{port}"
