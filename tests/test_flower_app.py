@@ -52,6 +52,9 @@ def ray_cluster():
     Flower's own Ray start is tested too, and gives the same numbers."""
     with LocalRayCluster(num_cpus=2) as cluster:
         yield cluster
+        # every run that ended asked its nodes to delete their workers' state (the one interrupted
+        # named run's test deletes what it keeps)
+        assert sorted(p.name for p in cluster.state_dir.glob("*")) == []
     assert cluster.pids and not any(_alive(p) for p in cluster.pids)  # stopped by PID, all of it
 
 
