@@ -21,7 +21,10 @@ from byzflower.config import DEFAULTS, ConfigError, resolve
 from byzflower.engine import LocalRun, run_local
 from byzflower.experiments.report import collect, csv_text, markdown, table, write_report
 from byzflower.experiments.sweep import Cell, grid, interrupt_runs, parse_axis, run_sweep, stop_record
-from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
+from byzflower.flower.flower_runner import (
+    _free_port,  # a port where nothing listens
+    toml_assignments,
+)
 from byzflower.records.plots import plot_run
 from byzflower.records.results import RunDirectory
 
@@ -48,7 +51,7 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_numbers(tmp_path):
     run_local(resolve({**overrides, "run-name": "straight"}), log=lambda _: None)
 
     def command():
-        text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+        text = toml_assignments(overrides)
         return [
             sys.executable,
             "-m",
@@ -272,7 +275,7 @@ def test_a_sweep_runs_where_only_torch_is_installed_and_gives_this_machines_numb
         (stubs / name).mkdir(parents=True)
         (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
     overrides = {**_sweep_overrides(), "model": "mlp-notebook"}
-    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in overrides.items())
+    config = toml_assignments(overrides)
     cells = grid(["sgd", "saga"], ["gm"], ["sign-flip"])
     run_sweep(cells, overrides, tmp_path / "here", say=lambda _: None)  # also caches the split
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stubs), str(Path(__file__).resolve().parent.parent)])}

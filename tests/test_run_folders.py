@@ -22,7 +22,10 @@ import torch
 from byzflower.config import resolve
 from byzflower.data import dataset_folder
 from byzflower.engine import LocalRun, RunExists, open_run, run_local
-from byzflower.flower.flower_runner import _free_port  # a port where nothing listens
+from byzflower.flower.flower_runner import (
+    _free_port,  # a port where nothing listens
+    toml_assignments,
+)
 from byzflower.records.results import RunDirectory, RunFolderError
 
 SMALL = {"num-honest": 8, "num-byzantine": 2, "seed": 3, "num-server-rounds": 6, "eval-every": 3}
@@ -30,7 +33,7 @@ SMALL = {"num-honest": 8, "num-byzantine": 2, "seed": 3, "num-server-rounds": 6,
 
 def _config(**extra) -> str:
     values = {**SMALL, **{k.replace("_", "-"): v for k, v in extra.items()}}
-    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+    return toml_assignments(values)
 
 
 @pytest.mark.parametrize(
@@ -346,7 +349,7 @@ def test_a_changed_config_for_a_named_run_is_one_line_naming_the_keys(tmp_path, 
     run_local(resolve(base), log=lambda _: None)
     with pytest.raises(RunExists, match=r"differing in lr \(0.1 there, 0.05 now\), seed \(3 there, 4 now\)"):
         open_run(resolve({**base, "lr": 0.05, "seed": 4}))
-    config = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in base.items())
+    config = toml_assignments(base)
     code = _main(["run", "--engine", "local", "--run-config", config + " lr=0.05"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err

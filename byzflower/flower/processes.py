@@ -30,13 +30,19 @@ HOME_PREFIX = "byzflower-flwr-"
 _RELEASE = b"released\n"
 
 
+def _stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); OSError when it is gone.
+    The name is in parentheses and may hold spaces and ')', hence the split after the last one."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _processes() -> list[tuple[int, list[str]]]:
-    """(pid, fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) of every process."""
+    """(pid, ``_stat`` fields) of every process."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                out.append((int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()))
+                out.append((int(entry.name), _stat(entry.name)))
             except OSError:
                 continue
     return out
@@ -169,8 +175,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
