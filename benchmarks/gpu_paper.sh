@@ -23,15 +23,10 @@ out=${OUT:-gpu-paper}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-BYZFLOWER_DATA_DIR=$(mktemp -d)
-export BYZFLOWER_DATA_DIR
+. "$(dirname "$0")/gpu_data.sh"
+gpu_data "$data" || exit 1
 sweep=$(mktemp -d)/sweep
 trap 'rm -rf "$BYZFLOWER_DATA_DIR" "$(dirname "$sweep")"' EXIT
-mkdir -p "$BYZFLOWER_DATA_DIR/mnist"
-for f in "$data"/mnist/*.gz; do
-  gunzip -c "$f" >"$BYZFLOWER_DATA_DIR/mnist/$(basename "$f" .gz)" || exit 1
-done
-[ -d "$data/mnist/partitions" ] && cp -r "$data/mnist/partitions" "$BYZFLOWER_DATA_DIR/mnist/"
 py=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/machine.txt"

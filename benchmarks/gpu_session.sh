@@ -22,16 +22,9 @@ data=${1:?"usage: bash benchmarks/gpu_session.sh DATA_DIR (holding mnist/*-ubyte
 out=${OUT:-gpu-session}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-BYZFLOWER_DATA_DIR=$(mktemp -d)
-export BYZFLOWER_DATA_DIR
+. "$(dirname "$0")/gpu_data.sh"
+gpu_data "$data" || exit 1
 trap 'rm -rf "$BYZFLOWER_DATA_DIR"' EXIT
-mkdir -p "$BYZFLOWER_DATA_DIR/mnist"
-for f in "$data"/mnist/*.gz; do
-  gunzip -c "$f" >"$BYZFLOWER_DATA_DIR/mnist/$(basename "$f" .gz)" || exit 1
-done
-if [ -d "$data/mnist/partitions" ]; then  # the iid split, cached where flwr-datasets made it
-  cp -r "$data/mnist/partitions" "$BYZFLOWER_DATA_DIR/mnist/"
-fi
 py=${PYTHON:-python3}
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...: output to the screen and to $out/NAME.txt
