@@ -1188,7 +1188,14 @@ def finite_rows(messages: torch.Tensor) -> torch.Tensor:
     sum is taken in float64, which no float32 row can overflow: exact, with no host round-trip."""
     if not kernels.reads_are_free(messages) and messages.dtype != torch.float64:
         return torch.isfinite(messages.sum(dim=1, dtype=torch.float64))
-    ok = torch.isfinite(messages.sum(dim=1))
+    sums = messages.sum(dim=1)
+    if sums.dtype in (torch.float32, torch.float64):  # numpy reads the sums in place: a third of torch's calls
+        finite = np.isfinite(sums.numpy())
+        if finite.all():
+            return torch.from_numpy(finite)
+        ok = torch.from_numpy(finite)
+    else:
+        ok = torch.isfinite(sums)
     for i in (~ok).nonzero().reshape(-1).tolist():
         ok[i] = bool(torch.isfinite(messages[i]).all())
     return ok

