@@ -93,6 +93,23 @@ def test_all_finite_is_isfinite_all_even_where_the_sum_overflows(dtype):
     assert not kernels.all_finite(torch.tensor([[1.0, 2.0], [3.0, math.nan]], dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_rows_is_isfinite_all_per_row_in_every_float_dtype(dtype):
+    """numpy reads float32/float64 row sums, torch the others: the same answer as the definition,
+    rows whose finite entries overflow the sum included."""
+    from strategies.aggregators import finite_rows
+
+    big = torch.finfo(dtype).max
+    m = torch.ones(6, 5, dtype=dtype)
+    m[1, 2] = math.nan
+    m[2, :3] = big  # finite, the sum overflows
+    m[3, 0], m[3, 1] = math.inf, -math.inf
+    m[4, 4] = -math.inf
+    ok = finite_rows(m)
+    assert ok.dtype == torch.bool and ok.tolist() == torch.isfinite(m).all(dim=1).tolist() == [1, 0, 1, 0, 0, 1]
+    assert finite_rows(torch.ones(3, 2, dtype=dtype)).tolist() == [True] * 3
+
+
 def test_hand_computed_cases():
     m = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0], [100.0, 100.0]], dtype=torch.float64)
     assert torch.equal(Mean()(m).vector, torch.tensor([20.8, 20.8], dtype=torch.float64))
