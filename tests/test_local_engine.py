@@ -467,28 +467,51 @@ def test_a_run_whose_process_is_killed_fails_alone_and_resumes_in_the_next_sweep
     assert json.loads((victim / "summary.json").read_text())["status"] == "finished"
 
 
-def test_a_sweep_killed_hard_leaves_no_run_going(tmp_path):
-    """SIGKILL to the sweep itself (no handler runs): its runs' processes get SIGINT from the kernel
-    (PR_SET_PDEATHSIG), record that they were interrupted and end, instead of computing on with no
-    one to wait for them (a process pool's workers finished their runs first)."""
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_a_sweep_killed_hard_leaves_no_run_going(tmp_path, backend):
+    """SIGKILL to the sweep itself (no handler runs). Local processes: its runs' processes get SIGINT
+    from the kernel (PR_SET_PDEATHSIG), record that they were interrupted and end, instead of computing
+    on with no one to wait for them (a process pool's workers finished their runs first). Ray: the Ray
+    it started goes with it, runs included, but its services outlived it (agents for minutes) with
+    its folder, and the runs said 'running'; now the sweep's watchdog stops what is left by PID,
+    records the runs as failed (a later sweep resumes them) and deletes the folder."""
     config = "num-honest=10 num-byzantine=3 seed=5 num-server-rounds=100000 eval-every=20"
-    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--optimizer", "sgd", "--aggregator"]
-    command += ["mean", "--attack", "none,sign-flip", "--run-config", config, "--out", str(tmp_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    names = ("sgd-mean-none", "sgd-mean-sign-flip")
+    command = [sys.executable, "-m", "byzflower.cli", "sweep", "--jobs", "2", "--backend", backend, "--optimizer"]
+    command += ["sgd", "--aggregator", "mean", "--attack", "none,sign-flip", "--run-config", config]
+    command += ["--out", str(tmp_path / "out")]
+    scratch = tmp_path / "tmp"  # the sweep's $TMPDIR: its Ray's folder goes there
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    errors = tmp_path / "stderr"  # a file, not a pipe: a full pipe would stop the sweep
+    with errors.open("w") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, env=env)
+    folders = [tmp_path / "out" / n for n in ("sgd-mean-none", "sgd-mean-sign-flip")]
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not all(len(RunDirectory(tmp_path / n).records()) >= 3 for n in names):
+        while time.monotonic() < deadline and not all(len(RunDirectory(f).records()) >= 3 for f in folders):
             time.sleep(0.1)
         proc.kill()
         proc.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while any(json.loads((f / "summary.json").read_text())["status"] == "running" for f in folders):
+            assert time.monotonic() < deadline, "a run still says it is running"
+            time.sleep(0.1)
         assert _survivors(proc.pid) == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    for name in names:
-        summary = json.loads((tmp_path / name / "summary.json").read_text())
-        assert summary["status"] == "interrupted" and 40 <= summary["iterations"] < 100000, summary
+        subprocess.run(["pkill", "-KILL", "-f", str(scratch)])  # a watchdog, had it not ended
+    for folder in folders:
+        summary = json.loads((folder / "summary.json").read_text())
+        assert 40 <= summary["iterations"] < 100000, summary
+        if backend == "processes":
+            assert summary["status"] == "interrupted", summary
+        else:
+            assert summary["status"] == "failed" and "its sweep ended without stopping it" in summary["error"]
+    assert list(scratch.iterdir()) == []
+    if backend == "ray":
+        err = errors.read_text()
+        assert "ended without stopping what it started" in err and "removed the folder" in err, err[-2000:]
 
 
 def _sweep_statuses(folder: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The processes byzflower starts are stopped by PID, even when the process that started them dies
-without stopping them (``byzflower.flower.processes``). Stand-in programs named like Flower's
+without stopping them (``byzflower.processes``). Stand-in programs named like Flower's
 (scripts called ``flower-superlink`` and ``flwr-simulation``) make these checks quick; the real
 SuperLink and simulation go through the same code in test_flower_app.py / test_deployment.py."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from byzflower.flower.processes import OWNER_FILE, Watchdog, _alive, _terminate, _tree
+from byzflower.processes import OWNER_FILE, Watchdog, _alive, _terminate, _tree
 
 # A stand-in: on SIGTERM it logs "<name> term <time>", waits ``linger`` s (a ServerApp writing its
 # summary), logs "<name> exit <time>" and exits. ``child`` names a stand-in it starts first.
@@ -89,7 +89,7 @@ def test_the_process_running_the_serverapp_is_stopped_before_the_rest(tmp_path):
 OWNER = """
 import json, os, subprocess, sys, time
 from pathlib import Path
-from byzflower.flower.processes import OWNER_FILE, Watchdog
+from byzflower.processes import OWNER_FILE, Watchdog
 home, command = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--fork"]
 link = subprocess.Popen(command, start_new_session=True)
 (home / "{owner_file}").write_text(json.dumps({{"owner": os.getpid(), "pids": [link.pid]}}))
@@ -155,3 +155,45 @@ def test_a_released_watchdog_ends_and_touches_nothing(tmp_path):
     finally:
         os.killpg(link.pid, signal.SIGKILL)
         link.wait(timeout=10)
+
+
+RENAMED_OWNER = """
+import subprocess, sys, time
+from pathlib import Path
+from byzflower.processes import Watchdog, owner_record, write_owner, start_ticks
+home, marker = Path(sys.argv[1]), sys.argv[2]
+# two programs whose command lines do not name Flower (as Ray's services, which rename themselves)
+ours, stranger = (subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(2))
+then = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write('ran')", marker]
+record = owner_record([ours.pid, stranger.pid], then)
+record["started"][str(stranger.pid)] += 1  # as if its PID had been recycled since: not ours
+write_owner(home, record)
+watchdog = Watchdog(home, grace=5.0)
+print(ours.pid, stranger.pid, watchdog.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_watchdog_stops_the_very_processes_recorded_with_their_start_time_then_runs_its_command(tmp_path):
+    """Processes that do not name Flower (a sweep's Ray services) are recorded with their start times:
+    the watchdog of an owner killed hard stops the one whose start time matches, leaves alone a PID
+    whose start time does not (a recycled PID is someone else's), then runs the record's command
+    (a sweep's: record its runs as failed) and removes the home."""
+    home, marker = tmp_path / "bzf-ray-home", tmp_path / "then-ran"
+    home.mkdir()
+    command = [sys.executable, "-c", RENAMED_OWNER, str(home), str(marker)]
+    owner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ours, stranger, watchdog = (int(p) for p in owner.stdout.readline().split())
+    try:
+        record = json.loads((home / OWNER_FILE).read_text())
+        assert record["pids"] == [ours, stranger] and record["owner"] == owner.pid
+        owner.kill()
+        owner.wait(timeout=30)
+        _wait(lambda: not _alive(watchdog))
+        assert not _alive(ours) and _alive(stranger)
+        assert marker.read_text() == "ran" and not home.exists()
+    finally:
+        for pid in (ours, stranger, watchdog):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert f"stopped [{ours}] by PID and removed the folder" in owner.stderr.read()

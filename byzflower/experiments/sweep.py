@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.config import AGGREGATORS, ATTACKS, OPTIMIZERS, ConfigError, resolve
+from byzflower.processes import Watchdog, descendants, owner_record, write_owner
 from byzflower.ray_address import private_ray_tmpdir
 from byzflower.records.results import RunDirectory, RunFolderError, config_difference, last_iteration
 
@@ -246,6 +247,15 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
                 **({"_temp_dir": str(Path(private) / "ray")} if private else {}),
             )
+    watchdog, folders = None, []
+    if starts:  # its services outlive a sweep killed hard (an agent for minutes): a watchdog stops them
+        home, services = Path(files.name), descendants(os.getpid())
+
+        def own() -> None:  # after stopping them, the watchdog records the runs that ended with them
+            write_owner(home, owner_record(services, [sys.executable, "-c", _RECORD_UNENDED, _ROOT, *folders]))
+
+        own()
+        watchdog = Watchdog(home, grace=5.0)  # Ray's agents ignore SIGTERM: they get SIGKILL after the grace
     # Ray hides the GPUs from tasks that ask for none: a GPU sweep asks for a 1/jobs share each.
     # No retries: a run whose worker dies is reported as failed (Ray would rerun it unsaid).
     remote = ray.remote(num_cpus=1, num_gpus=1.0 / jobs if gpu else 0, max_retries=0)(run_cell)
@@ -253,6 +263,9 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
     configs: dict[Any, dict[str, Any]] = {}
 
     def submit(config: dict[str, Any]) -> Any:
+        if watchdog is not None:
+            folders.append(str(Path(config["results-dir"]) / config["run-name"]))
+            own()
         handles.append(remote.remote(config, threads, True, True))
         configs[handles[-1]] = config
         return handles[-1]
@@ -285,13 +298,29 @@ def _ray_runs(jobs: int, ray_address: str | None, gpu: bool, grace: float):
             ray.wait(running, num_returns=len(running), timeout=grace)  # then Ray's shutdown ends them
         raise
     finally:
-        if owns:
-            ray.shutdown()
-        if files is not None:
-            files.cleanup()
+        try:
+            if owns:
+                ray.shutdown()
+        finally:
+            if watchdog is not None:
+                watchdog.release()
+            if files is not None:
+                files.cleanup()
 
 
 _CANCEL_GRACE_S = 15.0  # how long a cancelled Ray run has before it gets SIGINT from the sweep
+_ROOT = str(Path(__file__).resolve().parents[2])  # where ``byzflower`` imports from, for the watchdog's command
+# What a sweep's watchdog runs once it has stopped the sweep's Ray (argv: ROOT FOLDER...): each run
+# whose summary still says 'running' and whose folder no process holds is recorded as failed.
+_RECORD_UNENDED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from byzflower.records.results import RunDirectory, record_unended
+WHY = "its sweep ended without stopping it (SIGKILL or a crash), and its Ray with it"
+for folder in sys.argv[2:]:
+    if record_unended(RunDirectory(folder), WHY):
+        print(f"[byzflower] {folder}: failed (its sweep ended without stopping it)", file=sys.stderr, flush=True)
+"""
 
 
 def interrupt_runs(folders: list[Path]) -> list[int]:

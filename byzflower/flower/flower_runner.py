@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from byzflower.flower.credentials import Credentials, make_credentials
-from byzflower.flower.processes import (  # noqa: F401 - reap_stale, descendants, _alive: this module's API too
+from byzflower.processes import (  # noqa: F401 - reap_stale, descendants, _alive: this module's API too
     HOME_PREFIX,
     OWNER_FILE,
     Watchdog,

@@ -2,10 +2,13 @@
 
 A SuperLink, its SuperNodes and a ``ray start`` each lead a session of their own (a terminal's
 Ctrl-C must not reach them before byzflower has stopped the run), so nothing stops them when
-the process that started them dies without doing it. Each is recorded in its home's
-``owner.json``, and two things act on that record: a ``Watchdog`` (a small process that stops
-them at once when their owner ends without releasing it: SIGKILL, a crash, an exit that skipped
-``stop()``), and ``reap_stale`` at the next start (when the watchdog itself was killed too).
+the process that started them dies without doing it; nor does anything stop the services of the
+Ray a sweep starts. Each is recorded in its home's ``owner.json``, and two things act on that
+record: a ``Watchdog`` (a small process that stops them at once when their owner ends without
+releasing it: SIGKILL, a crash, an exit that skipped ``stop()``), and ``reap_stale`` at the next
+start (when the watchdog itself was killed too). A recorded PID is stopped only while it is still
+the same process: one running Flower's programs (their command lines say so), or one whose start
+time is recorded beside it (Ray's services rename themselves, e.g. ``ray::DashboardAgent``).
 
 Standard library only: the watchdog runs this file as a script, and starts in tens of
 milliseconds (no torch, no Flower, no byzflower import).
@@ -98,15 +101,59 @@ def _tree(pid: int) -> list[int]:
     return sorted({pid, *descendants(pid), *_group(pid)})
 
 
-def _recorded(pids: list[int]) -> list[int]:
-    """The live processes of recorded leaders ``pids`` that are still Flower's: each leader with its
-    descendants, and what is left of its process group (the leader may be gone, its group not)."""
+def start_ticks(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field): with the PID, the
+    process's identity (a recycled PID starts later). OSError when it is gone."""
+    return int(_stat(pid)[19])
+
+
+def _same_process(pid: int, started: dict[str, int]) -> bool:
+    """Whether ``pid`` is the process that ``started`` (PID -> start time) recorded."""
+    try:
+        return started.get(str(pid)) == start_ticks(pid)
+    except OSError:
+        return False
+
+
+def _recorded(pids: list[int], started: dict[str, int] | None = None) -> list[int]:
+    """The live processes of recorded leaders ``pids`` that are still ours (Flower's programs, or the
+    very processes ``started`` records): each leader with its descendants, and what is left of its
+    process group (the leader may be gone, its group not)."""
+    started = started or {}
+
+    def ours(p: int) -> bool:
+        return _is_flower(p) or _same_process(p, started)
+
     found: set[int] = set()
     for pid in pids:
-        if _alive(pid) and _is_flower(pid):  # not a recycled PID
+        if _alive(pid) and ours(pid):  # not a recycled PID
             found.update([pid, *descendants(pid)])
-        found.update(p for p in _group(pid) if _is_flower(p))
+        found.update(p for p in _group(pid) if ours(p))
     return sorted(found)
+
+
+def owner_record(pids: list[int], then: list[str] | None = None) -> dict:
+    """``owner.json``'s content for processes this one started (``pids``, with their start times) and
+    a ``Watchdog`` is to stop; ``then``: a command the watchdog runs after stopping them (e.g. to
+    record in their run folders what happened to them). PIDs already gone are left out."""
+    started = {}
+    for pid in pids:
+        try:
+            started[str(pid)] = start_ticks(pid)
+        except OSError:
+            continue
+    record: dict = {"owner": os.getpid(), "pids": [int(p) for p in started], "started": started}
+    if then:
+        record["then"] = list(then)
+    return record
+
+
+def write_owner(home: Path, record: dict) -> None:
+    """Write ``owner.json`` whole or not at all: a watchdog reads it once its owner died, maybe mid-write."""
+    path = Path(home) / OWNER_FILE
+    tmp = path.with_name(f".{OWNER_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
 
 
 def _terminate(tree: Callable[[], list[int]], grace: float, poll: Callable[[], object] = lambda: None) -> list[int]:
@@ -198,7 +245,7 @@ def reap_stale(root: str | Path | None = None) -> list[str]:
         owner = _owner(home)
         if owner is None or _alive(int(owner.get("owner", 0))):
             continue
-        stopped = _recorded([int(p) for p in owner.get("pids", [])])
+        stopped = _recorded([int(p) for p in owner.get("pids", [])], owner.get("started"))
         _signal(stopped, signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
         done.append(f"removed {home} of a run whose process {owner.get('owner')} is gone; stopped {stopped}")
@@ -222,7 +269,8 @@ os.register_at_fork(after_in_child=_close_write_ends)
 class Watchdog:
     """A process that stops what ``home`` records (``owner.json``) when this process ends before
     ``release()``: SIGTERM, then SIGKILL after ``grace`` s, as ``stop()`` would (so a ServerApp
-    still records its run as interrupted), and it deletes ``home`` when ``remove``.
+    still records its run as interrupted), then runs the record's ``then`` command if it has one
+    (``owner_record``), and it deletes ``home`` when ``remove``.
 
     It holds the read end of a pipe whose only write end is here; the kernel closes that end
     however this process ends, SIGKILL included, and the watchdog wakes on the end of file. A
@@ -273,7 +321,12 @@ def _watch(home: Path, grace: float, remove: bool) -> None:
     if said.endswith(_RELEASE):
         return
     owner = _owner(home) or {}
-    stopped = _terminate(lambda: _recorded([int(p) for p in owner.get("pids", [])]), grace)
+    stopped = _terminate(lambda: _recorded([int(p) for p in owner.get("pids", [])], owner.get("started")), grace)
+    if owner.get("then"):  # e.g. record in run folders that their runs were stopped
+        try:
+            subprocess.run(owner["then"], stdin=subprocess.DEVNULL, stdout=sys.stderr, timeout=300, check=False)
+        except (OSError, subprocess.SubprocessError):
+            pass
     if remove:
         shutil.rmtree(home, ignore_errors=True)
     try:
