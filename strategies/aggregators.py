@@ -1191,9 +1191,9 @@ def finite_rows(messages: torch.Tensor) -> torch.Tensor:
     sums = messages.sum(dim=1)
     if sums.dtype in (torch.float32, torch.float64):  # numpy reads the sums in place: a third of torch's calls
         finite = np.isfinite(sums.numpy())
-        if finite.all():
-            return torch.from_numpy(finite)
         ok = torch.from_numpy(finite)
+        if finite.all():
+            return ok
     else:
         ok = torch.isfinite(sums)
     for i in (~ok).nonzero().reshape(-1).tolist():

@@ -453,9 +453,8 @@ def all_finite(t: torch.Tensor) -> bool:
     the host the sum's finiteness is read as a Python float: ``torch.isfinite`` alone costs three
     kernel calls, as much as the sum of a small model's aggregate (measured: 13 us against 4)."""
     total = t.sum()
-    if reads_are_free(total):
-        return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+    finite = math.isfinite(float(total)) if reads_are_free(total) else bool(torch.isfinite(total))
+    return finite or bool(torch.isfinite(t).all())
 
 
 def safe_mean(messages: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from typing import Any
 from byzflower.flower.credentials import Credentials, make_credentials
 from byzflower.processes import (  # noqa: F401 - reap_stale, descendants, _alive: this module's API too
     HOME_PREFIX,
-    OWNER_FILE,
     Watchdog,
     _alive,
     _signal,
@@ -36,6 +35,7 @@ from byzflower.processes import (  # noqa: F401 - reap_stale, descendants, _aliv
     _tree,
     descendants,
     reap_stale,
+    write_owner,
 )
 from byzflower.ray_address import check_ray_address, private_ray_tmpdir
 from byzflower.records.results import RunDirectory, record_unended
@@ -187,8 +187,7 @@ class LocalSuperLink:
     def _remember(self, pid: int) -> None:
         """Note a process we started, on disk too: if this process dies hard, the next start stops it."""
         self.pids.add(pid)
-        owner = {"owner": os.getpid(), "pids": sorted(self.pids)}
-        (self.home / OWNER_FILE).write_text(json.dumps(owner))
+        write_owner(self.home, {"owner": os.getpid(), "pids": sorted(self.pids)})
 
     def start(self, timeout: float = 60.0) -> None:
         for line in reap_stale():
@@ -561,7 +560,7 @@ class LocalRayCluster:
         env = {**os.environ, "BYZFLOWER_STATE_DIR": str(self.state_dir)}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
-        (home / OWNER_FILE).write_text(json.dumps({"owner": os.getpid(), "pids": [self.process.pid]}))
+        write_owner(home, {"owner": os.getpid(), "pids": [self.process.pid]})
         self.address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
